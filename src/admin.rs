@@ -1,0 +1,1061 @@
+//! Administrative operations shared by the HTTP admin API and the CLI: validation, encryption
+//! of secrets, activity logging, cache invalidation, and the JSON views of the contract (which
+//! never contain a secret or token).
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::clock::{now_micros, rfc3339, rfc3339_opt};
+use crate::config::Config;
+use crate::credentials::Credentials;
+use crate::error::{ApiError, ApiResult};
+use crate::ids::{new_id, prefix};
+use crate::protocol::{sha256_hex, standard_webhooks};
+use crate::store::{
+    Activity, ApiToken, Delivery, DeliveryFilter, Integration, Signal, SignalFilter, Store,
+    WebhookKey, Workspace,
+};
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The global admin token or the local CLI.
+    Admin,
+    /// A workspace-scoped token: sees only its workspace.
+    Workspace {
+        /// The workspace.
+        workspace_id: String,
+        /// The token's id (recorded as the actor).
+        token_id: String,
+    },
+}
+
+impl Principal {
+    /// Actor recorded in the activity log.
+    pub fn actor(&self) -> &str {
+        match self {
+            Principal::Admin => "admin",
+            Principal::Workspace { token_id, .. } => token_id,
+        }
+    }
+
+    /// True when the principal may see `workspace_id`.
+    pub fn can_see(&self, workspace_id: &str) -> bool {
+        match self {
+            Principal::Admin => true,
+            Principal::Workspace {
+                workspace_id: w, ..
+            } => w == workspace_id,
+        }
+    }
+
+    /// The only workspace a scoped token may see.
+    pub fn scope(&self) -> Option<&str> {
+        match self {
+            Principal::Admin => None,
+            Principal::Workspace { workspace_id, .. } => Some(workspace_id),
+        }
+    }
+}
+
+/// The admin service.
+#[derive(Clone)]
+pub struct Admin {
+    /// Storage.
+    pub store: Store,
+    /// Credentials (encryption and cache).
+    pub creds: Credentials,
+    /// Configuration.
+    pub cfg: Arc<Config>,
+}
+
+/// Input of integration creation (API body and CLI flags).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewIntegration {
+    /// `slack` or `pylon`.
+    pub platform: String,
+    /// Display name.
+    pub name: String,
+    /// Slack team id (`T…`).
+    pub slack_team_id: Option<String>,
+    /// Slack team name.
+    pub slack_team_name: Option<String>,
+    /// Slack signing secret (per-customer app).
+    pub signing_secret: Option<String>,
+    /// Slack bot token.
+    pub bot_token: Option<String>,
+    /// The app's bot user id.
+    pub slack_bot_user_id: Option<String>,
+    /// Pylon webhook secret.
+    pub webhook_secret: Option<String>,
+    /// Pylon API token.
+    pub api_token: Option<String>,
+    /// Pylon account id.
+    pub pylon_account_id: Option<String>,
+    /// Value of the required shared header (`config.required_header` names it).
+    pub required_header_value: Option<String>,
+    /// Platform config.
+    pub config: Option<Value>,
+}
+
+/// Secrets in an integration update.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsUpdate {
+    /// New signing/webhook secret.
+    #[serde(alias = "signing_secret")]
+    pub webhook_secret: Option<String>,
+    /// New bot/API token (`null`-like empty string clears it).
+    #[serde(alias = "bot_token")]
+    pub api_token: Option<String>,
+    /// New required header value.
+    pub required_header_value: Option<String>,
+    /// Seconds the previous webhook secret stays valid (default `SIGNALBOX_SECRET_GRACE_SECS`).
+    pub grace_period_secs: Option<u64>,
+}
+
+/// Input of an integration update (PATCH).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntegrationUpdate {
+    /// New name.
+    pub name: Option<String>,
+    /// Replacement config.
+    pub config: Option<Value>,
+    /// Activate / deactivate.
+    pub is_active: Option<bool>,
+    /// Secrets to replace.
+    pub secrets: Option<SecretsUpdate>,
+    /// Slack bot user id.
+    pub slack_bot_user_id: Option<String>,
+    /// Slack team name.
+    pub slack_team_name: Option<String>,
+}
+
+const SLACK_CONFIG_KEYS: &[&str] = &["slack_channels", "channel_types"];
+const PYLON_CONFIG_KEYS: &[&str] = &["pylon_events", "signature_scheme", "required_header"];
+const CHANNEL_TYPES: &[&str] = &["channel", "group", "im", "mpim", "app_home"];
+
+fn string_list(cfg: &Map<String, Value>, key: &str) -> ApiResult<Vec<String>> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                _ => Err(ApiError::invalid(format!(
+                    "config.{key}[{i}] must be a non-empty string"
+                ))),
+            })
+            .collect(),
+        Some(_) => Err(ApiError::invalid(format!(
+            "config.{key} must be an array of strings"
+        ))),
+    }
+}
+
+/// Validates and normalises a platform config object. Errors name the field.
+pub fn validate_config(platform: &str, config: Option<&Value>) -> ApiResult<Value> {
+    let obj = match config {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err(ApiError::invalid("config must be an object")),
+    };
+    let allowed = match platform {
+        "slack" => SLACK_CONFIG_KEYS,
+        "pylon" => PYLON_CONFIG_KEYS,
+        _ => return Err(ApiError::invalid("platform must be slack or pylon")),
+    };
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::invalid(format!(
+            "config.{k} is not a {platform} setting (allowed: {})",
+            allowed.join(", ")
+        )));
+    }
+    let mut out = Map::new();
+    match platform {
+        "slack" => {
+            let channels = string_list(&obj, "slack_channels")?;
+            for (i, c) in channels.iter().enumerate() {
+                let ok = c.len() >= 3
+                    && matches!(c.as_bytes().first(), Some(b'C' | b'G' | b'D'))
+                    && c.bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+                if !ok {
+                    return Err(ApiError::invalid(format!(
+                        "config.slack_channels[{i}] must be a Slack channel id like C0123ABCD or G0123ABCD, got {c:?}"
+                    )));
+                }
+            }
+            let types = string_list(&obj, "channel_types")?;
+            for (i, t) in types.iter().enumerate() {
+                if !CHANNEL_TYPES.contains(&t.as_str()) {
+                    return Err(ApiError::invalid(format!(
+                        "config.channel_types[{i}] must be one of {}, got {t:?}",
+                        CHANNEL_TYPES.join(", ")
+                    )));
+                }
+            }
+            out.insert("slack_channels".into(), json!(channels));
+            if !types.is_empty() {
+                out.insert("channel_types".into(), json!(types));
+            }
+        }
+        _ => {
+            out.insert(
+                "pylon_events".into(),
+                json!(string_list(&obj, "pylon_events")?),
+            );
+            match obj.get("signature_scheme") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if crate::protocol::pylon::Scheme::parse(s).is_some() => {
+                    out.insert("signature_scheme".into(), json!(s));
+                }
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "config.signature_scheme must be auto, x-pylon-signature or timestamped",
+                    ));
+                }
+            }
+            match obj.get("required_header") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(h))
+                    if !h.is_empty()
+                        && h.len() <= 64
+                        && h.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                {
+                    out.insert("required_header".into(), json!(h.to_lowercase()));
+                }
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "config.required_header must be an HTTP header name",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+fn check_name(name: &str) -> ApiResult<String> {
+    let n = name.trim();
+    if n.is_empty() || n.chars().count() > 200 {
+        return Err(ApiError::invalid("name must be 1 to 200 characters"));
+    }
+    Ok(n.to_string())
+}
+
+fn check_secret(field: &str, s: &str) -> ApiResult<()> {
+    if s.len() < 8 || s.len() > 4096 {
+        return Err(ApiError::invalid(format!(
+            "{field} must be 8 to 4096 characters"
+        )));
+    }
+    Ok(())
+}
+
+fn non_empty(s: &Option<String>) -> Option<String> {
+    s.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+impl Admin {
+    /// Public URL of a webhook endpoint.
+    pub fn webhook_url(&self, platform: &str, id: &str) -> String {
+        let base = &self.cfg.public_url;
+        match platform {
+            "pylon" => format!("{base}/api/webhooks/pylon?integration_id={id}"),
+            "slack" => format!("{base}/api/webhooks/slack/events?integration_id={id}"),
+            _ => format!("{base}/api/webhooks/signals?key_id={id}"),
+        }
+    }
+
+    async fn workspace_visible(&self, who: &Principal, ws: &str) -> ApiResult<Workspace> {
+        if !who.can_see(ws) {
+            return Err(ApiError::NotFound("workspace"));
+        }
+        self.store
+            .get_workspace(ws)
+            .await?
+            .ok_or(ApiError::NotFound("workspace"))
+    }
+
+    // ---------------------------------------------------------------- workspaces
+
+    /// Creates a workspace (admin only).
+    pub async fn create_workspace(&self, who: &Principal, name: &str) -> ApiResult<Value> {
+        if who != &Principal::Admin {
+            return Err(ApiError::NotFound("route"));
+        }
+        let ws = self.store.create_workspace(&check_name(name)?).await?;
+        self.store
+            .log_activity(
+                &ws.id,
+                Some(who.actor()),
+                "workspace.created",
+                "workspace",
+                &ws.id,
+                &json!({"name": ws.name}),
+            )
+            .await?;
+        Ok(workspace_json(&ws))
+    }
+
+    /// Lists the workspaces the caller may see.
+    pub async fn list_workspaces(&self, who: &Principal) -> ApiResult<Value> {
+        let items = self.store.list_workspaces(who.scope()).await?;
+        Ok(json!({"items": items.iter().map(workspace_json).collect::<Vec<_>>()}))
+    }
+
+    /// One workspace.
+    pub async fn get_workspace(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        Ok(workspace_json(&self.workspace_visible(who, id).await?))
+    }
+
+    // ---------------------------------------------------------------- webhook keys
+
+    /// Creates a webhook key; the secret is in this response only.
+    pub async fn create_webhook_key(
+        &self,
+        who: &Principal,
+        ws: &str,
+        name: Option<String>,
+    ) -> ApiResult<Value> {
+        self.workspace_visible(who, ws).await?;
+        let now = now_micros();
+        let id = new_id(prefix::WEBHOOK_KEY);
+        let secret = standard_webhooks::generate_secret();
+        let key = WebhookKey {
+            id: id.clone(),
+            workspace_id: ws.to_string(),
+            name: name.as_deref().map(check_name).transpose()?,
+            secret_enc: self
+                .creds
+                .encrypt("webhook_keys", &id, "secret_enc", &secret),
+            previous_secret_enc: None,
+            previous_expires_at: None,
+            is_active: true,
+            last_used_at: None,
+            created_at: now,
+            updated_at: now,
+        };
+        self.store.insert_webhook_key(&key).await?;
+        self.creds.changed(&id).await;
+        self.store
+            .log_activity(
+                ws,
+                Some(who.actor()),
+                "webhook_key.created",
+                "webhook_key",
+                &id,
+                &json!({}),
+            )
+            .await?;
+        let mut v = self.key_json(&key);
+        v["secret"] = json!(secret);
+        Ok(v)
+    }
+
+    /// Lists a workspace's keys (no secrets).
+    pub async fn list_webhook_keys(&self, who: &Principal, ws: &str) -> ApiResult<Value> {
+        self.workspace_visible(who, ws).await?;
+        let keys = self.store.list_webhook_keys(ws).await?;
+        Ok(json!({"items": keys.iter().map(|k| self.key_json(k)).collect::<Vec<_>>()}))
+    }
+
+    async fn key_visible(&self, who: &Principal, id: &str) -> ApiResult<WebhookKey> {
+        let key = self
+            .store
+            .get_webhook_key(id)
+            .await?
+            .filter(|k| who.can_see(&k.workspace_id))
+            .ok_or(ApiError::NotFound("webhook key"))?;
+        Ok(key)
+    }
+
+    /// Deactivates a key.
+    pub async fn delete_webhook_key(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        let key = self.key_visible(who, id).await?;
+        self.store.deactivate_webhook_key(id).await?;
+        self.creds.changed(id).await;
+        self.store
+            .log_activity(
+                &key.workspace_id,
+                Some(who.actor()),
+                "webhook_key.deleted",
+                "webhook_key",
+                id,
+                &json!({}),
+            )
+            .await?;
+        Ok(json!({"ok": true, "id": id}))
+    }
+
+    /// Rotates a key's secret; the previous one keeps verifying for the grace period.
+    pub async fn rotate_webhook_key(
+        &self,
+        who: &Principal,
+        id: &str,
+        grace_secs: Option<u64>,
+    ) -> ApiResult<Value> {
+        let key = self.key_visible(who, id).await?;
+        if !key.is_active {
+            return Err(ApiError::NotFound("webhook key"));
+        }
+        let grace = grace_secs.unwrap_or(self.cfg.secret_grace.as_secs());
+        let secret = standard_webhooks::generate_secret();
+        let new_enc = self
+            .creds
+            .encrypt("webhook_keys", id, "secret_enc", &secret);
+        let (prev, until) = if grace > 0 {
+            let plain = self
+                .creds
+                .decrypt("webhook_keys", id, "secret_enc", &key.secret_enc)
+                .map_err(|e| {
+                    ApiError::Internal(anyhow::anyhow!("decrypting the current secret: {e}"))
+                })?;
+            use secrecy::ExposeSecret;
+            (
+                Some(self.creds.encrypt(
+                    "webhook_keys",
+                    id,
+                    "previous_secret_enc",
+                    plain.expose_secret(),
+                )),
+                Some(now_micros() + (grace as i64) * 1_000_000),
+            )
+        } else {
+            (None, None)
+        };
+        self.store
+            .update_webhook_key_secrets(id, &new_enc, prev.as_deref(), until)
+            .await?;
+        self.creds.changed(id).await;
+        self.store
+            .log_activity(
+                &key.workspace_id,
+                Some(who.actor()),
+                "webhook_key.rotated",
+                "webhook_key",
+                id,
+                &json!({"grace_period_secs": grace}),
+            )
+            .await?;
+        let key = self.key_visible(who, id).await?;
+        let mut v = self.key_json(&key);
+        v["secret"] = json!(secret);
+        Ok(v)
+    }
+
+    /// JSON view of a key (never the secret).
+    pub fn key_json(&self, k: &WebhookKey) -> Value {
+        json!({
+            "id": k.id,
+            "workspace_id": k.workspace_id,
+            "name": k.name,
+            "is_active": k.is_active,
+            "webhook_url": self.webhook_url("webhook", &k.id),
+            "previous_secret_valid_until": rfc3339_opt(k.previous_expires_at.filter(|t| *t > now_micros())),
+            "last_used_at": rfc3339_opt(k.last_used_at),
+            "created_at": rfc3339(k.created_at),
+        })
+    }
+
+    // ---------------------------------------------------------------- integrations
+
+    /// Creates an integration.
+    pub async fn create_integration(
+        &self,
+        who: &Principal,
+        ws: &str,
+        input: NewIntegration,
+    ) -> ApiResult<Value> {
+        self.workspace_visible(who, ws).await?;
+        let platform = input.platform.trim().to_lowercase();
+        let config = validate_config(&platform, input.config.as_ref())?;
+        let name = check_name(&input.name)?;
+        let now = now_micros();
+        let id = new_id(prefix::INTEGRATION);
+        let enc = |col: &str, v: &Option<String>| -> ApiResult<Option<String>> {
+            match non_empty(v) {
+                Some(s) => {
+                    check_secret(col, &s)?;
+                    Ok(Some(self.creds.encrypt("integrations", &id, col, &s)))
+                }
+                None => Ok(None),
+            }
+        };
+        let mut row = Integration {
+            id: id.clone(),
+            workspace_id: ws.to_string(),
+            platform: platform.clone(),
+            name,
+            is_active: true,
+            config: config.to_string(),
+            created_at: now,
+            updated_at: now,
+            created_by: Some(who.actor().to_string()),
+            ..Default::default()
+        };
+        match platform.as_str() {
+            "slack" => {
+                let team = non_empty(&input.slack_team_id).ok_or_else(|| {
+                    ApiError::invalid("slack_team_id is required for a Slack integration")
+                })?;
+                if !(team.starts_with('T') || team.starts_with('E'))
+                    || !team
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+                {
+                    return Err(ApiError::invalid("slack_team_id must look like T0123ABCD"));
+                }
+                if input.signing_secret.is_none() && self.cfg.slack_signing_secret.is_none() {
+                    return Err(ApiError::invalid(
+                        "signing_secret is required (or configure the app-level SIGNALBOX_SLACK_SIGNING_SECRET)",
+                    ));
+                }
+                let clash = self
+                    .store
+                    .find_slack_integrations(&team)
+                    .await?
+                    .into_iter()
+                    .any(|i| i.is_active && i.slack_team_id.as_deref() == Some(team.as_str()));
+                if clash {
+                    return Err(ApiError::Conflict(format!(
+                        "an active Slack integration for team {team} already exists"
+                    )));
+                }
+                row.slack_team_id = Some(team);
+                row.slack_team_name = non_empty(&input.slack_team_name);
+                row.slack_bot_user_id = non_empty(&input.slack_bot_user_id);
+                row.webhook_secret_enc = enc("webhook_secret_enc", &input.signing_secret)?;
+                row.access_token_enc = enc("access_token_enc", &input.bot_token)?;
+            }
+            "pylon" => {
+                if non_empty(&input.webhook_secret).is_none() {
+                    return Err(ApiError::invalid(
+                        "webhook_secret is required for a Pylon integration",
+                    ));
+                }
+                row.webhook_secret_enc = enc("webhook_secret_enc", &input.webhook_secret)?;
+                row.access_token_enc = enc("access_token_enc", &input.api_token)?;
+                row.pylon_account_id = non_empty(&input.pylon_account_id);
+                if config.get("required_header").is_some()
+                    && non_empty(&input.required_header_value).is_none()
+                {
+                    return Err(ApiError::invalid(
+                        "required_header_value is required when config.required_header is set",
+                    ));
+                }
+                row.required_header_value_enc =
+                    enc("required_header_value_enc", &input.required_header_value)?;
+            }
+            _ => return Err(ApiError::invalid("platform must be slack or pylon")),
+        }
+        self.store.insert_integration(&row).await?;
+        self.creds.changed(&id).await;
+        self.store
+            .log_activity(
+                ws,
+                Some(who.actor()),
+                "integration.created",
+                "integration",
+                &id,
+                &json!({"platform": platform, "name": row.name}),
+            )
+            .await?;
+        Ok(self.integration_json(&row))
+    }
+
+    async fn integration_visible(&self, who: &Principal, id: &str) -> ApiResult<Integration> {
+        self.store
+            .get_integration(id)
+            .await?
+            .filter(|i| who.can_see(&i.workspace_id))
+            .ok_or(ApiError::NotFound("integration"))
+    }
+
+    /// One integration.
+    pub async fn get_integration(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        Ok(self.integration_json(&self.integration_visible(who, id).await?))
+    }
+
+    /// Integrations of a workspace, or every visible one.
+    pub async fn list_integrations(&self, who: &Principal, ws: Option<&str>) -> ApiResult<Value> {
+        if let Some(ws) = ws {
+            self.workspace_visible(who, ws).await?;
+        }
+        let ws = ws.or(who.scope());
+        let rows = self.store.list_integrations(ws).await?;
+        Ok(json!({"items": rows.iter().map(|r| self.integration_json(r)).collect::<Vec<_>>()}))
+    }
+
+    /// Updates name, config, active flag and/or secrets.
+    pub async fn update_integration(
+        &self,
+        who: &Principal,
+        id: &str,
+        up: IntegrationUpdate,
+    ) -> ApiResult<Value> {
+        let mut row = self.integration_visible(who, id).await?;
+        let mut changed = Vec::new();
+        if let Some(n) = &up.name {
+            row.name = check_name(n)?;
+            changed.push("name");
+        }
+        if let Some(c) = &up.config {
+            row.config = validate_config(&row.platform, Some(c))?.to_string();
+            changed.push("config");
+        }
+        if let Some(a) = up.is_active {
+            row.is_active = a;
+            changed.push("is_active");
+        }
+        if let Some(u) = &up.slack_bot_user_id {
+            row.slack_bot_user_id = Some(u.clone()).filter(|s| !s.is_empty());
+            changed.push("slack_bot_user_id");
+        }
+        if let Some(u) = &up.slack_team_name {
+            row.slack_team_name = Some(u.clone()).filter(|s| !s.is_empty());
+            changed.push("slack_team_name");
+        }
+        if let Some(s) = &up.secrets {
+            if let Some(new) = non_empty(&s.webhook_secret) {
+                check_secret("webhook_secret", &new)?;
+                let grace = s
+                    .grace_period_secs
+                    .unwrap_or(self.cfg.secret_grace.as_secs());
+                match (&row.webhook_secret_enc, grace > 0) {
+                    (Some(cur), true) => {
+                        let plain = self
+                            .creds
+                            .decrypt("integrations", id, "webhook_secret_enc", cur)
+                            .map_err(|e| {
+                                ApiError::Internal(anyhow::anyhow!(
+                                    "decrypting the current secret: {e}"
+                                ))
+                            })?;
+                        use secrecy::ExposeSecret;
+                        row.previous_webhook_secret_enc = Some(self.creds.encrypt(
+                            "integrations",
+                            id,
+                            "previous_webhook_secret_enc",
+                            plain.expose_secret(),
+                        ));
+                        row.previous_secret_expires_at =
+                            Some(now_micros() + grace as i64 * 1_000_000);
+                    }
+                    _ => {
+                        row.previous_webhook_secret_enc = None;
+                        row.previous_secret_expires_at = None;
+                    }
+                }
+                row.webhook_secret_enc =
+                    Some(
+                        self.creds
+                            .encrypt("integrations", id, "webhook_secret_enc", &new),
+                    );
+                changed.push("webhook_secret");
+            }
+            if let Some(t) = &s.api_token {
+                row.access_token_enc = if t.trim().is_empty() {
+                    None
+                } else {
+                    check_secret("api_token", t.trim())?;
+                    Some(
+                        self.creds
+                            .encrypt("integrations", id, "access_token_enc", t.trim()),
+                    )
+                };
+                row.needs_reauth = false;
+                changed.push("api_token");
+            }
+            if let Some(v) = non_empty(&s.required_header_value) {
+                check_secret("required_header_value", &v)?;
+                row.required_header_value_enc =
+                    Some(
+                        self.creds
+                            .encrypt("integrations", id, "required_header_value_enc", &v),
+                    );
+                changed.push("required_header_value");
+            }
+        }
+        let cfg: Value = serde_json::from_str(&row.config).unwrap_or(Value::Null);
+        if cfg.get("required_header").is_some() && row.required_header_value_enc.is_none() {
+            return Err(ApiError::invalid(
+                "secrets.required_header_value is required when config.required_header is set",
+            ));
+        }
+        if !self.store.update_integration(&row).await? {
+            return Err(ApiError::NotFound("integration"));
+        }
+        self.creds.changed(id).await;
+        self.store
+            .log_activity(
+                &row.workspace_id,
+                Some(who.actor()),
+                "integration.updated",
+                "integration",
+                id,
+                &json!({"changed": changed}),
+            )
+            .await?;
+        self.get_integration(who, id).await
+    }
+
+    /// Deactivates an integration (signals are kept).
+    pub async fn deactivate_integration(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        let row = self.integration_visible(who, id).await?;
+        let mut up = row.clone();
+        up.is_active = false;
+        self.store.update_integration(&up).await?;
+        self.creds.changed(id).await;
+        self.store
+            .log_activity(
+                &row.workspace_id,
+                Some(who.actor()),
+                "integration.deactivated",
+                "integration",
+                id,
+                &json!({"reason": "deactivated by an administrator"}),
+            )
+            .await?;
+        self.get_integration(who, id).await
+    }
+
+    /// JSON view of an integration (never a secret or token).
+    pub fn integration_json(&self, r: &Integration) -> Value {
+        let config: Value = serde_json::from_str(&r.config).unwrap_or_else(|_| json!({}));
+        json!({
+            "id": r.id,
+            "workspace_id": r.workspace_id,
+            "platform": r.platform,
+            "name": r.name,
+            "is_active": r.is_active,
+            "needs_reauth": r.needs_reauth,
+            "has_webhook_secret": r.webhook_secret_enc.is_some(),
+            "has_access_token": r.access_token_enc.is_some(),
+            "has_refresh_token": r.refresh_token_enc.is_some(),
+            "has_required_header_value": r.required_header_value_enc.is_some(),
+            "token_expires_at": rfc3339_opt(r.token_expires_at),
+            "previous_secret_valid_until": rfc3339_opt(r.previous_secret_expires_at.filter(|t| *t > now_micros())),
+            "slack_team_id": r.slack_team_id,
+            "slack_team_name": r.slack_team_name,
+            "slack_bot_user_id": r.slack_bot_user_id,
+            "slack_enterprise_id": r.slack_enterprise_id,
+            "pylon_account_id": r.pylon_account_id,
+            "config": config,
+            "webhook_url": self.webhook_url(&r.platform, &r.id),
+            "last_used_at": rfc3339_opt(r.last_used_at),
+            "created_at": rfc3339(r.created_at),
+            "updated_at": rfc3339(r.updated_at),
+            "created_by": r.created_by,
+        })
+    }
+
+    // ---------------------------------------------------------------- tokens
+
+    /// Mints a workspace-scoped token (admin only); the token is in this response only.
+    pub async fn create_token(
+        &self,
+        who: &Principal,
+        ws: &str,
+        name: Option<String>,
+    ) -> ApiResult<Value> {
+        if who != &Principal::Admin {
+            return Err(ApiError::NotFound("route"));
+        }
+        self.workspace_visible(who, ws).await?;
+        let token = crate::crypto::random_token("sbx_", 32);
+        let t = ApiToken {
+            id: new_id(prefix::TOKEN),
+            workspace_id: ws.to_string(),
+            name: name.as_deref().map(check_name).transpose()?,
+            token_hash: sha256_hex(token.as_bytes()),
+            created_at: now_micros(),
+            revoked_at: None,
+            last_used_at: None,
+        };
+        self.store.insert_api_token(&t).await?;
+        self.store
+            .log_activity(
+                ws,
+                Some(who.actor()),
+                "token.created",
+                "token",
+                &t.id,
+                &json!({}),
+            )
+            .await?;
+        let mut v = token_json(&t);
+        v["token"] = json!(token);
+        Ok(v)
+    }
+
+    /// Lists a workspace's tokens (no token values).
+    pub async fn list_tokens(&self, who: &Principal, ws: &str) -> ApiResult<Value> {
+        self.workspace_visible(who, ws).await?;
+        let items = self.store.list_api_tokens(ws).await?;
+        Ok(json!({"items": items.iter().map(token_json).collect::<Vec<_>>()}))
+    }
+
+    /// Revokes a token.
+    pub async fn revoke_token(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        let t = self
+            .store
+            .get_api_token(id)
+            .await?
+            .filter(|t| who.can_see(&t.workspace_id))
+            .ok_or(ApiError::NotFound("token"))?;
+        self.store.revoke_api_token(id).await?;
+        self.store
+            .log_activity(
+                &t.workspace_id,
+                Some(who.actor()),
+                "token.revoked",
+                "token",
+                id,
+                &json!({}),
+            )
+            .await?;
+        Ok(json!({"ok": true, "id": id}))
+    }
+
+    /// Resolves a bearer token to a principal.
+    pub async fn authenticate(&self, token: &str) -> ApiResult<Principal> {
+        if let Some(admin) = &self.cfg.admin_token {
+            use secrecy::ExposeSecret;
+            // Compare digests so neither length nor content leaks through timing.
+            if crate::protocol::ct_eq(
+                &crate::protocol::hmac_sha256(b"auth", &[token.as_bytes()]),
+                &crate::protocol::hmac_sha256(b"auth", &[admin.expose_secret().as_bytes()]),
+            ) {
+                return Ok(Principal::Admin);
+            }
+        }
+        if token.starts_with("sbx_")
+            && let Some(t) = self
+                .store
+                .find_api_token(&sha256_hex(token.as_bytes()))
+                .await?
+        {
+            return Ok(Principal::Workspace {
+                workspace_id: t.workspace_id,
+                token_id: t.id,
+            });
+        }
+        Err(ApiError::Unauthorized)
+    }
+
+    // ---------------------------------------------------------------- signals, deliveries, activity
+
+    /// Lists signals with cursor pagination.
+    pub async fn list_signals(&self, who: &Principal, mut f: SignalFilter) -> ApiResult<Value> {
+        self.workspace_visible(who, &f.workspace_id).await?;
+        f.limit = f.limit.clamp(1, 500);
+        let items = self.store.list_signals(&f).await?;
+        let next = (items.len() == f.limit)
+            .then(|| items.last().map(|s| s.id.clone()))
+            .flatten();
+        Ok(json!({"items": items.iter().map(signal_json).collect::<Vec<_>>(), "next_cursor": next}))
+    }
+
+    /// One signal.
+    pub async fn get_signal(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        let s = self
+            .store
+            .get_signal(id)
+            .await?
+            .filter(|s| who.can_see(&s.workspace_id))
+            .ok_or(ApiError::NotFound("signal"))?;
+        Ok(signal_json(&s))
+    }
+
+    /// Lists deliveries with cursor pagination.
+    pub async fn list_deliveries(
+        &self,
+        who: &Principal,
+        mut f: DeliveryFilter,
+    ) -> ApiResult<Value> {
+        if let Some(scope) = who.scope() {
+            match &f.workspace_id {
+                Some(ws) if ws != scope => return Err(ApiError::NotFound("workspace")),
+                _ => f.workspace_id = Some(scope.to_string()),
+            }
+        }
+        if let Some(s) = &f.status
+            && crate::store::DeliveryStatus::parse(s).is_none()
+        {
+            return Err(ApiError::invalid(
+                "status must be pending, processed, filtered, failed or dead",
+            ));
+        }
+        f.limit = f.limit.clamp(1, 500);
+        let items = self.store.list_deliveries(&f).await?;
+        let next = (items.len() == f.limit)
+            .then(|| items.last().map(|s| s.id.clone()))
+            .flatten();
+        Ok(
+            json!({"items": items.iter().map(delivery_json).collect::<Vec<_>>(), "next_cursor": next}),
+        )
+    }
+
+    async fn delivery_visible(&self, who: &Principal, id: &str) -> ApiResult<Delivery> {
+        self.store
+            .get_delivery(id)
+            .await?
+            .filter(|d| match (who.scope(), &d.workspace_id) {
+                (None, _) => true,
+                (Some(s), Some(ws)) => s == ws,
+                (Some(_), None) => false,
+            })
+            .ok_or(ApiError::NotFound("delivery"))
+    }
+
+    /// One delivery.
+    pub async fn get_delivery(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        Ok(delivery_json(&self.delivery_visible(who, id).await?))
+    }
+
+    /// Re-runs a delivery.
+    pub async fn replay_delivery(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+        let d = self.delivery_visible(who, id).await?;
+        if d.workspace_id.is_none() {
+            return Err(ApiError::Conflict(
+                "this delivery has no workspace (it could not be routed); it cannot be replayed"
+                    .into(),
+            ));
+        }
+        self.store.replay_delivery(id).await?;
+        if let Some(ws) = &d.workspace_id {
+            self.store
+                .log_activity(
+                    ws,
+                    Some(who.actor()),
+                    "delivery.replayed",
+                    "delivery",
+                    id,
+                    &json!({}),
+                )
+                .await?;
+        }
+        self.get_delivery(who, id).await
+    }
+
+    /// Activity of a workspace.
+    pub async fn list_activity(
+        &self,
+        who: &Principal,
+        ws: &str,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> ApiResult<Value> {
+        self.workspace_visible(who, ws).await?;
+        let limit = limit.clamp(1, 500);
+        let items = self.store.list_activity(ws, limit, cursor).await?;
+        let next = (items.len() == limit)
+            .then(|| items.last().map(|s| s.id.clone()))
+            .flatten();
+        Ok(
+            json!({"items": items.iter().map(activity_json).collect::<Vec<_>>(), "next_cursor": next}),
+        )
+    }
+}
+
+/// JSON view of a workspace.
+pub fn workspace_json(w: &Workspace) -> Value {
+    json!({"id": w.id, "name": w.name, "created_at": rfc3339(w.created_at)})
+}
+
+/// JSON view of a token (never the token).
+pub fn token_json(t: &ApiToken) -> Value {
+    json!({
+        "id": t.id, "workspace_id": t.workspace_id, "name": t.name,
+        "created_at": rfc3339(t.created_at), "revoked_at": rfc3339_opt(t.revoked_at),
+    })
+}
+
+/// JSON view of a signal.
+pub fn signal_json(s: &Signal) -> Value {
+    let meta: Value = serde_json::from_str(&s.source_metadata).unwrap_or_else(|_| json!({}));
+    json!({
+        "id": s.id, "workspace_id": s.workspace_id, "verbatim": s.verbatim, "source": s.source,
+        "source_ref": s.source_ref, "source_metadata": meta, "status": s.status,
+        "created_at": rfc3339(s.created_at), "updated_at": rfc3339(s.updated_at),
+    })
+}
+
+/// JSON view of a delivery.
+pub fn delivery_json(d: &Delivery) -> Value {
+    json!({
+        "id": d.id, "workspace_id": d.workspace_id, "integration_id": d.integration_id,
+        "webhook_key_id": d.webhook_key_id, "source": d.source, "dedupe_key": d.dedupe_key,
+        "status": d.status, "attempts": d.attempts, "last_error": d.last_error,
+        "filter_reason": d.filter_reason, "signal_id": d.signal_id,
+        "received_at": rfc3339(d.received_at), "processed_at": rfc3339_opt(d.processed_at),
+    })
+}
+
+/// JSON view of an activity entry.
+pub fn activity_json(a: &Activity) -> Value {
+    let meta: Value = serde_json::from_str(&a.metadata).unwrap_or_else(|_| json!({}));
+    json!({
+        "id": a.id, "workspace_id": a.workspace_id, "actor": a.actor, "action": a.action,
+        "target_type": a.target_type, "target_id": a.target_id, "metadata": meta,
+        "created_at": rfc3339(a.created_at),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slack_config_is_validated_by_field() {
+        assert!(
+            validate_config(
+                "slack",
+                Some(&json!({"slack_channels": ["C0123ABC", "G99"]}))
+            )
+            .is_ok()
+        );
+        let e = validate_config("slack", Some(&json!({"slack_channels": ["general"]})))
+            .expect_err("bad id");
+        assert!(e.to_string().contains("config.slack_channels[0]"), "{e}");
+        let e = validate_config("slack", Some(&json!({"slack_channels": "C1"})))
+            .expect_err("not a list");
+        assert!(e.to_string().contains("config.slack_channels"), "{e}");
+        let e = validate_config("slack", Some(&json!({"channel_types": ["dm"]})))
+            .expect_err("bad type");
+        assert!(e.to_string().contains("config.channel_types[0]"), "{e}");
+        let e = validate_config("slack", Some(&json!({"pylon_events": []})))
+            .expect_err("wrong platform");
+        assert!(e.to_string().contains("config.pylon_events"), "{e}");
+    }
+
+    #[test]
+    fn pylon_config_is_validated_by_field() {
+        let ok = validate_config(
+            "pylon",
+            Some(&json!({"pylon_events": ["issue_new"], "signature_scheme": "auto"})),
+        )
+        .expect("valid");
+        assert_eq!(ok["pylon_events"], json!(["issue_new"]));
+        let e =
+            validate_config("pylon", Some(&json!({"pylon_events": [""]}))).expect_err("empty name");
+        assert!(e.to_string().contains("config.pylon_events[0]"), "{e}");
+        let e = validate_config("pylon", Some(&json!({"signature_scheme": "md5"})))
+            .expect_err("scheme");
+        assert!(e.to_string().contains("config.signature_scheme"), "{e}");
+        let e = validate_config("pylon", Some(&json!({"required_header": "bad header"})))
+            .expect_err("header");
+        assert!(e.to_string().contains("config.required_header"), "{e}");
+    }
+}

@@ -1,0 +1,235 @@
+//! The application: one builder used by `main` and by the tests (`Application::build` →
+//! `run_until_stopped`), wiring storage, credentials, the inbox writer, workers and the router.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::MatchedPath;
+use axum::http::{HeaderName, Request};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::credentials::{self, Credentials};
+use crate::ingest::Inbox;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Everything a handler or worker needs. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Configuration.
+    pub cfg: Arc<Config>,
+    /// Storage.
+    pub store: Store,
+    /// Credentials and their cache.
+    pub creds: Credentials,
+    /// Admin operations.
+    pub admin: Admin,
+    /// The inbox writer.
+    pub inbox: Inbox,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Wakes workers when new work is stored.
+    pub wake: Arc<Notify>,
+    /// Outbound HTTP client (Slack and Pylon APIs).
+    pub http: reqwest::Client,
+}
+
+/// Builds the outbound HTTP client (rustls on ring).
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    install_crypto_provider();
+    Ok(reqwest::Client::builder()
+        .user_agent(concat!("signalbox/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .build()?)
+}
+
+/// Installs rustls' ring provider once per process.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A built application, listening but not yet serving.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    inbox_task: tokio::task::JoinHandle<()>,
+}
+
+/// The HTTP router with every layer.
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(crate::api::routes())
+        .merge(crate::sources::routes())
+        .fallback(|| async { crate::error::ApiError::NotFound("route") })
+        .with_state(state)
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let path = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map(MatchedPath::as_str)
+                    .unwrap_or("unmatched");
+                let rid = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                // Only the method, the route template and the request id: never headers (they
+                // carry signatures and tokens) or query strings.
+                tracing::info_span!("http", method = %req.method(), route = path, request_id = rid)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+impl Application {
+    /// Connects storage (applying migrations), loads keys, checks they decrypt what is stored,
+    /// starts the inbox writer and binds the listener (`cfg.bind`; port 0 picks one).
+    pub async fn build(cfg: Config) -> anyhow::Result<Application> {
+        let cfg = Arc::new(cfg);
+        let store = Store::connect(&cfg).await?;
+        let (keyring, note) = credentials::load_keyring(&cfg)?;
+        tracing::info!("{note}");
+        credentials::check_keys(&store, &keyring).await?;
+        let creds = Credentials::new(store.clone(), keyring, cfg.credential_cache_ttl);
+        let metrics = Metrics::new();
+        let wake = Arc::new(Notify::new());
+        let (inbox, inbox_task) = Inbox::start(
+            store.clone(),
+            cfg.inbox_capacity,
+            cfg.inbox_batch_max,
+            wake.clone(),
+            metrics.clone(),
+        );
+        let admin = Admin {
+            store: store.clone(),
+            creds: creds.clone(),
+            cfg: cfg.clone(),
+        };
+        let state = AppState {
+            cfg: cfg.clone(),
+            store,
+            creds,
+            admin,
+            inbox,
+            metrics,
+            wake,
+            http: http_client()?,
+        };
+        let listener = TcpListener::bind(cfg.bind).await?;
+        if cfg.admin_token.is_none() {
+            tracing::warn!(
+                "SIGNALBOX_ADMIN_TOKEN is not set: the admin API accepts only workspace tokens"
+            );
+        }
+        Ok(Application {
+            listener,
+            state,
+            inbox_task,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The shared state (tests use it to reach the store).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves HTTP and runs the workers until `shutdown` resolves; then stops accepting,
+    /// finishes in-flight requests, lets workers finish or release their deliveries, and
+    /// closes storage.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let Application {
+            listener,
+            state,
+            inbox_task,
+        } = self;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        for i in 0..state.cfg.worker_concurrency {
+            tracker.spawn(crate::worker::run(state.clone(), i, cancel.clone()));
+        }
+        tracker.spawn(crate::worker::housekeeping(state.clone(), cancel.clone()));
+        tracker.spawn(crate::worker::listen(state.clone(), cancel.clone()));
+        tracker.close();
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, backend = state.store.backend(), "signalbox listening");
+        let app = router(state.clone());
+        let http_stop = CancellationToken::new();
+        let stop = http_stop.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        });
+        shutdown.await;
+        tracing::info!("shutting down: no new connections; finishing in-flight requests");
+        http_stop.cancel();
+        let timeout = state.cfg.shutdown_timeout;
+        match tokio::time::timeout(timeout, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish within the shutdown timeout")
+            }
+        }
+        // Every request is answered: no more inbox writes can arrive. Stop the writer after it
+        // drains what it has (its senders live in `state` clones, so cancel via drop order).
+        cancel.cancel();
+        if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                "workers did not stop within the shutdown timeout; their leases will expire"
+            );
+        }
+        let store = state.store.clone();
+        drop(state);
+        let _ = tokio::time::timeout(Duration::from_secs(5), inbox_task).await;
+        store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,960 @@
+//! The command line. Admin commands work on the configured database directly (no running server
+//! needed) through the same [`Admin`] operations as the HTTP API; `--json` prints the API's JSON.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+
+use crate::admin::{Admin, IntegrationUpdate, NewIntegration, Principal, SecretsUpdate};
+use crate::app::Application;
+use crate::config::{Config, LogFormat};
+use crate::credentials::{self, Credentials};
+use crate::crypto::MasterKey;
+use crate::store::{DeliveryFilter, SignalFilter, Store};
+
+/// signalbox: verified, deduplicated customer signals from Slack, Pylon and signed webhooks.
+#[derive(Debug, Parser)]
+#[command(name = "signalbox", version, about)]
+pub struct Cli {
+    /// Config file (default: ./signalbox.toml when present; env SIGNALBOX_CONFIG).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and the workers (the main job).
+    Serve,
+    /// Apply migrations and exit.
+    Migrate,
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Workspaces.
+    #[command(subcommand)]
+    Workspace(WorkspaceCmd),
+    /// Generic webhook keys.
+    #[command(subcommand, name = "webhook-key")]
+    WebhookKey(KeyCmd),
+    /// Slack and Pylon integrations.
+    #[command(subcommand)]
+    Integration(IntegrationCmd),
+    /// Workspace-scoped API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Signals.
+    #[command(subcommand)]
+    Signals(SignalsCmd),
+    /// Deliveries (the inbox).
+    #[command(subcommand)]
+    Deliveries(DeliveriesCmd),
+    /// Master encryption keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Sign and send a sample delivery to a running server.
+    #[command(subcommand)]
+    Send(SendCmd),
+}
+
+/// `config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective configuration, secrets redacted.
+    Print,
+}
+
+/// `workspace …`
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCmd {
+    /// Create a workspace.
+    Create {
+        /// Name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List workspaces.
+    List,
+}
+
+/// `webhook-key …`
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Create a key; prints its secret once.
+    Create {
+        /// Workspace id.
+        #[arg(long)]
+        workspace: String,
+        /// Label.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List a workspace's keys.
+    List {
+        /// Workspace id.
+        #[arg(long)]
+        workspace: String,
+    },
+    /// Rotate a key's secret (the previous one stays valid for the grace period).
+    Rotate {
+        /// Key id.
+        id: String,
+        /// Grace period in seconds (default SIGNALBOX_SECRET_GRACE_SECS, 24 h).
+        #[arg(long)]
+        grace_secs: Option<u64>,
+    },
+    /// Deactivate a key.
+    Delete {
+        /// Key id.
+        id: String,
+    },
+}
+
+/// `integration …`
+#[derive(Debug, Subcommand)]
+pub enum IntegrationCmd {
+    /// Add an integration.
+    #[command(subcommand)]
+    Add(AddCmd),
+    /// List integrations.
+    List {
+        /// Only this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+    },
+    /// Show one integration.
+    Show {
+        /// Integration id.
+        id: String,
+    },
+    /// Change name, active flag or secrets.
+    Update(UpdateArgs),
+    /// Deactivate (signals are kept).
+    Deactivate {
+        /// Integration id.
+        id: String,
+    },
+}
+
+/// `integration update`
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Integration id.
+    pub id: String,
+    /// New name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Re-activate.
+    #[arg(long, conflicts_with = "deactivate")]
+    pub activate: bool,
+    /// Deactivate.
+    #[arg(long)]
+    pub deactivate: bool,
+    /// New webhook/signing secret (the previous one stays valid for the grace period).
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// Grace period of the previous secret, seconds.
+    #[arg(long)]
+    pub grace_secs: Option<u64>,
+    /// New API/bot token.
+    #[arg(long)]
+    pub api_token: Option<String>,
+}
+
+/// `integration add …`
+#[derive(Debug, Subcommand)]
+pub enum AddCmd {
+    /// A Slack team.
+    Slack {
+        /// Workspace id.
+        #[arg(long)]
+        workspace: String,
+        /// Name.
+        #[arg(long)]
+        name: String,
+        /// Slack team id (T…).
+        #[arg(long)]
+        team_id: String,
+        /// Signing secret of the Slack app (omit when the app-level secret is configured).
+        #[arg(long)]
+        signing_secret: Option<String>,
+        /// Bot token (xoxb-…).
+        #[arg(long)]
+        bot_token: Option<String>,
+        /// The app's bot user id (its messages are ignored).
+        #[arg(long)]
+        bot_user_id: Option<String>,
+        /// Only these channels (repeatable).
+        #[arg(long = "channel")]
+        channels: Vec<String>,
+    },
+    /// A Pylon account.
+    Pylon {
+        /// Workspace id.
+        #[arg(long)]
+        workspace: String,
+        /// Name.
+        #[arg(long)]
+        name: String,
+        /// Webhook secret shown by Pylon.
+        #[arg(long)]
+        secret: String,
+        /// Pylon API token (enriches thin payloads).
+        #[arg(long)]
+        api_token: Option<String>,
+        /// Only these events (repeatable).
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// auto (default), x-pylon-signature or timestamped.
+        #[arg(long)]
+        signature_scheme: Option<String>,
+        /// A custom header Pylon must send (e.g. authorization).
+        #[arg(long, requires = "required_header_value")]
+        required_header: Option<String>,
+        /// Its value.
+        #[arg(long)]
+        required_header_value: Option<String>,
+    },
+}
+
+/// `token …`
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Mint a workspace-scoped token; prints it once.
+    Create {
+        /// Workspace id.
+        #[arg(long)]
+        workspace: String,
+        /// Label.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens.
+    List {
+        /// Workspace id.
+        #[arg(long)]
+        workspace: String,
+    },
+    /// Revoke a token.
+    Revoke {
+        /// Token id.
+        id: String,
+    },
+}
+
+/// `signals …`
+#[derive(Debug, Subcommand)]
+pub enum SignalsCmd {
+    /// List signals, newest first.
+    List {
+        /// Workspace id.
+        #[arg(long)]
+        workspace: String,
+        /// Only this source (slack, pylon, webhook).
+        #[arg(long)]
+        source: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+/// `deliveries …`
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCmd {
+    /// List deliveries, newest first.
+    List {
+        /// Only this status.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this workspace.
+        #[arg(long)]
+        workspace: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Show one delivery.
+    Show {
+        /// Delivery id.
+        id: String,
+    },
+    /// Process a delivery again.
+    Replay {
+        /// Delivery id.
+        id: String,
+    },
+}
+
+/// `keys …`
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Print a new master key (`ID:BASE64`) to put first in SIGNALBOX_MASTER_KEYS.
+    Generate {
+        /// Key id (default k + current Unix time).
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Re-encrypt every stored secret under the active key (safe to re-run, safe while serving).
+    Rotate,
+}
+
+/// `send …`
+#[derive(Debug, Subcommand)]
+pub enum SendCmd {
+    /// A Standard Webhooks signed generic delivery.
+    Webhook {
+        /// Key id (whk_…).
+        #[arg(long)]
+        key_id: String,
+        /// The key's secret (whsec_…).
+        #[arg(long, env = "SIGNALBOX_SEND_SECRET")]
+        secret: String,
+        /// Signal text.
+        #[arg(long)]
+        verbatim: String,
+        /// Dedupe key of the signal.
+        #[arg(long)]
+        source_ref: Option<String>,
+        /// Message id (default: random).
+        #[arg(long)]
+        webhook_id: Option<String>,
+        /// Server base URL (default SIGNALBOX_PUBLIC_URL).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// A Slack Events API message.
+    Slack {
+        /// Signing secret.
+        #[arg(long, env = "SIGNALBOX_SEND_SECRET")]
+        signing_secret: String,
+        /// Send to ?integration_id= (per-customer app mode).
+        #[arg(long)]
+        integration_id: Option<String>,
+        /// Team id.
+        #[arg(long)]
+        team: String,
+        /// Channel id.
+        #[arg(long, default_value = "C0SIGNALBOX")]
+        channel: String,
+        /// User id.
+        #[arg(long, default_value = "U0SIGNALBOX")]
+        user: String,
+        /// Message text.
+        #[arg(long)]
+        text: String,
+        /// Event id (default: random).
+        #[arg(long)]
+        event_id: Option<String>,
+        /// Server base URL.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// A Pylon "Send webhook" delivery.
+    Pylon {
+        /// Integration id.
+        #[arg(long)]
+        integration_id: String,
+        /// Webhook secret.
+        #[arg(long, env = "SIGNALBOX_SEND_SECRET")]
+        secret: String,
+        /// Issue id.
+        #[arg(long)]
+        issue_id: String,
+        /// Title.
+        #[arg(long, default_value = "Sample ticket")]
+        title: String,
+        /// Body HTML.
+        #[arg(long, default_value = "<p>Hello from <b>signalbox send</b></p>")]
+        body_html: String,
+        /// Event name.
+        #[arg(long, default_value = "issue_new")]
+        event: String,
+        /// x-pylon-signature (default) or timestamped.
+        #[arg(long, default_value = "x-pylon-signature")]
+        scheme: String,
+        /// Server base URL.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+/// Sets up logging.
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn admin(cfg: &Config) -> anyhow::Result<Admin> {
+    let store = Store::connect(cfg).await?;
+    let (keyring, note) = credentials::load_keyring(cfg)?;
+    tracing::debug!("{note}");
+    credentials::check_keys(&store, &keyring).await?;
+    let creds = Credentials::new(store.clone(), keyring, cfg.credential_cache_ttl);
+    Ok(Admin {
+        store,
+        creds,
+        cfg: Arc::new(cfg.clone()),
+    })
+}
+
+fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        println!("{}", human(v));
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => "-".into(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn items(v: &Value) -> Vec<Value> {
+    v.get("items")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Runs the CLI.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    init_tracing(cfg.log_format);
+    let j = cli.json;
+    let who = Principal::Admin;
+    match cli.command {
+        Command::Serve => {
+            let app = Application::build(cfg).await?;
+            app.run_until_stopped(crate::app::shutdown_signal()).await?;
+        }
+        Command::Migrate => {
+            let store = Store::connect(&cfg).await?;
+            print(j, &json!({"ok": true, "backend": store.backend()}), |_| {
+                format!("migrations applied ({})", store.backend())
+            });
+        }
+        Command::Config(ConfigCmd::Print) => {
+            let lines = cfg.redacted_lines();
+            let v: serde_json::Map<String, Value> = lines
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            print(j, &Value::Object(v), |_| {
+                lines
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Workspace(c) => {
+            let a = admin(&cfg).await?;
+            match c {
+                WorkspaceCmd::Create { name } => {
+                    let v = a.create_workspace(&who, &name).await?;
+                    print(j, &v, |v| {
+                        format!("created workspace {} ({})", s(v, "id"), s(v, "name"))
+                    });
+                }
+                WorkspaceCmd::List => {
+                    let v = a.list_workspaces(&who).await?;
+                    print(j, &v, |v| {
+                        items(v)
+                            .iter()
+                            .map(|w| format!("{}  {}", s(w, "id"), s(w, "name")))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+            }
+        }
+        Command::WebhookKey(c) => {
+            let a = admin(&cfg).await?;
+            match c {
+                KeyCmd::Create { workspace, name } => {
+                    let v = a.create_webhook_key(&who, &workspace, name).await?;
+                    print(j, &v, |v| {
+                        format!(
+                            "created webhook key {}\nsecret (shown once): {}\nwebhook URL: {}",
+                            s(v, "id"),
+                            s(v, "secret"),
+                            s(v, "webhook_url")
+                        )
+                    });
+                }
+                KeyCmd::List { workspace } => {
+                    let v = a.list_webhook_keys(&who, &workspace).await?;
+                    print(j, &v, |v| {
+                        items(v)
+                            .iter()
+                            .map(|k| {
+                                format!(
+                                    "{}  active={}  {}",
+                                    s(k, "id"),
+                                    s(k, "is_active"),
+                                    s(k, "webhook_url")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                KeyCmd::Rotate { id, grace_secs } => {
+                    let v = a.rotate_webhook_key(&who, &id, grace_secs).await?;
+                    print(j, &v, |v| {
+                        format!(
+                            "rotated {}\nnew secret (shown once): {}\nprevious secret valid until {}",
+                            s(v, "id"),
+                            s(v, "secret"),
+                            s(v, "previous_secret_valid_until")
+                        )
+                    });
+                }
+                KeyCmd::Delete { id } => {
+                    let v = a.delete_webhook_key(&who, &id).await?;
+                    print(j, &v, |_| format!("deactivated {id}"));
+                }
+            }
+        }
+        Command::Integration(c) => {
+            let a = admin(&cfg).await?;
+            let show = |v: &Value| {
+                format!(
+                    "{}  {}  {}  active={}\nwebhook URL: {}",
+                    s(v, "id"),
+                    s(v, "platform"),
+                    s(v, "name"),
+                    s(v, "is_active"),
+                    s(v, "webhook_url")
+                )
+            };
+            match c {
+                IntegrationCmd::Add(AddCmd::Slack {
+                    workspace,
+                    name,
+                    team_id,
+                    signing_secret,
+                    bot_token,
+                    bot_user_id,
+                    channels,
+                }) => {
+                    let input = NewIntegration {
+                        platform: "slack".into(),
+                        name,
+                        slack_team_id: Some(team_id),
+                        signing_secret,
+                        bot_token,
+                        slack_bot_user_id: bot_user_id,
+                        config: Some(json!({"slack_channels": channels})),
+                        ..Default::default()
+                    };
+                    let v = a.create_integration(&who, &workspace, input).await?;
+                    print(j, &v, |v| {
+                        format!(
+                            "created {}\nPaste this Request URL into Slack (Event Subscriptions): {}",
+                            s(v, "id"),
+                            s(v, "webhook_url")
+                        )
+                    });
+                }
+                IntegrationCmd::Add(AddCmd::Pylon {
+                    workspace,
+                    name,
+                    secret,
+                    api_token,
+                    events,
+                    signature_scheme,
+                    required_header,
+                    required_header_value,
+                }) => {
+                    let mut config = json!({"pylon_events": events});
+                    if let Some(sch) = signature_scheme {
+                        config["signature_scheme"] = json!(sch);
+                    }
+                    if let Some(h) = required_header {
+                        config["required_header"] = json!(h);
+                    }
+                    let input = NewIntegration {
+                        platform: "pylon".into(),
+                        name,
+                        webhook_secret: Some(secret),
+                        api_token,
+                        required_header_value,
+                        config: Some(config),
+                        ..Default::default()
+                    };
+                    let v = a.create_integration(&who, &workspace, input).await?;
+                    print(j, &v, |v| {
+                        format!(
+                            "created {}\nPaste this URL into Pylon (Settings → Webhooks): {}",
+                            s(v, "id"),
+                            s(v, "webhook_url")
+                        )
+                    });
+                }
+                IntegrationCmd::List { workspace } => {
+                    let v = a.list_integrations(&who, workspace.as_deref()).await?;
+                    print(j, &v, |v| {
+                        items(v).iter().map(show).collect::<Vec<_>>().join("\n")
+                    });
+                }
+                IntegrationCmd::Show { id } => {
+                    let v = a.get_integration(&who, &id).await?;
+                    print(j, &v, |v| {
+                        serde_json::to_string_pretty(v).unwrap_or_default()
+                    });
+                }
+                IntegrationCmd::Update(u) => {
+                    let up = IntegrationUpdate {
+                        name: u.name,
+                        is_active: if u.activate {
+                            Some(true)
+                        } else if u.deactivate {
+                            Some(false)
+                        } else {
+                            None
+                        },
+                        secrets: (u.secret.is_some() || u.api_token.is_some()).then(|| {
+                            SecretsUpdate {
+                                webhook_secret: u.secret,
+                                api_token: u.api_token,
+                                required_header_value: None,
+                                grace_period_secs: u.grace_secs,
+                            }
+                        }),
+                        ..Default::default()
+                    };
+                    let v = a.update_integration(&who, &u.id, up).await?;
+                    print(j, &v, show);
+                }
+                IntegrationCmd::Deactivate { id } => {
+                    let v = a.deactivate_integration(&who, &id).await?;
+                    print(j, &v, show);
+                }
+            }
+        }
+        Command::Token(c) => {
+            let a = admin(&cfg).await?;
+            match c {
+                TokenCmd::Create { workspace, name } => {
+                    let v = a.create_token(&who, &workspace, name).await?;
+                    print(j, &v, |v| {
+                        format!(
+                            "created {}\ntoken (shown once): {}",
+                            s(v, "id"),
+                            s(v, "token")
+                        )
+                    });
+                }
+                TokenCmd::List { workspace } => {
+                    let v = a.list_tokens(&who, &workspace).await?;
+                    print(j, &v, |v| {
+                        items(v)
+                            .iter()
+                            .map(|t| {
+                                format!(
+                                    "{}  {}  revoked={}",
+                                    s(t, "id"),
+                                    s(t, "name"),
+                                    s(t, "revoked_at")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                TokenCmd::Revoke { id } => {
+                    let v = a.revoke_token(&who, &id).await?;
+                    print(j, &v, |_| format!("revoked {id}"));
+                }
+            }
+        }
+        Command::Signals(SignalsCmd::List {
+            workspace,
+            source,
+            limit,
+        }) => {
+            let a = admin(&cfg).await?;
+            let v = a
+                .list_signals(
+                    &who,
+                    SignalFilter {
+                        workspace_id: workspace,
+                        source,
+                        status: None,
+                        cursor: None,
+                        limit,
+                    },
+                )
+                .await?;
+            print(j, &v, |v| {
+                let rows = items(v);
+                if rows.is_empty() {
+                    return "no signals yet".into();
+                }
+                rows.iter()
+                    .map(|x| {
+                        format!(
+                            "{}  {:<7}  {}  {}",
+                            s(x, "id"),
+                            s(x, "source"),
+                            s(x, "created_at"),
+                            s(x, "verbatim").replace('\n', " ")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Deliveries(c) => {
+            let a = admin(&cfg).await?;
+            match c {
+                DeliveriesCmd::List {
+                    status,
+                    workspace,
+                    limit,
+                } => {
+                    let v = a
+                        .list_deliveries(
+                            &who,
+                            DeliveryFilter {
+                                workspace_id: workspace,
+                                status,
+                                limit,
+                                ..Default::default()
+                            },
+                        )
+                        .await?;
+                    print(j, &v, |v| {
+                        items(v)
+                            .iter()
+                            .map(|d| {
+                                format!(
+                                    "{}  {:<7}  {:<9}  attempts={}  {}",
+                                    s(d, "id"),
+                                    s(d, "source"),
+                                    s(d, "status"),
+                                    s(d, "attempts"),
+                                    if s(d, "last_error") != "-" {
+                                        s(d, "last_error")
+                                    } else {
+                                        s(d, "filter_reason")
+                                    }
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+                DeliveriesCmd::Show { id } => {
+                    let v = a.get_delivery(&who, &id).await?;
+                    print(j, &v, |v| {
+                        serde_json::to_string_pretty(v).unwrap_or_default()
+                    });
+                }
+                DeliveriesCmd::Replay { id } => {
+                    let v = a.replay_delivery(&who, &id).await?;
+                    print(j, &v, |_| format!("{id} queued for processing again"));
+                }
+            }
+        }
+        Command::Keys(KeysCmd::Generate { id }) => {
+            let id = id.unwrap_or_else(|| format!("k{}", crate::clock::now_secs()));
+            let key = MasterKey::generate(&id);
+            let spec = key.to_spec();
+            print(j, &json!({"id": id, "key": spec.expose_secret()}), |_| {
+                spec.expose_secret().to_string()
+            });
+        }
+        Command::Keys(KeysCmd::Rotate) => {
+            let store = Store::connect(&cfg).await?;
+            let (keyring, _) = credentials::load_keyring(&cfg)?;
+            let (rotated, skipped) = credentials::rotate_all(&store, &keyring).await?;
+            if let crate::store::Pool::Postgres(p) = store.pool() {
+                let _ = sqlx::query("SELECT pg_notify($1, '*')")
+                    .bind(credentials::NOTIFY_CHANNEL)
+                    .execute(p)
+                    .await;
+            }
+            print(
+                j,
+                &json!({"rotated": rotated, "unchanged": skipped, "active_key": keyring.active_id()}),
+                |_| {
+                    format!(
+                        "re-encrypted {rotated} secret(s) under key {}; {skipped} already current",
+                        keyring.active_id()
+                    )
+                },
+            );
+        }
+        Command::Send(c) => send(&cfg, j, c).await?,
+    }
+    Ok(())
+}
+
+async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
+    let http = crate::app::http_client()?;
+    let now = crate::clock::now_secs();
+    let (url, headers, body): (String, Vec<(String, String)>, Vec<u8>) = match c {
+        SendCmd::Webhook {
+            key_id,
+            secret,
+            verbatim,
+            source_ref,
+            webhook_id,
+            url,
+        } => {
+            let key = crate::protocol::standard_webhooks::decode_secret(&secret)
+                .ok_or_else(|| anyhow::anyhow!("--secret must be a whsec_… secret"))?;
+            let mut payload = json!({"verbatim": verbatim});
+            if let Some(r) = source_ref {
+                payload["source_ref"] = json!(r);
+            }
+            let body = payload.to_string().into_bytes();
+            let id = webhook_id.unwrap_or_else(|| crate::ids::new_id("msg"));
+            let sig = crate::protocol::standard_webhooks::sign(&key, &id, now, &body);
+            let base = url.unwrap_or_else(|| cfg.public_url.clone());
+            (
+                format!(
+                    "{}/api/webhooks/signals?key_id={key_id}",
+                    base.trim_end_matches('/')
+                ),
+                vec![
+                    ("webhook-id".into(), id),
+                    ("webhook-timestamp".into(), now.to_string()),
+                    ("webhook-signature".into(), sig),
+                ],
+                body,
+            )
+        }
+        SendCmd::Slack {
+            signing_secret,
+            integration_id,
+            team,
+            channel,
+            user,
+            text,
+            event_id,
+            url,
+        } => {
+            let ts = format!("{now}.000100");
+            let body = json!({
+                "token": "unused", "team_id": team, "api_app_id": "A0SIGNALBOX", "type": "event_callback",
+                "event_id": event_id.unwrap_or_else(|| format!("Ev{}", crate::ids::new_id("x").to_uppercase().replace('_', ""))),
+                "event_time": now,
+                "event": {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts,
+                          "event_ts": ts, "channel_type": "channel"},
+                "authorizations": [{"team_id": team, "is_bot": true}],
+            })
+            .to_string()
+            .into_bytes();
+            let sig = crate::protocol::slack::sign(signing_secret.as_bytes(), now, &body);
+            let base = url.unwrap_or_else(|| cfg.public_url.clone());
+            let q = integration_id
+                .map(|i| format!("?integration_id={i}"))
+                .unwrap_or_default();
+            (
+                format!(
+                    "{}/api/webhooks/slack/events{q}",
+                    base.trim_end_matches('/')
+                ),
+                vec![
+                    ("x-slack-request-timestamp".into(), now.to_string()),
+                    ("x-slack-signature".into(), sig),
+                ],
+                body,
+            )
+        }
+        SendCmd::Pylon {
+            integration_id,
+            secret,
+            issue_id,
+            title,
+            body_html,
+            event,
+            scheme,
+            url,
+        } => {
+            let body = json!({"event": event, "issue_id": issue_id, "issue_title": title, "issue_body": body_html})
+                .to_string()
+                .into_bytes();
+            let headers = match scheme.as_str() {
+                "timestamped" => vec![
+                    ("pylon-webhook-timestamp".into(), now.to_string()),
+                    (
+                        "pylon-webhook-signature".into(),
+                        crate::protocol::pylon::sign_timestamped(secret.as_bytes(), now, &body),
+                    ),
+                ],
+                _ => vec![(
+                    "x-pylon-signature".into(),
+                    crate::protocol::pylon::sign_x_pylon(secret.as_bytes(), &body),
+                )],
+            };
+            let base = url.unwrap_or_else(|| cfg.public_url.clone());
+            (
+                format!(
+                    "{}/api/webhooks/pylon?integration_id={integration_id}",
+                    base.trim_end_matches('/')
+                ),
+                headers,
+                body,
+            )
+        }
+    };
+    let mut req = http
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body);
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("could not reach {url}: {e}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    let v: Value = serde_json::from_str(&text).unwrap_or(json!({"body": text}));
+    print(
+        j,
+        &json!({"status": status.as_u16(), "response": v}),
+        |_| format!("{} {}", status.as_u16(), text),
+    );
+    if !status.is_success() {
+        anyhow::bail!("the server answered {status}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

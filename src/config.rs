@@ -1,0 +1,578 @@
+//! Configuration, layered: built-in defaults, then an optional `signalbox.toml`, then
+//! `SIGNALBOX_*` environment variables. Every value is validated once, at start-up, with a message
+//! naming the key; secrets are [`SecretString`]s and never printed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// Environment variable prefix.
+pub const ENV_PREFIX: &str = "SIGNALBOX_";
+
+/// Default config file looked up in the working directory.
+pub const DEFAULT_CONFIG_FILE: &str = "signalbox.toml";
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: SecretString,
+    /// Listen address of the HTTP server.
+    pub bind: SocketAddr,
+    /// Base used to print webhook URLs; `http://{bind}` when unset.
+    pub public_url: String,
+    /// Bearer token of the admin API (global scope). Unset: only workspace tokens work.
+    pub admin_token: Option<SecretString>,
+    /// `ID:BASE64(32 bytes)[,…]`, first active. Unset: the key file beside the SQLite database.
+    pub master_keys: Option<SecretString>,
+    /// Key file used when `master_keys` is unset (default: `signalbox.key` beside the SQLite db).
+    pub key_file: Option<PathBuf>,
+    /// App-level Slack signing secret (one app installed in many teams).
+    pub slack_signing_secret: Option<SecretString>,
+    /// Slack OAuth client id.
+    pub slack_client_id: Option<String>,
+    /// Slack OAuth client secret.
+    pub slack_client_secret: Option<SecretString>,
+    /// Slack Web API base URL.
+    pub slack_api_base: String,
+    /// Pylon API base URL.
+    pub pylon_api_base: String,
+    /// Larger webhook bodies get 413.
+    pub max_body_bytes: usize,
+    /// Allowed clock skew of signed timestamps, both directions.
+    pub signature_tolerance_secs: i64,
+    /// Number of concurrent worker tasks in this process.
+    pub worker_concurrency: usize,
+    /// Deliveries claimed per worker round trip.
+    pub worker_batch_size: usize,
+    /// Attempts before a delivery becomes `dead`.
+    pub max_attempts: i32,
+    /// First retry delay; doubles per attempt up to `retry_max_delay`.
+    pub retry_base_delay: Duration,
+    /// Longest retry delay.
+    pub retry_max_delay: Duration,
+    /// How long a claimed delivery stays leased to a worker.
+    pub lease: Duration,
+    /// Polling backstop when no wake-up arrives.
+    pub poll_interval: Duration,
+    /// Capacity of the inbox writer queue; beyond it webhooks get 503.
+    pub inbox_capacity: usize,
+    /// Deliveries written per inbox transaction at most (group commit).
+    pub inbox_batch_max: usize,
+    /// Time-to-live of cached credentials.
+    pub credential_cache_ttl: Duration,
+    /// Grace period during which a rotated secret still verifies.
+    pub secret_grace: Duration,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// How long shutdown waits for in-flight work.
+    pub shutdown_timeout: Duration,
+    /// SQLite `synchronous` level: `full` (default, survives power loss) or `normal`.
+    pub sqlite_synchronous: String,
+    /// Maximum connections in the database pool.
+    pub db_max_connections: u32,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {message}")]
+pub struct ConfigError {
+    /// The variable name (`SIGNALBOX_…`).
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: format!("{ENV_PREFIX}{}", key.to_uppercase()),
+        message: message.into(),
+    }
+}
+
+/// Raw layered values, keyed by lower-case name without prefix.
+#[derive(Debug, Default, Clone)]
+pub struct RawConfig(BTreeMap<String, String>);
+
+/// Every key the configuration understands, with its default (None = unset).
+const KEYS: &[(&str, Option<&str>)] = &[
+    ("database_url", Some("sqlite://signalbox.db")),
+    ("bind", Some("127.0.0.1:8080")),
+    ("public_url", None),
+    ("admin_token", None),
+    ("master_keys", None),
+    ("key_file", None),
+    ("slack_signing_secret", None),
+    ("slack_client_id", None),
+    ("slack_client_secret", None),
+    ("slack_api_base", Some("https://slack.com/api")),
+    ("pylon_api_base", Some("https://api.usepylon.com")),
+    ("max_body_bytes", Some("1048576")),
+    ("signature_tolerance_secs", Some("300")),
+    ("worker_concurrency", Some("4")),
+    ("worker_batch_size", Some("64")),
+    ("max_attempts", Some("8")),
+    ("retry_base_delay_ms", Some("2000")),
+    ("retry_max_delay_secs", Some("3600")),
+    ("lease_secs", Some("60")),
+    ("poll_interval_ms", Some("1000")),
+    ("inbox_capacity", Some("8192")),
+    ("inbox_batch_max", Some("512")),
+    ("credential_cache_ttl_secs", Some("30")),
+    ("secret_grace_secs", Some("86400")),
+    ("log_format", Some("text")),
+    ("shutdown_timeout_secs", Some("20")),
+    ("sqlite_synchronous", Some("full")),
+    ("db_max_connections", Some("10")),
+];
+
+const SECRET_KEYS: &[&str] = &[
+    "admin_token",
+    "master_keys",
+    "slack_signing_secret",
+    "slack_client_secret",
+];
+
+impl RawConfig {
+    /// Defaults only.
+    pub fn defaults() -> Self {
+        let mut m = BTreeMap::new();
+        for (k, v) in KEYS {
+            if let Some(v) = v {
+                m.insert((*k).to_string(), (*v).to_string());
+            }
+        }
+        RawConfig(m)
+    }
+
+    /// Sets one value (lower-case key without prefix).
+    pub fn set(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        self.0.insert(key.to_lowercase(), value.into());
+        self
+    }
+
+    /// Layers a TOML file over the current values. Unknown keys are an error.
+    pub fn merge_toml_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err("config", format!("cannot read {}: {e}", path.display())))?;
+        self.merge_toml_str(&text).map_err(|e| {
+            err(
+                &e.key.replace(ENV_PREFIX, "").to_lowercase(),
+                format!("in {}: {}", path.display(), e.message),
+            )
+        })
+    }
+
+    /// Layers TOML text over the current values.
+    pub fn merge_toml_str(&mut self, text: &str) -> Result<(), ConfigError> {
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| err("config", format!("not valid TOML: {e}")))?;
+        for (k, v) in table {
+            let key = k.to_lowercase();
+            if !KEYS.iter().any(|(name, _)| *name == key) {
+                return Err(err(&key, "unknown configuration key"));
+            }
+            let value = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => {
+                    return Err(err(
+                        &key,
+                        format!("expected a string or number, got {}", other.type_str()),
+                    ));
+                }
+            };
+            self.0.insert(key, value);
+        }
+        Ok(())
+    }
+
+    /// Layers `SIGNALBOX_*` variables from `vars` over the current values. Unknown
+    /// `SIGNALBOX_` variables are ignored (they may belong to tests or tools).
+    pub fn merge_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) {
+        for (k, v) in vars {
+            if let Some(name) = k.strip_prefix(ENV_PREFIX) {
+                let name = name.to_lowercase();
+                if KEYS.iter().any(|(n, _)| *n == name) {
+                    self.0.insert(name, v);
+                }
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|s| !s.trim().is_empty())
+    }
+
+    fn secret(&self, key: &str) -> Option<SecretString> {
+        self.get(key).map(|s| SecretString::from(s.to_string()))
+    }
+
+    fn num<T: std::str::FromStr>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + std::fmt::Display + Copy,
+    {
+        let raw = self.get(key).ok_or_else(|| err(key, "must be set"))?;
+        let v: T = raw
+            .trim()
+            .parse()
+            .map_err(|_| err(key, format!("expected a whole number, got {raw:?}")))?;
+        if v < min || v > max {
+            return Err(err(
+                key,
+                format!("must be between {min} and {max}, got {v}"),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// Validates and converts every value.
+    pub fn build(&self) -> Result<Config, ConfigError> {
+        let database_url = self
+            .get("database_url")
+            .ok_or_else(|| err("database_url", "must be set"))?;
+        if !(database_url.starts_with("sqlite:")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(err(
+                "database_url",
+                "must start with sqlite:// or postgres://",
+            ));
+        }
+        let bind_raw = self.get("bind").ok_or_else(|| err("bind", "must be set"))?;
+        let bind: SocketAddr = bind_raw.parse().map_err(|_| {
+            err(
+                "bind",
+                format!("expected HOST:PORT like 127.0.0.1:8080, got {bind_raw:?}"),
+            )
+        })?;
+        let public_url = match self.get("public_url") {
+            Some(u) => {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(err("public_url", "must start with http:// or https://"));
+                }
+                u.trim_end_matches('/').to_string()
+            }
+            None => format!("http://{bind}"),
+        };
+        for k in ["slack_api_base", "pylon_api_base"] {
+            let v = self.get(k).unwrap_or_default();
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(err(k, "must be an http:// or https:// URL"));
+            }
+        }
+        if let Some(t) = self.get("admin_token")
+            && t.len() < 16
+        {
+            return Err(err("admin_token", "must be at least 16 characters"));
+        }
+        let log_format = match self.get("log_format").unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "log_format",
+                    format!("expected text or json, got {other:?}"),
+                ));
+            }
+        };
+        let sqlite_synchronous = self
+            .get("sqlite_synchronous")
+            .unwrap_or("full")
+            .to_lowercase();
+        if !matches!(sqlite_synchronous.as_str(), "full" | "normal" | "extra") {
+            return Err(err("sqlite_synchronous", "expected full, normal or extra"));
+        }
+        let cfg = Config {
+            database_url: SecretString::from(database_url.to_string()),
+            bind,
+            public_url,
+            admin_token: self.secret("admin_token"),
+            master_keys: self.secret("master_keys"),
+            key_file: self.get("key_file").map(PathBuf::from),
+            slack_signing_secret: self.secret("slack_signing_secret"),
+            slack_client_id: self.get("slack_client_id").map(str::to_string),
+            slack_client_secret: self.secret("slack_client_secret"),
+            slack_api_base: self
+                .get("slack_api_base")
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_string(),
+            pylon_api_base: self
+                .get("pylon_api_base")
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_string(),
+            max_body_bytes: self.num("max_body_bytes", 1024usize, 64 * 1024 * 1024)?,
+            signature_tolerance_secs: self.num("signature_tolerance_secs", 1i64, 86_400)?,
+            worker_concurrency: self.num("worker_concurrency", 1usize, 256)?,
+            worker_batch_size: self.num("worker_batch_size", 1usize, 1000)?,
+            max_attempts: self.num("max_attempts", 1i32, 100)?,
+            retry_base_delay: Duration::from_millis(self.num(
+                "retry_base_delay_ms",
+                1u64,
+                3_600_000,
+            )?),
+            retry_max_delay: Duration::from_secs(self.num(
+                "retry_max_delay_secs",
+                1u64,
+                7 * 86_400,
+            )?),
+            lease: Duration::from_secs(self.num("lease_secs", 1u64, 3600)?),
+            poll_interval: Duration::from_millis(self.num("poll_interval_ms", 10u64, 60_000)?),
+            inbox_capacity: self.num("inbox_capacity", 1usize, 1_000_000)?,
+            inbox_batch_max: self.num("inbox_batch_max", 1usize, 10_000)?,
+            credential_cache_ttl: Duration::from_secs(self.num(
+                "credential_cache_ttl_secs",
+                0u64,
+                3600,
+            )?),
+            secret_grace: Duration::from_secs(self.num("secret_grace_secs", 0u64, 30 * 86_400)?),
+            log_format,
+            shutdown_timeout: Duration::from_secs(self.num("shutdown_timeout_secs", 1u64, 600)?),
+            sqlite_synchronous,
+            db_max_connections: self.num("db_max_connections", 1u32, 1000)?,
+        };
+        Ok(cfg)
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (or `./signalbox.toml` if it exists), then the process
+    /// environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut raw = RawConfig::defaults();
+        let env_file = std::env::var(format!("{ENV_PREFIX}CONFIG"))
+            .ok()
+            .map(PathBuf::from);
+        match file.map(Path::to_path_buf).or(env_file) {
+            Some(p) => raw.merge_toml_file(&p)?,
+            None => {
+                let p = Path::new(DEFAULT_CONFIG_FILE);
+                if p.exists() {
+                    raw.merge_toml_file(p)?;
+                }
+            }
+        }
+        raw.merge_env(std::env::vars());
+        raw.build()
+    }
+
+    /// True when the database is SQLite.
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.expose_secret().starts_with("sqlite:")
+    }
+
+    /// The SQLite database file path, if the database is SQLite.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let url = self.database_url.expose_secret();
+        let rest = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))?;
+        let path = rest.split('?').next().unwrap_or(rest);
+        if path.is_empty() || path == ":memory:" {
+            return None;
+        }
+        Some(PathBuf::from(path))
+    }
+
+    /// Where the master key file lives when `master_keys` is unset.
+    pub fn effective_key_file(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.key_file {
+            return Some(p.clone());
+        }
+        let db = self.sqlite_path()?;
+        let dir = db.parent().map(Path::to_path_buf).unwrap_or_default();
+        Some(dir.join("signalbox.key"))
+    }
+
+    /// The effective configuration as `KEY = value` lines, secrets redacted.
+    pub fn redacted_lines(&self) -> Vec<(String, String)> {
+        let show = |s: &Option<SecretString>| match s {
+            Some(_) => "[redacted]".to_string(),
+            None => "(unset)".to_string(),
+        };
+        let opt = |s: &Option<String>| s.clone().unwrap_or_else(|| "(unset)".into());
+        let mut out = vec![
+            (
+                "database_url",
+                redact_url(self.database_url.expose_secret()),
+            ),
+            ("bind", self.bind.to_string()),
+            ("public_url", self.public_url.clone()),
+            ("admin_token", show(&self.admin_token)),
+            ("master_keys", show(&self.master_keys)),
+            (
+                "key_file",
+                self.effective_key_file()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(unset)".into()),
+            ),
+            ("slack_signing_secret", show(&self.slack_signing_secret)),
+            ("slack_client_id", opt(&self.slack_client_id)),
+            ("slack_client_secret", show(&self.slack_client_secret)),
+            ("slack_api_base", self.slack_api_base.clone()),
+            ("pylon_api_base", self.pylon_api_base.clone()),
+            ("max_body_bytes", self.max_body_bytes.to_string()),
+            (
+                "signature_tolerance_secs",
+                self.signature_tolerance_secs.to_string(),
+            ),
+            ("worker_concurrency", self.worker_concurrency.to_string()),
+            ("worker_batch_size", self.worker_batch_size.to_string()),
+            ("max_attempts", self.max_attempts.to_string()),
+            (
+                "retry_base_delay_ms",
+                self.retry_base_delay.as_millis().to_string(),
+            ),
+            (
+                "retry_max_delay_secs",
+                self.retry_max_delay.as_secs().to_string(),
+            ),
+            ("lease_secs", self.lease.as_secs().to_string()),
+            (
+                "poll_interval_ms",
+                self.poll_interval.as_millis().to_string(),
+            ),
+            ("inbox_capacity", self.inbox_capacity.to_string()),
+            ("inbox_batch_max", self.inbox_batch_max.to_string()),
+            (
+                "credential_cache_ttl_secs",
+                self.credential_cache_ttl.as_secs().to_string(),
+            ),
+            ("secret_grace_secs", self.secret_grace.as_secs().to_string()),
+            (
+                "log_format",
+                match self.log_format {
+                    LogFormat::Text => "text".into(),
+                    LogFormat::Json => "json".into(),
+                },
+            ),
+            (
+                "shutdown_timeout_secs",
+                self.shutdown_timeout.as_secs().to_string(),
+            ),
+            ("sqlite_synchronous", self.sqlite_synchronous.clone()),
+            ("db_max_connections", self.db_max_connections.to_string()),
+        ];
+        out.sort_by_key(|(k, _)| KEYS.iter().position(|(n, _)| n == k).unwrap_or(usize::MAX));
+        out.into_iter()
+            .map(|(k, v)| (format!("{ENV_PREFIX}{}", k.to_uppercase()), v))
+            .collect()
+    }
+}
+
+/// Hides the password of a database URL.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((creds, host)) = rest.rsplit_once('@')
+    {
+        let user = creds.split(':').next().unwrap_or("");
+        if creds.contains(':') {
+            return format!("{scheme}://{user}:[redacted]@{host}");
+        }
+        return format!("{scheme}://{user}@{host}");
+    }
+    url.to_string()
+}
+
+/// True if `key` (lower-case, no prefix) holds a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    SECRET_KEYS.contains(&key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = RawConfig::defaults().build().expect("defaults are valid");
+        assert_eq!(c.database_url.expose_secret(), "sqlite://signalbox.db");
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.public_url, "http://127.0.0.1:8080");
+        assert_eq!(c.slack_api_base, "https://slack.com/api");
+        assert_eq!(c.pylon_api_base, "https://api.usepylon.com");
+        assert_eq!(c.max_body_bytes, 1_048_576);
+        assert_eq!(c.signature_tolerance_secs, 300);
+        assert!(c.admin_token.is_none());
+        assert_eq!(c.effective_key_file(), Some(PathBuf::from("signalbox.key")));
+    }
+
+    #[test]
+    fn env_overrides_file_which_overrides_defaults() {
+        let mut raw = RawConfig::defaults();
+        raw.merge_toml_str("bind = \"0.0.0.0:9000\"\nmax_body_bytes = 2048\n")
+            .expect("valid toml");
+        raw.merge_env([
+            ("SIGNALBOX_MAX_BODY_BYTES".to_string(), "4096".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ]);
+        let c = raw.build().expect("valid");
+        assert_eq!(c.bind.to_string(), "0.0.0.0:9000");
+        assert_eq!(c.max_body_bytes, 4096);
+        assert_eq!(c.public_url, "http://0.0.0.0:9000");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let cases = [
+            ("bind", "nope", "SIGNALBOX_BIND"),
+            ("max_body_bytes", "lots", "SIGNALBOX_MAX_BODY_BYTES"),
+            ("database_url", "mysql://x", "SIGNALBOX_DATABASE_URL"),
+            (
+                "signature_tolerance_secs",
+                "0",
+                "SIGNALBOX_SIGNATURE_TOLERANCE_SECS",
+            ),
+            ("admin_token", "short", "SIGNALBOX_ADMIN_TOKEN"),
+            ("public_url", "ftp://x", "SIGNALBOX_PUBLIC_URL"),
+        ];
+        for (k, v, name) in cases {
+            let mut raw = RawConfig::defaults();
+            raw.set(k, v);
+            let e = raw.build().expect_err(k);
+            assert_eq!(e.key, name);
+            assert!(e.to_string().contains(name));
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let mut raw = RawConfig::defaults();
+        let e = raw.merge_toml_str("bnd = \"x\"").expect_err("unknown key");
+        assert_eq!(e.key, "SIGNALBOX_BND");
+    }
+
+    #[test]
+    fn printing_redacts_secrets() {
+        let mut raw = RawConfig::defaults();
+        raw.set("admin_token", "super-secret-admin-token")
+            .set("database_url", "postgres://u:hunter2@db/x")
+            .set("slack_signing_secret", "abcdef0123456789");
+        let c = raw.build().expect("valid");
+        let text = format!("{:?} {:?}", c.redacted_lines(), c);
+        for s in ["super-secret-admin-token", "hunter2", "abcdef0123456789"] {
+            assert!(!text.contains(s), "{s} leaked");
+        }
+        assert!(text.contains("postgres://u:[redacted]@db/x"));
+    }
+}

@@ -1,0 +1,63 @@
+//! Opaque, prefixed, time-sortable identifiers (`ws_…`, `int_…`, `whk_…`, `dlv_…`, `sig_…`,
+//! `act_…`, `tok_…`): a lower-case ULID behind the prefix, monotonic within this process so that
+//! ordering by id is ordering by creation.
+
+use std::sync::{LazyLock, Mutex};
+
+use ulid::Generator;
+
+static GENERATOR: LazyLock<Mutex<Generator>> = LazyLock::new(|| Mutex::new(Generator::new()));
+
+/// Kinds of identifiers and their prefixes.
+pub mod prefix {
+    /// Workspace.
+    pub const WORKSPACE: &str = "ws";
+    /// Integration.
+    pub const INTEGRATION: &str = "int";
+    /// Generic webhook key.
+    pub const WEBHOOK_KEY: &str = "whk";
+    /// Delivery (inbox row).
+    pub const DELIVERY: &str = "dlv";
+    /// Signal.
+    pub const SIGNAL: &str = "sig";
+    /// Activity-log entry.
+    pub const ACTIVITY: &str = "act";
+    /// Workspace-scoped API token.
+    pub const TOKEN: &str = "tok";
+}
+
+/// A new id with `prefix`.
+pub fn new_id(prefix: &str) -> String {
+    let ulid = {
+        let mut g = GENERATOR.lock().unwrap_or_else(|p| p.into_inner());
+        // The generator only fails when 2^80 ids are made in one millisecond.
+        g.generate().unwrap_or_else(|_| ulid::Ulid::new())
+    };
+    format!("{prefix}_{}", ulid.to_string().to_lowercase())
+}
+
+/// True when `id` looks like one of ours with `prefix` (cheap shape check before a lookup).
+pub fn looks_like(id: &str, prefix: &str) -> bool {
+    id.len() == prefix.len() + 27
+        && id.starts_with(prefix)
+        && id.as_bytes().get(prefix.len()) == Some(&b'_')
+        && id[prefix.len() + 1..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_prefixed_and_sortable() {
+        let a = new_id(prefix::SIGNAL);
+        let b = new_id(prefix::SIGNAL);
+        assert!(a.starts_with("sig_"));
+        assert!(a < b, "{a} < {b}");
+        assert!(looks_like(&a, prefix::SIGNAL));
+        assert!(!looks_like(&a, prefix::WORKSPACE));
+        assert!(!looks_like("sig_' OR 1=1 --", prefix::SIGNAL));
+    }
+}

@@ -1,0 +1,21 @@
+//! signalbox: verified, deduplicated customer signals from Slack, Pylon and signed webhooks.
+//!
+//! Flow: socket → verify (pure [`protocol`]) → durable inbox row ([`ingest`], [`store`]) → ack →
+//! [`worker`] → signal + activity log. See ARCHITECTURE.md.
+
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod crypto;
+pub mod error;
+pub mod ids;
+pub mod ingest;
+pub mod metrics;
+pub mod protocol;
+pub mod sources;
+pub mod store;
+pub mod worker;

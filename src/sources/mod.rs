@@ -1,0 +1,187 @@
+//! Source platforms. Each file is one platform: its thin HTTP receiver (verify → store → ack)
+//! and its worker step (stored delivery → [`Effect`]). Adding a platform means one new file
+//! here plus its two registrations: a route in [`routes`] and an arm in [`process`].
+
+pub mod pylon;
+pub mod slack;
+pub mod webhook;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::ingest::InboxError;
+use crate::protocol::Effect;
+use crate::store::{ClaimedDelivery, NewDelivery, Stored};
+
+/// Webhook routes of every source.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/webhooks/signals", post(webhook::receive))
+        .route("/api/webhooks/slack/events", post(slack::receive))
+        .route("/api/webhooks/pylon", post(pylon::receive))
+        .route(
+            "/api/webhooks/pylon/{integration_id}",
+            post(pylon::receive_path),
+        )
+}
+
+/// The worker step for one claimed delivery, by source.
+pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, ProcessError> {
+    match d.source.as_str() {
+        webhook::SOURCE => webhook::process(d),
+        slack::SOURCE => slack::process(state, d).await,
+        pylon::SOURCE => pylon::process(state, d).await,
+        other => Ok(Effect::reject(format!("unknown source {other:?}"))),
+    }
+}
+
+/// A transient processing failure: the delivery is retried later.
+#[derive(Debug)]
+pub struct ProcessError {
+    /// What went wrong (stored as `last_error`).
+    pub reason: String,
+    /// When to retry, if the failure says (e.g. `Retry-After`); else exponential backoff.
+    pub retry_after: Option<Duration>,
+}
+
+impl ProcessError {
+    /// A retryable failure.
+    pub fn retry(reason: impl Into<String>) -> Self {
+        ProcessError {
+            reason: reason.into(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Reads the raw body with the configured cap: 413 when the declared or actual size is larger.
+pub async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    source: &str,
+) -> ApiResult<Vec<u8>> {
+    let limit = state.cfg.max_body_bytes;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        state.metrics.rejection(source, "payload_too_large");
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes().to_vec()),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                state.metrics.rejection(source, "payload_too_large");
+                Err(ApiError::PayloadTooLarge(limit))
+            } else {
+                state.metrics.rejection(source, "body_read_error");
+                Err(ApiError::InvalidPayload(
+                    "could not read the request body".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Header value as `&str` (None when absent or not visible ASCII).
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The headers worth keeping with a delivery (never signatures or authorisation).
+pub fn kept_headers(headers: &HeaderMap, names: &[&str]) -> String {
+    let mut m = serde_json::Map::new();
+    for n in names {
+        if let Some(v) = header(headers, n) {
+            m.insert(
+                (*n).to_string(),
+                Value::String(v.chars().take(256).collect()),
+            );
+        }
+    }
+    Value::Object(m).to_string()
+}
+
+/// Counts a rejection and returns the error.
+pub fn reject(state: &AppState, source: &str, e: ApiError) -> ApiError {
+    state.metrics.rejection(source, e.code());
+    e
+}
+
+/// Stores a verified delivery through the inbox and builds the contract's ack.
+pub async fn store_and_ack(
+    state: &AppState,
+    d: NewDelivery,
+    started: Instant,
+) -> ApiResult<Json<Value>> {
+    let source = d.source.clone();
+    let id = d.id.clone();
+    let outcome = state.inbox.store(d).await.map_err(|e| {
+        state.metrics.rejection(&source, "unavailable");
+        match e {
+            InboxError::Saturated => {
+                ApiError::Unavailable("the inbox is saturated, retry later".into())
+            }
+            InboxError::Closed => {
+                ApiError::Unavailable("the server is shutting down, retry later".into())
+            }
+            InboxError::Store(_) => {
+                ApiError::Unavailable("storage is unavailable, retry later".into())
+            }
+        }
+    })?;
+    state
+        .metrics
+        .ack_latency
+        .get_or_create(&vec![("source", source.clone())])
+        .observe(started.elapsed().as_secs_f64());
+    match outcome {
+        Stored::New(_) => {
+            state.metrics.delivery(&source, "accepted");
+            tracing::info!(delivery_id = %id, source = %source, "delivery stored");
+            Ok(Json(json!({"ok": true})))
+        }
+        Stored::Duplicate(existing) => {
+            state.metrics.delivery(&source, "duplicate");
+            tracing::info!(delivery_id = %existing, source = %source, "duplicate delivery");
+            Ok(Json(json!({"ok": true, "duplicate": true})))
+        }
+    }
+}
+
+/// Parses a body as a JSON object (after verification): 400 `invalid_json` otherwise.
+pub fn parse_json_object(body: &[u8]) -> ApiResult<Value> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidJson(format!("body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::InvalidJson("body must be a JSON object".into()));
+    }
+    Ok(v)
+}
+
+/// Spends about as long as a real verification when the key/integration is unknown, so
+/// response timing does not reveal which ids exist.
+pub fn equalise_timing(body: &[u8]) {
+    let _ = crate::protocol::hmac_sha256(b"signalbox-dummy-key-for-timing-equalisation", &[body]);
+}
+
+/// Shared state handle type used by receivers.
+pub type State = axum::extract::State<AppState>;
+
+/// An `Arc`'d cached integration.
+pub type IntegrationRef = Arc<crate::credentials::CachedIntegration>;

@@ -1,0 +1,300 @@
+//! Pylon (usepylon.com): `POST /api/webhooks/pylon?integration_id=int_…` (or
+//! `/api/webhooks/pylon/{integration_id}`), sent by a trigger's "Send webhook" action whose JSON
+//! body the customer writes. Verified with `X-Pylon-Signature` (hex HMAC of the body) or the
+//! timestamped `Pylon-Webhook-Signature` scheme, per integration config; an optional shared
+//! header adds defence in depth. Identical replays are duplicates (the dedupe key hashes the body).
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{
+    IntegrationRef, ProcessError, header, kept_headers, parse_json_object, read_body, reject,
+    store_and_ack,
+};
+use crate::app::AppState;
+use crate::clock::{now_micros, now_secs};
+use crate::credentials::valid_keys;
+use crate::error::{ApiError, ApiResult};
+use crate::ids::{new_id, prefix};
+use crate::protocol::pylon::{self as proto, PylonSettings, Scheme, SignatureHeaders};
+use crate::protocol::{Effect, SignatureError, ct_eq};
+use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery};
+
+/// Source name stored with deliveries and signals.
+pub const SOURCE: &str = "pylon";
+
+/// Query of the endpoint.
+#[derive(Debug, Deserialize)]
+pub struct PylonQuery {
+    integration_id: Option<String>,
+}
+
+const KEPT: &[&str] = &[
+    "pylon-webhook-timestamp",
+    "pylon-webhook-version",
+    "user-agent",
+    "content-type",
+];
+
+/// `POST /api/webhooks/pylon?integration_id=…`
+pub async fn receive(
+    State(state): State<AppState>,
+    Query(q): Query<PylonQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    handle(state, q.integration_id, headers, body).await
+}
+
+/// `POST /api/webhooks/pylon/{integration_id}`
+pub async fn receive_path(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    handle(state, Some(id), headers, body).await
+}
+
+async fn handle(
+    state: AppState,
+    id: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let started = Instant::now();
+    let body = read_body(&state, &headers, body, SOURCE).await?;
+    let id = id.filter(|s| !s.is_empty()).ok_or_else(|| {
+        reject(
+            &state,
+            SOURCE,
+            ApiError::MissingParam(
+                "missing_integration_id",
+                "the integration_id parameter is required".into(),
+            ),
+        )
+    })?;
+    let integ = if crate::ids::looks_like(&id, prefix::INTEGRATION) {
+        state.creds.integration(&id).await?
+    } else {
+        None
+    };
+    let Some(integ) = integ.filter(|i| i.row.platform == SOURCE && i.row.is_active) else {
+        super::equalise_timing(&body);
+        return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
+    };
+    verify(&state, &integ, &headers, &body).map_err(|e| reject(&state, SOURCE, e.into()))?;
+    parse_json_object(&body).map_err(|e| reject(&state, SOURCE, e))?;
+    state
+        .creds
+        .mark_used(LastUsedTable::Integrations, &integ.row.id);
+    let d = NewDelivery {
+        id: new_id(prefix::DELIVERY),
+        workspace_id: Some(integ.row.workspace_id.clone()),
+        integration_id: Some(integ.row.id.clone()),
+        webhook_key_id: None,
+        source: SOURCE.into(),
+        dedupe_scope: integ.row.id.clone(),
+        dedupe_key: proto::dedupe_key(&body),
+        body,
+        headers: kept_headers(&headers, KEPT),
+        status: DeliveryStatus::Pending,
+        filter_reason: None,
+        received_at: now_micros(),
+    };
+    store_and_ack(&state, d, started).await
+}
+
+/// The configured signature scheme (`config.signature_scheme`, default `auto`).
+pub fn scheme(integ: &IntegrationRef) -> Scheme {
+    integ
+        .config
+        .get("signature_scheme")
+        .and_then(Value::as_str)
+        .and_then(Scheme::parse)
+        .unwrap_or_default()
+}
+
+fn verify(
+    state: &AppState,
+    integ: &IntegrationRef,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), SignatureError> {
+    let h = SignatureHeaders {
+        x_pylon_signature: header(headers, "x-pylon-signature"),
+        webhook_signature: header(headers, "pylon-webhook-signature"),
+        webhook_timestamp: header(headers, "pylon-webhook-timestamp"),
+    };
+    let keys = valid_keys(&integ.secrets, now_micros());
+    proto::verify(
+        scheme(integ),
+        &keys,
+        &h,
+        body,
+        now_secs(),
+        state.cfg.signature_tolerance_secs,
+    )?;
+    // Optional shared header (e.g. a secret `Authorization` header set in Pylon).
+    if let Some(name) = integ.config.get("required_header").and_then(Value::as_str) {
+        let expected = integ
+            .required_header
+            .as_ref()
+            .ok_or(SignatureError::Invalid)?;
+        let given = header(headers, name).ok_or(SignatureError::Missing)?;
+        if !ct_eq(
+            &crate::protocol::hmac_sha256(b"cmp", &[given.as_bytes()]),
+            &crate::protocol::hmac_sha256(b"cmp", &[expected.expose_secret().as_bytes()]),
+        ) {
+            return Err(SignatureError::Invalid);
+        }
+    }
+    Ok(())
+}
+
+/// The integration's settings for normalisation.
+pub fn settings(integ: &IntegrationRef) -> PylonSettings {
+    PylonSettings {
+        events: integ
+            .config
+            .get("pylon_events")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// Worker step: parse flexibly, enrich thin payloads from the Pylon API, normalise.
+pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, ProcessError> {
+    let Ok(raw) = serde_json::from_slice::<Value>(&d.body) else {
+        return Ok(Effect::reject("stored body is not JSON"));
+    };
+    let mut parsed = match proto::parse(&raw) {
+        Ok(p) => p,
+        Err(reason) => return Ok(Effect::reject(reason)),
+    };
+    let Some(int_id) = &d.integration_id else {
+        return Ok(Effect::filter("no integration"));
+    };
+    let integ = state
+        .creds
+        .integration(int_id)
+        .await
+        .map_err(|e| ProcessError::retry(format!("loading integration: {e}")))?;
+    let Some(integ) = integ else {
+        return Ok(Effect::filter("integration no longer exists"));
+    };
+    if !integ.row.is_active {
+        return Ok(Effect::filter("integration is inactive"));
+    }
+    let settings = settings(&integ);
+    // Filter before spending an API call.
+    if let Effect::Filter { reason } = proto::normalize(&parsed, &raw, &settings) {
+        return Ok(Effect::Filter { reason });
+    }
+    if parsed.is_thin()
+        && let Some(token) = &integ.access_token
+    {
+        let api = fetch_issue(state, token.expose_secret(), &parsed.issue.id).await?;
+        if let Some(api) = api {
+            parsed.enrich_from_api(&api);
+        }
+    }
+    Ok(proto::normalize(&parsed, &raw, &settings))
+}
+
+/// `GET {pylon_api_base}/issues/{id}`. `Ok(None)` when the issue is not found (the signal is
+/// created from the payload alone); transient failures are retried.
+async fn fetch_issue(
+    state: &AppState,
+    token: &str,
+    id: &str,
+) -> Result<Option<Value>, ProcessError> {
+    let url = format!("{}/issues/{}", state.cfg.pylon_api_base, urlencode(id));
+    let resp = state
+        .http
+        .get(&url)
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    let count = |outcome: &str| {
+        state
+            .metrics
+            .api_calls
+            .get_or_create(&vec![
+                ("service", "pylon".to_string()),
+                ("method", "issues.get".to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            count("error");
+            return Err(ProcessError::retry(format!(
+                "Pylon API unreachable: {}",
+                e.without_url()
+            )));
+        }
+    };
+    let status = resp.status();
+    if status.as_u16() == 429 {
+        count("rate_limited");
+        let after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(30);
+        return Err(ProcessError {
+            reason: format!("Pylon API rate limited (429), retry after {after}s"),
+            retry_after: Some(Duration::from_secs(after.min(3600))),
+        });
+    }
+    if status.as_u16() == 404 {
+        count("not_found");
+        return Ok(None);
+    }
+    if !status.is_success() {
+        count("error");
+        if status.is_client_error() {
+            // A bad token or a bad id will not fix itself: create the signal without enrichment.
+            tracing::warn!(
+                status = status.as_u16(),
+                "Pylon API refused the issue lookup; continuing without enrichment"
+            );
+            return Ok(None);
+        }
+        return Err(ProcessError::retry(format!("Pylon API answered {status}")));
+    }
+    count("ok");
+    resp.json::<Value>()
+        .await
+        .map(Some)
+        .map_err(|e| ProcessError::retry(format!("Pylon API response: {}", e.without_url())))
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

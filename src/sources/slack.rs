@@ -1,0 +1,258 @@
+//! Slack Events API: `POST /api/webhooks/slack/events[?integration_id=int_…]`.
+//!
+//! Three ways to be configured: (a) per-customer app, the URL names the integration and its
+//! signing secret verifies; (b) one distributed app, the app-level secret verifies and the
+//! envelope's team routes; (c) no parameter and no app-level secret, the team looks up the
+//! integration whose secret verifies. Every request is verified before anything else, including
+//! `url_verification`. A validly signed event we cannot route is acknowledged (200) and recorded
+//! as `filtered`: Slack disables the whole app when too many deliveries fail.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{IntegrationRef, header, kept_headers, read_body, reject, store_and_ack};
+use crate::app::AppState;
+use crate::clock::{now_micros, now_secs};
+use crate::credentials::valid_keys;
+use crate::error::{ApiError, ApiResult};
+use crate::ids::{new_id, prefix};
+use crate::protocol::slack::{self as proto, Envelope, NoNames, SlackSettings};
+use crate::protocol::{Effect, SignatureError};
+use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery};
+
+/// Source name stored with deliveries and signals.
+pub const SOURCE: &str = "slack";
+
+/// Query of the endpoint.
+#[derive(Debug, Deserialize)]
+pub struct SlackQuery {
+    integration_id: Option<String>,
+}
+
+const KEPT: &[&str] = &[
+    "x-slack-request-timestamp",
+    "x-slack-retry-num",
+    "x-slack-retry-reason",
+    "user-agent",
+    "content-type",
+];
+
+fn parse(state: &AppState, body: &[u8]) -> ApiResult<Envelope> {
+    proto::parse_envelope(body).map_err(|m| reject(state, SOURCE, ApiError::InvalidJson(m)))
+}
+
+/// `POST /api/webhooks/slack/events`
+pub async fn receive(
+    State(state): State<AppState>,
+    Query(q): Query<SlackQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let started = Instant::now();
+    let body = read_body(&state, &headers, body, SOURCE).await?;
+    let ts = header(&headers, "x-slack-request-timestamp");
+    let sig = header(&headers, "x-slack-signature");
+    let now = now_secs();
+    let tol = state.cfg.signature_tolerance_secs;
+    let verify_with = |integ: &IntegrationRef| {
+        proto::verify(
+            &valid_keys(&integ.secrets, now_micros()),
+            ts,
+            sig,
+            &body,
+            now,
+            tol,
+        )
+    };
+
+    let (env, integration): (Envelope, Option<IntegrationRef>) =
+        if let Some(id) = q.integration_id.filter(|s| !s.is_empty()) {
+            // (a) per-customer app
+            let integ = if crate::ids::looks_like(&id, prefix::INTEGRATION) {
+                state.creds.integration(&id).await?
+            } else {
+                None
+            };
+            let Some(integ) = integ.filter(|i| i.row.platform == SOURCE) else {
+                super::equalise_timing(&body);
+                return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
+            };
+            verify_with(&integ).map_err(|e| reject(&state, SOURCE, e.into()))?;
+            (parse(&state, &body)?, Some(integ))
+        } else if let Some(app_secret) = &state.cfg.slack_signing_secret {
+            // (b) one distributed app
+            let secret = app_secret.expose_secret().as_bytes();
+            proto::verify(&[secret], ts, sig, &body, now, tol)
+                .map_err(|e| reject(&state, SOURCE, e.into()))?;
+            let env = parse(&state, &body)?;
+            let integ = route(&state, &env).await?;
+            (env, integ)
+        } else {
+            // (c) look the team up and verify with its secret
+            let env = parse(&state, &body)?;
+            if env.kind == "url_verification" {
+                // No team in the challenge: it must verify with one of our Slack secrets.
+                verify_any(&state, ts, sig, &body).await?;
+                (env, None)
+            } else {
+                let Some(integ) = route(&state, &env).await? else {
+                    super::equalise_timing(&body);
+                    return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
+                };
+                verify_with(&integ).map_err(|e| reject(&state, SOURCE, e.into()))?;
+                (env, Some(integ))
+            }
+        };
+
+    if env.kind == "url_verification" {
+        let challenge = env.challenge.clone().unwrap_or_default();
+        return Ok(Json(json!({ "challenge": challenge })));
+    }
+    if let Some(reason) = header(&headers, "x-slack-retry-reason") {
+        state
+            .metrics
+            .slack_retries
+            .get_or_create(&vec![("reason", reason.chars().take(32).collect())])
+            .inc();
+    }
+    if env.kind == "app_rate_limited" {
+        state.metrics.slack_rate_limited.inc();
+        tracing::warn!(team_id = ?env.team_id, "Slack reports app_rate_limited");
+    }
+    let (status, filter_reason) = match &integration {
+        None => (
+            DeliveryStatus::Filtered,
+            Some(format!(
+                "no Slack integration for team {}",
+                env.routing_ids()
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or("(none)")
+            )),
+        ),
+        Some(i) if !i.row.is_active => (
+            DeliveryStatus::Filtered,
+            Some("integration is inactive".to_string()),
+        ),
+        Some(_) => (DeliveryStatus::Pending, None),
+    };
+    if let Some(i) = &integration {
+        state
+            .creds
+            .mark_used(LastUsedTable::Integrations, &i.row.id);
+    }
+    let app = env.api_app_id.clone().unwrap_or_else(|| "app".into());
+    let d = NewDelivery {
+        id: new_id(prefix::DELIVERY),
+        workspace_id: integration.as_ref().map(|i| i.row.workspace_id.clone()),
+        integration_id: integration.as_ref().map(|i| i.row.id.clone()),
+        webhook_key_id: None,
+        source: SOURCE.into(),
+        dedupe_scope: format!("slack:{app}"),
+        dedupe_key: env.dedupe_key(&body),
+        body,
+        headers: kept_headers(&headers, KEPT),
+        status,
+        filter_reason,
+        received_at: now_micros(),
+    };
+    store_and_ack(&state, d, started).await
+}
+
+/// Finds the integration for an envelope by its routing ids (team, authorization, context,
+/// enterprise).
+async fn route(state: &AppState, env: &Envelope) -> ApiResult<Option<IntegrationRef>> {
+    for team in env.routing_ids() {
+        if let Some(i) = state.creds.slack_by_team(&team).await? {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
+/// Verifies against any active Slack integration's secret (team-lookup mode, `url_verification`).
+async fn verify_any(
+    state: &AppState,
+    ts: Option<&str>,
+    sig: Option<&str>,
+    body: &[u8],
+) -> ApiResult<()> {
+    let rows = state.store.list_integrations(None).await?;
+    let mut last = SignatureError::Missing;
+    for row in rows
+        .into_iter()
+        .filter(|r| r.platform == SOURCE && r.is_active)
+    {
+        let Some(integ) = state.creds.integration(&row.id).await? else {
+            continue;
+        };
+        match proto::verify(
+            &valid_keys(&integ.secrets, now_micros()),
+            ts,
+            sig,
+            body,
+            now_secs(),
+            state.cfg.signature_tolerance_secs,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    if last == SignatureError::Missing && sig.is_some() && ts.is_some() {
+        last = SignatureError::Invalid;
+    }
+    Err(reject(state, SOURCE, last.into()))
+}
+
+/// The integration's settings for normalisation.
+pub fn settings(integ: &IntegrationRef) -> SlackSettings {
+    let list = |k: &str| -> Vec<String> {
+        integ
+            .config
+            .get(k)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    SlackSettings {
+        bot_user_id: integ.row.slack_bot_user_id.clone(),
+        channels: list("slack_channels"),
+        channel_types: list("channel_types"),
+    }
+}
+
+/// Worker step.
+pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
+    let env = match proto::parse_envelope(&d.body) {
+        Ok(e) => e,
+        Err(e) => return Ok(Effect::reject(format!("stored body: {e}"))),
+    };
+    let Some(int_id) = &d.integration_id else {
+        return Ok(Effect::filter("no integration"));
+    };
+    let integ = state
+        .creds
+        .integration(int_id)
+        .await
+        .map_err(|e| super::ProcessError::retry(format!("loading integration: {e}")))?;
+    let Some(integ) = integ else {
+        return Ok(Effect::filter("integration no longer exists"));
+    };
+    let effect = proto::normalize(&env, &settings(&integ), &NoNames);
+    if !integ.row.is_active && !matches!(effect, Effect::DeactivateIntegration { .. }) {
+        return Ok(Effect::filter("integration is inactive"));
+    }
+    Ok(effect)
+}

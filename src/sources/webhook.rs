@@ -1,0 +1,222 @@
+//! The generic signed endpoint: `POST /api/webhooks/signals?key_id=whk_…`, Standard Webhooks
+//! signatures, one signal per message (`source_ref`, or the `webhook-id` when absent).
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::{kept_headers, parse_json_object, read_body, reject, store_and_ack};
+use crate::app::AppState;
+use crate::clock::{now_micros, now_secs};
+use crate::credentials::valid_keys;
+use crate::error::{ApiError, ApiResult};
+use crate::ids::{new_id, prefix};
+use crate::protocol::standard_webhooks::{self, Headers};
+use crate::protocol::{Effect, Merge, NewSignal};
+use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery};
+
+/// Source name stored with deliveries and signals.
+pub const SOURCE: &str = "webhook";
+
+/// Query of the endpoint.
+#[derive(Debug, Deserialize)]
+pub struct KeyQuery {
+    key_id: Option<String>,
+}
+
+/// The payload a sender posts.
+#[derive(Debug, Deserialize)]
+struct Payload {
+    verbatim: Option<Value>,
+    source_ref: Option<Value>,
+    source_name: Option<Value>,
+    source_url: Option<Value>,
+    customer_email: Option<Value>,
+    metadata: Option<Value>,
+}
+
+/// Validates a payload; returns the fields a signal needs.
+fn validate(v: &Value) -> Result<Payload, String> {
+    let p: Payload = serde_json::from_value(v.clone()).map_err(|e| format!("payload: {e}"))?;
+    match &p.verbatim {
+        Some(Value::String(s)) if !s.trim().is_empty() => {}
+        Some(Value::String(_)) => return Err("verbatim must not be empty".into()),
+        Some(_) => return Err("verbatim must be a string".into()),
+        None => return Err("verbatim is required".into()),
+    }
+    for (name, field) in [
+        ("source_ref", &p.source_ref),
+        ("source_name", &p.source_name),
+        ("source_url", &p.source_url),
+        ("customer_email", &p.customer_email),
+    ] {
+        if !matches!(field, None | Some(Value::Null) | Some(Value::String(_))) {
+            return Err(format!("{name} must be a string"));
+        }
+    }
+    if let Some(Value::String(r)) = &p.source_ref
+        && (r.is_empty() || r.len() > 512)
+    {
+        return Err("source_ref must be 1 to 512 characters".into());
+    }
+    if !matches!(
+        p.metadata,
+        None | Some(Value::Null) | Some(Value::Object(_))
+    ) {
+        return Err("metadata must be an object".into());
+    }
+    Ok(p)
+}
+
+/// `POST /api/webhooks/signals?key_id=…`
+pub async fn receive(
+    State(state): State<AppState>,
+    Query(q): Query<KeyQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let started = Instant::now();
+    let body = read_body(&state, &headers, body, SOURCE).await?;
+    let key_id = q.key_id.filter(|k| !k.is_empty()).ok_or_else(|| {
+        reject(
+            &state,
+            SOURCE,
+            ApiError::MissingParam(
+                "missing_integration_id",
+                "the key_id query parameter is required".into(),
+            ),
+        )
+    })?;
+    let key = if crate::ids::looks_like(&key_id, prefix::WEBHOOK_KEY) {
+        state.creds.webhook_key(&key_id).await?
+    } else {
+        None
+    };
+    let Some(key) = key else {
+        super::equalise_timing(&body);
+        return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
+    };
+    let h = Headers {
+        id: super::header(&headers, "webhook-id"),
+        timestamp: super::header(&headers, "webhook-timestamp"),
+        signature: super::header(&headers, "webhook-signature"),
+    };
+    let keys = valid_keys(&key.secrets, now_micros());
+    standard_webhooks::verify(
+        &keys,
+        &h,
+        &body,
+        now_secs(),
+        state.cfg.signature_tolerance_secs,
+    )
+    .map_err(|e| reject(&state, SOURCE, e.into()))?;
+    let msg_id = h.id.unwrap_or_default().trim().to_string();
+    let value = parse_json_object(&body).map_err(|e| reject(&state, SOURCE, e))?;
+    validate(&value).map_err(|m| reject(&state, SOURCE, ApiError::InvalidPayload(m)))?;
+    if msg_id.len() > 512 {
+        return Err(reject(
+            &state,
+            SOURCE,
+            ApiError::InvalidPayload("webhook-id is longer than 512 characters".into()),
+        ));
+    }
+    state.creds.mark_used(LastUsedTable::WebhookKeys, &key.id);
+    let d = NewDelivery {
+        id: new_id(prefix::DELIVERY),
+        workspace_id: Some(key.workspace_id.clone()),
+        integration_id: None,
+        webhook_key_id: Some(key.id.clone()),
+        source: SOURCE.into(),
+        dedupe_scope: key.id.clone(),
+        dedupe_key: msg_id,
+        body,
+        headers: kept_headers(
+            &headers,
+            &[
+                "webhook-id",
+                "webhook-timestamp",
+                "user-agent",
+                "content-type",
+            ],
+        ),
+        status: DeliveryStatus::Pending,
+        filter_reason: None,
+        received_at: now_micros(),
+    };
+    store_and_ack(&state, d, started).await
+}
+
+/// Worker step: the stored payload becomes one signal (re-sends keep the first).
+pub fn process(d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
+    let Ok(value) = serde_json::from_slice::<Value>(&d.body) else {
+        return Ok(Effect::reject("stored body is not JSON"));
+    };
+    let p = match validate(&value) {
+        Ok(p) => p,
+        Err(e) => return Ok(Effect::reject(e)),
+    };
+    let s = |v: &Option<Value>| v.as_ref().and_then(Value::as_str).map(str::to_string);
+    let source_ref = s(&p.source_ref).unwrap_or_else(|| d.dedupe_key.clone());
+    let mut meta = Map::new();
+    meta.insert("webhook_id".into(), json!(d.dedupe_key));
+    meta.insert("webhook_key_id".into(), json!(d.webhook_key_id));
+    for (k, v) in [
+        ("source_name", s(&p.source_name)),
+        ("source_url", s(&p.source_url)),
+        ("customer_email", s(&p.customer_email)),
+    ] {
+        if let Some(v) = v {
+            meta.insert(k.into(), Value::String(v));
+        }
+    }
+    if let Some(m @ Value::Object(_)) = p.metadata {
+        meta.insert("metadata".into(), m);
+    }
+    Ok(Effect::Upsert {
+        signal: NewSignal {
+            source_ref,
+            verbatim: s(&p.verbatim).unwrap_or_default(),
+            metadata: Value::Object(meta),
+        },
+        merge: Merge::Keep,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(validate(&json!({"verbatim": "hi"})).is_ok());
+        assert_eq!(
+            validate(&json!({})).err().as_deref(),
+            Some("verbatim is required")
+        );
+        assert_eq!(
+            validate(&json!({"verbatim": 3})).err().as_deref(),
+            Some("verbatim must be a string")
+        );
+        assert_eq!(
+            validate(&json!({"verbatim": " "})).err().as_deref(),
+            Some("verbatim must not be empty")
+        );
+        assert_eq!(
+            validate(&json!({"verbatim": "x", "metadata": [1]}))
+                .err()
+                .as_deref(),
+            Some("metadata must be an object")
+        );
+        assert_eq!(
+            validate(&json!({"verbatim": "x", "customer_email": 1}))
+                .err()
+                .as_deref(),
+            Some("customer_email must be a string")
+        );
+    }
+}

@@ -1,0 +1,932 @@
+//! Storage: one module, two first-class backends (SQLite and PostgreSQL).
+//!
+//! Both backends share one schema shape and, almost everywhere, one SQL text: timestamps are
+//! Unix-microsecond `BIGINT`s, JSON is `TEXT`, placeholders are `$N` (SQLite accepts them too).
+//! Each method is written once and compiled for both pools by the [`on_pool!`] macro; the few
+//! statements that differ (row locks, `SKIP LOCKED`, `BEGIN IMMEDIATE`) pick their text by backend.
+//! Migrations live in `migrations/sqlite` and `migrations/postgres`.
+//!
+//! Invariants enforced here rather than by callers:
+//! - a delivery is unique per `(dedupe_scope, dedupe_key)` (unique constraint, not check-then-insert);
+//! - a signal is unique per `(workspace_id, source, source_ref)`;
+//! - a delivery's outcome, its signal change and its activity entry commit together, and only if
+//!   the worker still holds the delivery's lease (fencing).
+
+mod models;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+pub use models::*;
+
+use crate::clock::{now_micros, rfc3339};
+use crate::config::Config;
+use crate::ids::{new_id, prefix};
+use crate::protocol::effect::{Effect, Merged, mark_deleted, merge_into};
+
+/// Errors from storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the operation.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A unique constraint was hit.
+    #[error("already exists")]
+    Conflict,
+}
+
+impl StoreError {
+    fn from_sqlx(e: sqlx::Error) -> Self {
+        if let sqlx::Error::Database(db) = &e
+            && db.is_unique_violation()
+        {
+            return StoreError::Conflict;
+        }
+        StoreError::Db(e)
+    }
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The database pool, one variant per backend.
+#[derive(Clone, Debug)]
+pub enum Pool {
+    /// Embedded SQLite.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$p` bound to the concrete pool of either backend. The body is compiled
+/// once per backend, so it can use every driver feature with concrete types.
+macro_rules! on_pool {
+    ($store:expr, $p:ident => $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+/// Begins a write transaction: `BEGIN IMMEDIATE` on SQLite (so read-then-write transactions
+/// never fail to upgrade their lock), a plain `BEGIN` on PostgreSQL.
+macro_rules! begin_write {
+    (sqlite $p:ident) => {
+        $p.begin_with("BEGIN IMMEDIATE").await
+    };
+}
+
+/// The storage handle. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: Pool,
+}
+
+/// Outcome of storing one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A new row was written.
+    New(String),
+    /// A delivery with the same dedupe key was already stored (its id).
+    Duplicate(String),
+}
+
+/// What applying a worker outcome did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The outcome was committed; the delivery has this status.
+    Done {
+        /// Final delivery status.
+        status: DeliveryStatus,
+        /// The signal created or touched, if any.
+        signal_id: Option<String>,
+        /// The activity action logged, if any.
+        action: Option<&'static str>,
+    },
+    /// The lease was lost (another worker took the delivery); nothing was written.
+    LeaseLost,
+}
+
+const DELIVERY_COLS: &str = "id, workspace_id, integration_id, webhook_key_id, source, dedupe_key, \
+     status, attempts, last_error, filter_reason, signal_id, received_at, processed_at";
+
+impl Store {
+    /// Connects to the configured database (creating a SQLite file if missing) and applies
+    /// migrations.
+    pub async fn connect(cfg: &Config) -> Result<Store> {
+        let store = Self::connect_without_migrating(cfg).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without applying migrations.
+    pub async fn connect_without_migrating(cfg: &Config) -> Result<Store> {
+        let url = cfg.database_url.expose_secret();
+        let pool = if cfg.is_sqlite() {
+            let sync = match cfg.sqlite_synchronous.as_str() {
+                "normal" => SqliteSynchronous::Normal,
+                "extra" => SqliteSynchronous::Extra,
+                _ => SqliteSynchronous::Full,
+            };
+            let opts = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(sync)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(cfg.db_max_connections.min(8))
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(opts)
+                    .await?,
+            )
+        } else {
+            let opts = PgConnectOptions::from_str(url)?;
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(cfg.db_max_connections)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(opts)
+                    .await?,
+            )
+        };
+        Ok(Store { pool })
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<()> {
+        match &self.pool {
+            Pool::Sqlite(p) => sqlx::migrate!("migrations/sqlite").run(p).await?,
+            Pool::Postgres(p) => sqlx::migrate!("migrations/postgres").run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        on_pool!(self, p => p.close().await)
+    }
+
+    /// True when the database accepts a write right now (used by `/readyz`).
+    pub async fn accepts_writes(&self) -> bool {
+        let res: Result<()> = on_pool!(self, p => async {
+            let mut tx = p.begin().await?;
+            sqlx::query(
+                "INSERT INTO readiness_probe (id, at) VALUES (1, $1) \
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            )
+            .bind(now_micros())
+            .execute(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            Ok(())
+        }.await);
+        res.is_ok()
+    }
+
+    // ---------------------------------------------------------------- workspaces
+
+    /// Creates a workspace.
+    pub async fn create_workspace(&self, name: &str) -> Result<Workspace> {
+        let now = now_micros();
+        let ws = Workspace {
+            id: new_id(prefix::WORKSPACE),
+            name: name.to_string(),
+            created_at: now,
+            updated_at: now,
+        };
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO workspaces (id, name, created_at, updated_at) VALUES ($1, $2, $3, $4)")
+            .bind(&ws.id).bind(&ws.name).bind(now).bind(now)
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(ws)
+    }
+
+    /// Lists workspaces (all, or only `only` when given).
+    pub async fn list_workspaces(&self, only: Option<&str>) -> Result<Vec<Workspace>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Workspace>(
+            "SELECT id, name, created_at, updated_at FROM workspaces \
+             WHERE ($1 IS NULL OR id = $1) ORDER BY id")
+            .bind(only).fetch_all(p).await)?)
+    }
+
+    /// One workspace.
+    pub async fn get_workspace(&self, id: &str) -> Result<Option<Workspace>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Workspace>(
+            "SELECT id, name, created_at, updated_at FROM workspaces WHERE id = $1")
+            .bind(id).fetch_optional(p).await)?)
+    }
+
+    // ---------------------------------------------------------------- webhook keys
+
+    /// Stores a new webhook key (the caller encrypts the secret, bound to `key.id`).
+    pub async fn insert_webhook_key(&self, key: &WebhookKey) -> Result<()> {
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO webhook_keys (id, workspace_id, name, secret_enc, previous_secret_enc, \
+             previous_expires_at, is_active, last_used_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+            .bind(&key.id).bind(&key.workspace_id).bind(&key.name).bind(&key.secret_enc)
+            .bind(&key.previous_secret_enc).bind(key.previous_expires_at).bind(key.is_active)
+            .bind(key.last_used_at).bind(key.created_at).bind(key.updated_at)
+            .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(StoreError::from_sqlx)?;
+        Ok(())
+    }
+
+    /// One webhook key.
+    pub async fn get_webhook_key(&self, id: &str) -> Result<Option<WebhookKey>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, WebhookKey>(
+            "SELECT * FROM webhook_keys WHERE id = $1").bind(id).fetch_optional(p).await)?)
+    }
+
+    /// A workspace's webhook keys, newest first.
+    pub async fn list_webhook_keys(&self, workspace_id: &str) -> Result<Vec<WebhookKey>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, WebhookKey>(
+            "SELECT * FROM webhook_keys WHERE workspace_id = $1 ORDER BY id DESC")
+            .bind(workspace_id).fetch_all(p).await)?)
+    }
+
+    /// Replaces a key's secrets (rotation), keeping the previous one until `previous_expires_at`.
+    pub async fn update_webhook_key_secrets(
+        &self,
+        id: &str,
+        secret_enc: &str,
+        previous_secret_enc: Option<&str>,
+        previous_expires_at: Option<i64>,
+    ) -> Result<bool> {
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE webhook_keys SET secret_enc = $2, previous_secret_enc = $3, \
+             previous_expires_at = $4, updated_at = $5 WHERE id = $1")
+            .bind(id).bind(secret_enc).bind(previous_secret_enc).bind(previous_expires_at)
+            .bind(now_micros()).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    /// Deactivates a webhook key. Returns false when it does not exist.
+    pub async fn deactivate_webhook_key(&self, id: &str) -> Result<bool> {
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE webhook_keys SET is_active = $2, updated_at = $3 WHERE id = $1")
+            .bind(id).bind(false).bind(now_micros()).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    /// Records `last_used_at` for many keys or integrations at once (batched, not per request).
+    pub async fn touch_last_used(&self, table: LastUsedTable, ids: &[(String, i64)]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let sql = match table {
+            LastUsedTable::WebhookKeys => {
+                "UPDATE webhook_keys SET last_used_at = $2 WHERE id = $1 \
+                 AND (last_used_at IS NULL OR last_used_at < $2)"
+            }
+            LastUsedTable::Integrations => {
+                "UPDATE integrations SET last_used_at = $2 WHERE id = $1 \
+                 AND (last_used_at IS NULL OR last_used_at < $2)"
+            }
+        };
+        on_pool!(self, p => async {
+            let mut tx = p.begin().await?;
+            for (id, at) in ids {
+                sqlx::query(sql).bind(id).bind(at).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }.await)?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- integrations
+
+    /// Stores a new integration (secrets already encrypted, bound to `row.id`).
+    pub async fn insert_integration(&self, row: &Integration) -> Result<()> {
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO integrations (id, workspace_id, platform, name, webhook_secret_enc, \
+             previous_webhook_secret_enc, previous_secret_expires_at, access_token_enc, \
+             refresh_token_enc, token_expires_at, required_header_value_enc, slack_team_id, \
+             slack_team_name, slack_bot_user_id, slack_enterprise_id, slack_app_id, slack_scopes, \
+             pylon_account_id, is_active, needs_reauth, config, last_used_at, created_at, \
+             updated_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+             $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)")
+            .bind(&row.id).bind(&row.workspace_id).bind(&row.platform).bind(&row.name)
+            .bind(&row.webhook_secret_enc).bind(&row.previous_webhook_secret_enc)
+            .bind(row.previous_secret_expires_at).bind(&row.access_token_enc)
+            .bind(&row.refresh_token_enc).bind(row.token_expires_at)
+            .bind(&row.required_header_value_enc).bind(&row.slack_team_id)
+            .bind(&row.slack_team_name).bind(&row.slack_bot_user_id).bind(&row.slack_enterprise_id)
+            .bind(&row.slack_app_id).bind(&row.slack_scopes).bind(&row.pylon_account_id)
+            .bind(row.is_active).bind(row.needs_reauth).bind(&row.config).bind(row.last_used_at)
+            .bind(row.created_at).bind(row.updated_at).bind(&row.created_by)
+            .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(StoreError::from_sqlx)?;
+        Ok(())
+    }
+
+    /// Writes every mutable column of an integration back.
+    pub async fn update_integration(&self, row: &Integration) -> Result<bool> {
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE integrations SET name = $2, webhook_secret_enc = $3, \
+             previous_webhook_secret_enc = $4, previous_secret_expires_at = $5, \
+             access_token_enc = $6, refresh_token_enc = $7, token_expires_at = $8, \
+             required_header_value_enc = $9, slack_team_id = $10, slack_team_name = $11, \
+             slack_bot_user_id = $12, slack_enterprise_id = $13, slack_app_id = $14, \
+             slack_scopes = $15, pylon_account_id = $16, is_active = $17, needs_reauth = $18, \
+             config = $19, updated_at = $20 WHERE id = $1")
+            .bind(&row.id).bind(&row.name).bind(&row.webhook_secret_enc)
+            .bind(&row.previous_webhook_secret_enc).bind(row.previous_secret_expires_at)
+            .bind(&row.access_token_enc).bind(&row.refresh_token_enc).bind(row.token_expires_at)
+            .bind(&row.required_header_value_enc).bind(&row.slack_team_id)
+            .bind(&row.slack_team_name).bind(&row.slack_bot_user_id).bind(&row.slack_enterprise_id)
+            .bind(&row.slack_app_id).bind(&row.slack_scopes).bind(&row.pylon_account_id)
+            .bind(row.is_active).bind(row.needs_reauth).bind(&row.config).bind(now_micros())
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    /// One integration.
+    pub async fn get_integration(&self, id: &str) -> Result<Option<Integration>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Integration>(
+            "SELECT * FROM integrations WHERE id = $1").bind(id).fetch_optional(p).await)?)
+    }
+
+    /// Integrations of a workspace (or all), newest first.
+    pub async fn list_integrations(&self, workspace_id: Option<&str>) -> Result<Vec<Integration>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Integration>(
+            "SELECT * FROM integrations WHERE ($1 IS NULL OR workspace_id = $1) ORDER BY id DESC")
+            .bind(workspace_id).fetch_all(p).await)?)
+    }
+
+    /// Slack integrations for a team id (active first, newest first).
+    pub async fn find_slack_integrations(&self, team_id: &str) -> Result<Vec<Integration>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Integration>(
+            "SELECT * FROM integrations WHERE platform = 'slack' AND \
+             (slack_team_id = $1 OR slack_enterprise_id = $1) ORDER BY is_active DESC, id DESC")
+            .bind(team_id).fetch_all(p).await)?)
+    }
+
+    /// Deactivates an integration and wipes its tokens, logging `integration.deactivated`.
+    pub async fn deactivate_integration(
+        &self,
+        id: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<bool> {
+        let now = now_micros();
+        on_pool!(self, p => async {
+            let mut tx = p.begin().await?;
+            let ws: Option<String> = sqlx::query_scalar(
+                "UPDATE integrations SET is_active = $2, access_token_enc = NULL, \
+                 refresh_token_enc = NULL, token_expires_at = NULL, updated_at = $3 \
+                 WHERE id = $1 RETURNING workspace_id")
+                .bind(id).bind(false).bind(now).fetch_optional(&mut *tx).await?;
+            let Some(ws) = ws else { return Ok(false) };
+            insert_activity(&mut *tx, &ws, Some(actor), "integration.deactivated", "integration", id,
+                &serde_json::json!({"reason": reason}), now).await?;
+            tx.commit().await?;
+            Ok(true)
+        }.await)
+    }
+
+    // ---------------------------------------------------------------- api tokens
+
+    /// Stores a workspace-scoped token (hash only).
+    pub async fn insert_api_token(&self, t: &ApiToken) -> Result<()> {
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO api_tokens (id, workspace_id, name, token_hash, created_at, revoked_at, \
+             last_used_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(&t.id).bind(&t.workspace_id).bind(&t.name).bind(&t.token_hash)
+            .bind(t.created_at).bind(t.revoked_at).bind(t.last_used_at)
+            .execute(p).await.map(|r| r.rows_affected()))
+        .map_err(StoreError::from_sqlx)?;
+        Ok(())
+    }
+
+    /// An unrevoked token by its hash.
+    pub async fn find_api_token(&self, token_hash: &str) -> Result<Option<ApiToken>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, ApiToken>(
+            "SELECT * FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL")
+            .bind(token_hash).fetch_optional(p).await)?)
+    }
+
+    /// A workspace's tokens.
+    pub async fn list_api_tokens(&self, workspace_id: &str) -> Result<Vec<ApiToken>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, ApiToken>(
+            "SELECT * FROM api_tokens WHERE workspace_id = $1 ORDER BY id DESC")
+            .bind(workspace_id).fetch_all(p).await)?)
+    }
+
+    /// One token.
+    pub async fn get_api_token(&self, id: &str) -> Result<Option<ApiToken>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, ApiToken>(
+            "SELECT * FROM api_tokens WHERE id = $1").bind(id).fetch_optional(p).await)?)
+    }
+
+    /// Revokes a token.
+    pub async fn revoke_api_token(&self, id: &str) -> Result<bool> {
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+            .bind(id).bind(now_micros()).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    // ---------------------------------------------------------------- encrypted columns
+
+    /// Every encrypted value stored, for key rotation and the start-up key check.
+    pub async fn encrypted_values(&self) -> Result<Vec<EncryptedValue>> {
+        let mut out = Vec::new();
+        for (table, column) in ENCRYPTED_COLUMNS {
+            let sql = encrypted_select_sql(table, column);
+            let rows: Vec<(String, String)> = on_pool!(self, p => sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .fetch_all(p).await)?;
+            out.extend(rows.into_iter().map(|(row_id, value)| EncryptedValue {
+                table,
+                column,
+                row_id,
+                value,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Replaces one encrypted value if it is still `old` (compare-and-swap, safe while the
+    /// server runs). Returns false when the value changed meanwhile.
+    pub async fn swap_encrypted_value(&self, v: &EncryptedValue, new_value: &str) -> Result<bool> {
+        let sql = format!(
+            "UPDATE {} SET {} = $1 WHERE id = $2 AND {} = $3",
+            v.table, v.column, v.column
+        );
+        let r = on_pool!(self, p => sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(new_value).bind(&v.row_id).bind(&v.value).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    // ---------------------------------------------------------------- deliveries (inbox)
+
+    /// Stores a batch of deliveries in one transaction (group commit). Each element's outcome
+    /// says whether it was new or a duplicate of an already stored delivery.
+    pub async fn insert_deliveries(&self, batch: &[NewDelivery]) -> Result<Vec<Stored>> {
+        let is_pg = matches!(self.pool, Pool::Postgres(_));
+        on_pool!(self, p => async {
+            let mut tx = p.begin().await?;
+            let mut out = Vec::with_capacity(batch.len());
+            let mut any_pending = false;
+            for d in batch {
+                let r = sqlx::query(
+                    "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
+                     source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
+                     next_attempt_at, filter_reason, received_at, processed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, $12, $11, $13) \
+                     ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING")
+                    .bind(&d.id).bind(&d.workspace_id).bind(&d.integration_id)
+                    .bind(&d.webhook_key_id).bind(&d.source).bind(&d.dedupe_scope)
+                    .bind(&d.dedupe_key).bind(&d.body).bind(&d.headers).bind(d.status.as_str())
+                    .bind(d.received_at).bind(&d.filter_reason)
+                    .bind((d.status != DeliveryStatus::Pending).then_some(d.received_at))
+                    .execute(&mut *tx).await?;
+                if r.rows_affected() == 1 {
+                    any_pending |= d.status == DeliveryStatus::Pending;
+                    out.push(Stored::New(d.id.clone()));
+                } else {
+                    let existing: String = sqlx::query_scalar(
+                        "SELECT id FROM deliveries WHERE dedupe_scope = $1 AND dedupe_key = $2")
+                        .bind(&d.dedupe_scope).bind(&d.dedupe_key).fetch_one(&mut *tx).await?;
+                    out.push(Stored::Duplicate(existing));
+                }
+            }
+            if is_pg && any_pending {
+                sqlx::query("SELECT pg_notify('signalbox_deliveries', '')").execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(out)
+        }.await)
+    }
+
+    /// Claims up to `limit` due deliveries for `owner`, leasing them until `now + lease`. Each
+    /// claim counts as an attempt.
+    pub async fn claim_deliveries(
+        &self,
+        owner: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedDelivery>> {
+        let now = now_micros();
+        let until = now + lease.as_micros() as i64;
+        const RETURNING: &str = " RETURNING id, workspace_id, integration_id, webhook_key_id, \
+             source, dedupe_key, body, headers, attempts, received_at";
+        Ok(match &self.pool {
+            Pool::Postgres(p) => {
+                let sql = format!(
+                    "UPDATE deliveries SET lease_owner = $1, lease_expires_at = $2, \
+                     attempts = attempts + 1 WHERE id IN (SELECT id FROM deliveries \
+                     WHERE status = 'pending' AND next_attempt_at <= $3 AND \
+                     (lease_expires_at IS NULL OR lease_expires_at < $3) \
+                     ORDER BY next_attempt_at LIMIT $4 FOR UPDATE SKIP LOCKED){RETURNING}"
+                );
+                sqlx::query_as::<_, ClaimedDelivery>(sqlx::AssertSqlSafe(sql))
+                    .bind(owner)
+                    .bind(until)
+                    .bind(now)
+                    .bind(limit as i64)
+                    .fetch_all(p)
+                    .await?
+            }
+            Pool::Sqlite(p) => {
+                let sql = format!(
+                    "UPDATE deliveries SET lease_owner = $1, lease_expires_at = $2, \
+                     attempts = attempts + 1 WHERE id IN (SELECT id FROM deliveries \
+                     WHERE status = 'pending' AND next_attempt_at <= $3 AND \
+                     (lease_expires_at IS NULL OR lease_expires_at < $3) \
+                     ORDER BY next_attempt_at LIMIT $4){RETURNING}"
+                );
+                let mut rows = sqlx::query_as::<_, ClaimedDelivery>(sqlx::AssertSqlSafe(sql))
+                    .bind(owner)
+                    .bind(until)
+                    .bind(now)
+                    .bind(limit as i64)
+                    .fetch_all(p)
+                    .await?;
+                rows.sort_by(|a, b| a.received_at.cmp(&b.received_at));
+                rows
+            }
+        })
+    }
+
+    /// Gives claimed-but-unprocessed deliveries back (graceful shutdown): the lease is dropped
+    /// and the attempt is not counted.
+    pub async fn release_deliveries(&self, owner: &str, ids: &[String]) -> Result<()> {
+        on_pool!(self, p => async {
+            let mut tx = p.begin().await?;
+            for id in ids {
+                sqlx::query(
+                    "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL, \
+                     attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END \
+                     WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
+                    .bind(id).bind(owner).execute(&mut *tx).await?;
+            }
+            tx.commit().await
+        }.await)?;
+        Ok(())
+    }
+
+    /// Schedules a retry (or marks the delivery dead when `dead`), if `owner` still holds it.
+    pub async fn retry_delivery(
+        &self,
+        id: &str,
+        owner: &str,
+        error: &str,
+        next_attempt_at: i64,
+        dead: bool,
+    ) -> Result<bool> {
+        let status = if dead { "dead" } else { "pending" };
+        let processed_at = dead.then(now_micros);
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE deliveries SET status = $3, last_error = $4, next_attempt_at = $5, \
+             lease_owner = NULL, lease_expires_at = NULL, processed_at = $6 \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
+            .bind(id).bind(owner).bind(status).bind(error).bind(next_attempt_at).bind(processed_at)
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    /// Applies a worker's [`Effect`] for a claimed delivery in one transaction: the signal
+    /// change, the activity entry and the delivery's final status commit together, and only if
+    /// `owner` still holds the lease.
+    pub async fn apply_effect(
+        &self,
+        delivery: &ClaimedDelivery,
+        owner: &str,
+        source: &str,
+        effect: &Effect,
+    ) -> Result<Applied> {
+        let now = now_micros();
+        let now_s = rfc3339(now);
+        let is_pg = matches!(self.pool, Pool::Postgres(_));
+        let select_sql = if is_pg {
+            "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
+             AND source = $2 AND source_ref = $3 FOR UPDATE"
+        } else {
+            "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
+             AND source = $2 AND source_ref = $3"
+        };
+        macro_rules! body {
+            ($tx:ident) => {{
+                let ws = delivery.workspace_id.clone().unwrap_or_default();
+                let mut status = DeliveryStatus::Processed;
+                let mut signal_id: Option<String> = None;
+                let mut action: Option<&'static str> = None;
+                let mut filter_reason: Option<String> = None;
+                let mut last_error: Option<String> = None;
+                match effect {
+                    Effect::Upsert { signal, merge } => {
+                        let mut existing: Option<(String, String, String)> =
+                            sqlx::query_as(select_sql).bind(&ws).bind(source)
+                                .bind(&signal.source_ref).fetch_optional(&mut *$tx).await?;
+                        if existing.is_none() {
+                            let id = new_id(prefix::SIGNAL);
+                            let r = sqlx::query(
+                                "INSERT INTO signals (id, workspace_id, verbatim, source, \
+                                 source_ref, source_metadata, status, created_at, updated_at) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, 'new', $7, $7) \
+                                 ON CONFLICT (workspace_id, source, source_ref) DO NOTHING")
+                                .bind(&id).bind(&ws).bind(&signal.verbatim).bind(source)
+                                .bind(&signal.source_ref).bind(signal.metadata.to_string())
+                                .bind(now).execute(&mut *$tx).await?;
+                            if r.rows_affected() == 1 {
+                                insert_activity(&mut *$tx, &ws, None, "signal.created", "signal", &id,
+                                    &serde_json::json!({"source": source, "delivery_id": delivery.id,
+                                        "source_ref": signal.source_ref,
+                                        "verbatim_preview": preview(&signal.verbatim)}), now).await?;
+                                signal_id = Some(id);
+                                action = Some("signal.created");
+                            } else {
+                                // Another transaction created it meanwhile: merge into that one.
+                                existing = sqlx::query_as(select_sql).bind(&ws).bind(source)
+                                    .bind(&signal.source_ref).fetch_optional(&mut *$tx).await?;
+                            }
+                        }
+                        if let Some((id, verbatim, meta)) = existing {
+                            let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                            if let Merged::Updated { verbatim, metadata } =
+                                merge_into(&verbatim, &old_meta, signal, *merge, &now_s)
+                            {
+                                sqlx::query("UPDATE signals SET verbatim = $2, source_metadata = $3, \
+                                             updated_at = $4 WHERE id = $1")
+                                    .bind(&id).bind(&verbatim).bind(metadata.to_string()).bind(now)
+                                    .execute(&mut *$tx).await?;
+                                insert_activity(&mut *$tx, &ws, None, "signal.updated", "signal", &id,
+                                    &serde_json::json!({"source": source, "delivery_id": delivery.id,
+                                        "verbatim_preview": preview(&verbatim)}), now).await?;
+                                action = Some("signal.updated");
+                            }
+                            signal_id = Some(id);
+                        }
+                    }
+                    Effect::MarkDeleted { source_ref, metadata } => {
+                        let existing: Option<(String, String, String)> =
+                            sqlx::query_as(select_sql).bind(&ws).bind(source).bind(source_ref)
+                                .fetch_optional(&mut *$tx).await?;
+                        match existing {
+                            Some((id, _, meta)) => {
+                                let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                                if old_meta.get("deleted") != Some(&Value::Bool(true)) {
+                                    let new_meta = mark_deleted(&old_meta, metadata, &now_s);
+                                    sqlx::query("UPDATE signals SET source_metadata = $2, updated_at = $3 \
+                                                 WHERE id = $1")
+                                        .bind(&id).bind(new_meta.to_string()).bind(now)
+                                        .execute(&mut *$tx).await?;
+                                    insert_activity(&mut *$tx, &ws, None, "signal.deleted", "signal", &id,
+                                        &serde_json::json!({"source": source, "delivery_id": delivery.id}),
+                                        now).await?;
+                                    action = Some("signal.deleted");
+                                }
+                                signal_id = Some(id);
+                            }
+                            None => {
+                                status = DeliveryStatus::Filtered;
+                                filter_reason = Some("deleted message was never seen".into());
+                            }
+                        }
+                    }
+                    Effect::Filter { reason } => {
+                        status = DeliveryStatus::Filtered;
+                        filter_reason = Some(reason.clone());
+                    }
+                    Effect::Reject { reason } => {
+                        status = DeliveryStatus::Failed;
+                        last_error = Some(reason.clone());
+                    }
+                    Effect::DeactivateIntegration { reason } => {
+                        if let Some(int_id) = &delivery.integration_id {
+                            let changed = sqlx::query(
+                                "UPDATE integrations SET is_active = $2, access_token_enc = NULL, \
+                                 refresh_token_enc = NULL, token_expires_at = NULL, updated_at = $3 \
+                                 WHERE id = $1 AND (is_active = $4 OR access_token_enc IS NOT NULL)")
+                                .bind(int_id).bind(false).bind(now).bind(true)
+                                .execute(&mut *$tx).await?;
+                            if changed.rows_affected() == 1 {
+                                insert_activity(&mut *$tx, &ws, Some(source), "integration.deactivated",
+                                    "integration", int_id,
+                                    &serde_json::json!({"reason": reason, "delivery_id": delivery.id}),
+                                    now).await?;
+                                action = Some("integration.deactivated");
+                            }
+                        } else {
+                            status = DeliveryStatus::Filtered;
+                            filter_reason = Some(format!("{reason}: no integration to deactivate"));
+                        }
+                    }
+                }
+                let r = sqlx::query(
+                    "UPDATE deliveries SET status = $3, signal_id = $4, filter_reason = $5, \
+                     last_error = $6, processed_at = $7, lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
+                    .bind(&delivery.id).bind(owner).bind(status.as_str()).bind(&signal_id)
+                    .bind(&filter_reason).bind(&last_error).bind(now)
+                    .execute(&mut *$tx).await?;
+                if r.rows_affected() != 1 {
+                    $tx.rollback().await?;
+                    return Ok(Applied::LeaseLost);
+                }
+                $tx.commit().await?;
+                Ok(Applied::Done { status, signal_id, action })
+            }};
+        }
+        match &self.pool {
+            Pool::Sqlite(p) => {
+                let mut tx = begin_write!(sqlite p)?;
+                body!(tx)
+            }
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                body!(tx)
+            }
+        }
+    }
+
+    /// Deliveries, newest first, filtered and paginated by id cursor.
+    pub async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<Delivery>> {
+        let sql = format!(
+            "SELECT {DELIVERY_COLS} FROM deliveries WHERE ($1 IS NULL OR workspace_id = $1) \
+             AND ($2 IS NULL OR integration_id = $2) AND ($3 IS NULL OR status = $3) \
+             AND ($4 IS NULL OR id < $4) AND ($5 IS NULL OR source = $5) ORDER BY id DESC LIMIT $6"
+        );
+        Ok(
+            on_pool!(self, p => sqlx::query_as::<_, Delivery>(sqlx::AssertSqlSafe(sql))
+            .bind(&f.workspace_id).bind(&f.integration_id).bind(&f.status).bind(&f.cursor)
+            .bind(&f.source).bind(f.limit as i64).fetch_all(p).await)?,
+        )
+    }
+
+    /// One delivery.
+    pub async fn get_delivery(&self, id: &str) -> Result<Option<Delivery>> {
+        let sql = format!("SELECT {DELIVERY_COLS} FROM deliveries WHERE id = $1");
+        Ok(
+            on_pool!(self, p => sqlx::query_as::<_, Delivery>(sqlx::AssertSqlSafe(sql))
+            .bind(id).fetch_optional(p).await)?,
+        )
+    }
+
+    /// The raw body of a delivery.
+    pub async fn get_delivery_body(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, Vec<u8>>(
+            "SELECT body FROM deliveries WHERE id = $1").bind(id).fetch_optional(p).await)?)
+    }
+
+    /// Puts a delivery back in the queue to be processed again (attempts reset).
+    pub async fn replay_delivery(&self, id: &str) -> Result<bool> {
+        let is_pg = matches!(self.pool, Pool::Postgres(_));
+        let r = on_pool!(self, p => async {
+            let mut tx = p.begin().await?;
+            let r = sqlx::query(
+                "UPDATE deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, \
+                 lease_owner = NULL, lease_expires_at = NULL, last_error = NULL, \
+                 filter_reason = NULL, processed_at = NULL WHERE id = $1 AND workspace_id IS NOT NULL")
+                .bind(id).bind(now_micros()).execute(&mut *tx).await?;
+            if is_pg {
+                sqlx::query("SELECT pg_notify('signalbox_deliveries', '')").execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(r.rows_affected())
+        }.await)?;
+        Ok(r == 1)
+    }
+
+    /// Counts of deliveries by status.
+    pub async fn delivery_counts(&self) -> Result<Vec<(String, i64)>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, (String, i64)>(
+            "SELECT status, COUNT(*) FROM deliveries GROUP BY status ORDER BY status")
+            .fetch_all(p).await)?)
+    }
+
+    /// Number of deliveries waiting to be processed.
+    pub async fn pending_count(&self) -> Result<i64> {
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM deliveries WHERE status = 'pending'").fetch_one(p).await)?)
+    }
+
+    // ---------------------------------------------------------------- signals and activity
+
+    /// Signals of a workspace, newest first.
+    pub async fn list_signals(&self, f: &SignalFilter) -> Result<Vec<Signal>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Signal>(
+            "SELECT * FROM signals WHERE workspace_id = $1 AND ($2 IS NULL OR source = $2) \
+             AND ($3 IS NULL OR status = $3) AND ($4 IS NULL OR id < $4) ORDER BY id DESC LIMIT $5")
+            .bind(&f.workspace_id).bind(&f.source).bind(&f.status).bind(&f.cursor)
+            .bind(f.limit as i64).fetch_all(p).await)?)
+    }
+
+    /// One signal.
+    pub async fn get_signal(&self, id: &str) -> Result<Option<Signal>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Signal>(
+            "SELECT * FROM signals WHERE id = $1").bind(id).fetch_optional(p).await)?)
+    }
+
+    /// Counts signals per `(source, source_ref)` having more than one row (must be empty; used by
+    /// tests and the benchmark's verification).
+    pub async fn count_signals(&self, workspace_id: Option<&str>) -> Result<i64> {
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM signals WHERE ($1 IS NULL OR workspace_id = $1)")
+            .bind(workspace_id).fetch_one(p).await)?)
+    }
+
+    /// Activity of a workspace, newest first.
+    pub async fn list_activity(
+        &self,
+        workspace_id: &str,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Vec<Activity>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Activity>(
+            "SELECT * FROM activity_logs WHERE workspace_id = $1 AND ($2 IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3")
+            .bind(workspace_id).bind(cursor).bind(limit as i64).fetch_all(p).await)?)
+    }
+
+    /// Logs an activity entry outside any other transaction (admin actions).
+    pub async fn log_activity(
+        &self,
+        workspace_id: &str,
+        actor: Option<&str>,
+        action: &str,
+        target_type: &str,
+        target_id: &str,
+        metadata: &Value,
+    ) -> Result<()> {
+        on_pool!(self, p => async {
+            let mut conn = p.acquire().await?;
+            insert_activity(&mut *conn, workspace_id, actor, action, target_type, target_id,
+                metadata, now_micros()).await
+        }.await)?;
+        Ok(())
+    }
+
+    /// A raw scalar query, for tests and diagnostics (`SELECT COUNT(*) …`).
+    pub async fn scalar_i64(&self, sql: &'static str) -> Result<i64> {
+        Ok(on_pool!(self, p => sqlx::query(sql).fetch_one(p).await?.try_get::<i64, _>(0))?)
+    }
+}
+
+/// Shortens a verbatim for activity metadata.
+fn preview(s: &str) -> String {
+    s.chars().take(100).collect()
+}
+
+/// Inserts one activity-log row on any executor of either backend.
+async fn insert_activity<'e, E, DB>(
+    exec: E,
+    workspace_id: &str,
+    actor: Option<&str>,
+    action: &str,
+    target_type: &str,
+    target_id: &str,
+    metadata: &Value,
+    now: i64,
+) -> std::result::Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = DB>,
+    DB: sqlx::Database,
+    for<'a> String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    for<'a> Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    for<'a> i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    for<'a> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    sqlx::query::<DB>(
+        "INSERT INTO activity_logs (id, workspace_id, actor, action, target_type, target_id, \
+         metadata, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(new_id(prefix::ACTIVITY))
+    .bind(workspace_id.to_string())
+    .bind(actor.map(str::to_string))
+    .bind(action.to_string())
+    .bind(target_type.to_string())
+    .bind(target_id.to_string())
+    .bind(metadata.to_string())
+    .bind(now)
+    .execute(exec)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,378 @@
+//! Row types, shared by both backends (`FromRow` is derived generically over the row type).
+
+/// A tenant: owns integrations, webhook keys, deliveries and signals.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Workspace {
+    /// `ws_…`
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Unix µs.
+    pub created_at: i64,
+    /// Unix µs.
+    pub updated_at: i64,
+}
+
+/// A generic webhook key (Standard Webhooks secret, encrypted).
+#[derive(Clone, sqlx::FromRow)]
+pub struct WebhookKey {
+    /// `whk_…`
+    pub id: String,
+    /// Owner.
+    pub workspace_id: String,
+    /// Optional label.
+    pub name: Option<String>,
+    /// Envelope of the `whsec_…` secret.
+    pub secret_enc: String,
+    /// Envelope of the previous secret during a rotation grace period.
+    pub previous_secret_enc: Option<String>,
+    /// End of the grace period (Unix µs).
+    pub previous_expires_at: Option<i64>,
+    /// False once deleted.
+    pub is_active: bool,
+    /// Unix µs.
+    pub last_used_at: Option<i64>,
+    /// Unix µs.
+    pub created_at: i64,
+    /// Unix µs.
+    pub updated_at: i64,
+}
+
+impl std::fmt::Debug for WebhookKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookKey")
+            .field("id", &self.id)
+            .field("workspace_id", &self.workspace_id)
+            .field("is_active", &self.is_active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connected Slack team or Pylon account. Secret columns hold encryption envelopes.
+#[derive(Clone, Default, sqlx::FromRow)]
+pub struct Integration {
+    /// `int_…`
+    pub id: String,
+    /// Owner.
+    pub workspace_id: String,
+    /// `slack` or `pylon`.
+    pub platform: String,
+    /// Display name.
+    pub name: String,
+    /// Slack signing secret / Pylon webhook secret (envelope).
+    pub webhook_secret_enc: Option<String>,
+    /// Previous secret during a rotation grace period (envelope).
+    pub previous_webhook_secret_enc: Option<String>,
+    /// End of that grace period (Unix µs).
+    pub previous_secret_expires_at: Option<i64>,
+    /// Slack bot token / Pylon API token (envelope).
+    pub access_token_enc: Option<String>,
+    /// Slack refresh token (envelope).
+    pub refresh_token_enc: Option<String>,
+    /// Access token expiry (Unix µs).
+    pub token_expires_at: Option<i64>,
+    /// Value of a required shared header (envelope).
+    pub required_header_value_enc: Option<String>,
+    /// Slack team id.
+    pub slack_team_id: Option<String>,
+    /// Slack team name.
+    pub slack_team_name: Option<String>,
+    /// The app's bot user in that team.
+    pub slack_bot_user_id: Option<String>,
+    /// Enterprise Grid id.
+    pub slack_enterprise_id: Option<String>,
+    /// Slack app id.
+    pub slack_app_id: Option<String>,
+    /// Granted scopes.
+    pub slack_scopes: Option<String>,
+    /// Pylon account id.
+    pub pylon_account_id: Option<String>,
+    /// Accepting deliveries.
+    pub is_active: bool,
+    /// Token refresh failed; an admin must re-install.
+    pub needs_reauth: bool,
+    /// Platform config (JSON object text).
+    pub config: String,
+    /// Unix µs.
+    pub last_used_at: Option<i64>,
+    /// Unix µs.
+    pub created_at: i64,
+    /// Unix µs.
+    pub updated_at: i64,
+    /// Who created it (`admin`, `tok_…`, `oauth`).
+    pub created_by: Option<String>,
+}
+
+impl std::fmt::Debug for Integration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Integration")
+            .field("id", &self.id)
+            .field("workspace_id", &self.workspace_id)
+            .field("platform", &self.platform)
+            .field("is_active", &self.is_active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A workspace-scoped API token (only its SHA-256 is stored).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiToken {
+    /// `tok_…`
+    pub id: String,
+    /// The only workspace it can see.
+    pub workspace_id: String,
+    /// Label.
+    pub name: Option<String>,
+    /// Hex SHA-256 of the token.
+    pub token_hash: String,
+    /// Unix µs.
+    pub created_at: i64,
+    /// Unix µs.
+    pub revoked_at: Option<i64>,
+    /// Unix µs.
+    pub last_used_at: Option<i64>,
+}
+
+/// Status of a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Waiting for (or being processed by) a worker.
+    Pending,
+    /// Became (or updated) a signal.
+    Processed,
+    /// Deliberately not a signal; `filter_reason` says why.
+    Filtered,
+    /// Can never become a signal; `last_error` says why.
+    Failed,
+    /// Gave up after the maximum number of attempts.
+    Dead,
+}
+
+impl DeliveryStatus {
+    /// The stored string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Processed => "processed",
+            DeliveryStatus::Filtered => "filtered",
+            DeliveryStatus::Failed => "failed",
+            DeliveryStatus::Dead => "dead",
+        }
+    }
+
+    /// Parses a stored/queried status.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => DeliveryStatus::Pending,
+            "processed" => DeliveryStatus::Processed,
+            "filtered" => DeliveryStatus::Filtered,
+            "failed" => DeliveryStatus::Failed,
+            "dead" => DeliveryStatus::Dead,
+            _ => return None,
+        })
+    }
+}
+
+/// A delivery to store.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// `dlv_…`
+    pub id: String,
+    /// Owner, when known (unroutable Slack events have none).
+    pub workspace_id: Option<String>,
+    /// The integration it came through.
+    pub integration_id: Option<String>,
+    /// The generic webhook key it came through.
+    pub webhook_key_id: Option<String>,
+    /// `webhook`, `slack` or `pylon`.
+    pub source: String,
+    /// Who the dedupe key is unique for (key id, integration id, `slack:{app}`).
+    pub dedupe_scope: String,
+    /// The sender's idempotency key.
+    pub dedupe_key: String,
+    /// The raw body, exactly as signed.
+    pub body: Vec<u8>,
+    /// The headers that matter (JSON object text, never signatures).
+    pub headers: String,
+    /// `Pending`, or `Filtered` when decided at the edge.
+    pub status: DeliveryStatus,
+    /// Why it was filtered at the edge.
+    pub filter_reason: Option<String>,
+    /// Unix µs.
+    pub received_at: i64,
+}
+
+/// A delivery as listed by the API (no body).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Delivery {
+    /// `dlv_…`
+    pub id: String,
+    /// Owner.
+    pub workspace_id: Option<String>,
+    /// Integration.
+    pub integration_id: Option<String>,
+    /// Webhook key.
+    pub webhook_key_id: Option<String>,
+    /// Source.
+    pub source: String,
+    /// Dedupe key.
+    pub dedupe_key: String,
+    /// Status string.
+    pub status: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// Last error.
+    pub last_error: Option<String>,
+    /// Why filtered.
+    pub filter_reason: Option<String>,
+    /// Resulting signal.
+    pub signal_id: Option<String>,
+    /// Unix µs.
+    pub received_at: i64,
+    /// Unix µs.
+    pub processed_at: Option<i64>,
+}
+
+/// A delivery claimed by a worker.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedDelivery {
+    /// `dlv_…`
+    pub id: String,
+    /// Owner.
+    pub workspace_id: Option<String>,
+    /// Integration.
+    pub integration_id: Option<String>,
+    /// Webhook key.
+    pub webhook_key_id: Option<String>,
+    /// Source.
+    pub source: String,
+    /// Dedupe key.
+    pub dedupe_key: String,
+    /// Raw body.
+    pub body: Vec<u8>,
+    /// Stored headers (JSON text).
+    pub headers: String,
+    /// Attempts including this one.
+    pub attempts: i32,
+    /// Unix µs.
+    pub received_at: i64,
+}
+
+/// A signal.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Signal {
+    /// `sig_…`
+    pub id: String,
+    /// Owner.
+    pub workspace_id: String,
+    /// Readable text.
+    pub verbatim: String,
+    /// `slack`, `pylon`, `webhook`.
+    pub source: String,
+    /// Dedupe key within workspace and source.
+    pub source_ref: String,
+    /// JSON object text.
+    pub source_metadata: String,
+    /// Triage status (`new`).
+    pub status: String,
+    /// Unix µs.
+    pub created_at: i64,
+    /// Unix µs.
+    pub updated_at: i64,
+}
+
+/// An activity-log entry.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Activity {
+    /// `act_…`
+    pub id: String,
+    /// Owner.
+    pub workspace_id: String,
+    /// Who did it (`worker`, `admin`, `tok_…`, `slack`…).
+    pub actor: Option<String>,
+    /// `signal.created`, `signal.updated`, …
+    pub action: String,
+    /// `signal`, `integration`, …
+    pub target_type: String,
+    /// Id of the target.
+    pub target_id: String,
+    /// JSON object text.
+    pub metadata: String,
+    /// Unix µs.
+    pub created_at: i64,
+}
+
+/// Filters for listing deliveries.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    /// Only this workspace.
+    pub workspace_id: Option<String>,
+    /// Only this integration.
+    pub integration_id: Option<String>,
+    /// Only this status.
+    pub status: Option<String>,
+    /// Only this source.
+    pub source: Option<String>,
+    /// Ids below this one (pagination).
+    pub cursor: Option<String>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// Filters for listing signals.
+#[derive(Debug, Clone, Default)]
+pub struct SignalFilter {
+    /// The workspace.
+    pub workspace_id: String,
+    /// Only this source.
+    pub source: Option<String>,
+    /// Only this status.
+    pub status: Option<String>,
+    /// Ids below this one (pagination).
+    pub cursor: Option<String>,
+    /// Page size.
+    pub limit: usize,
+}
+
+/// Tables with a `last_used_at` column.
+#[derive(Debug, Clone, Copy)]
+pub enum LastUsedTable {
+    /// `webhook_keys`
+    WebhookKeys,
+    /// `integrations`
+    Integrations,
+}
+
+/// Every encrypted column, as (table, column).
+pub const ENCRYPTED_COLUMNS: &[(&str, &str)] = &[
+    ("webhook_keys", "secret_enc"),
+    ("webhook_keys", "previous_secret_enc"),
+    ("integrations", "webhook_secret_enc"),
+    ("integrations", "previous_webhook_secret_enc"),
+    ("integrations", "access_token_enc"),
+    ("integrations", "refresh_token_enc"),
+    ("integrations", "required_header_value_enc"),
+];
+
+pub(crate) fn encrypted_select_sql(table: &str, column: &str) -> String {
+    format!("SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL")
+}
+
+/// One stored encrypted value.
+#[derive(Clone)]
+pub struct EncryptedValue {
+    /// Table.
+    pub table: &'static str,
+    /// Column.
+    pub column: &'static str,
+    /// Row id (bound into the AEAD associated data).
+    pub row_id: String,
+    /// The envelope.
+    pub value: String,
+}
+
+impl std::fmt::Debug for EncryptedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}[{}]", self.table, self.column, self.row_id)
+    }
+}

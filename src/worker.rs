@@ -1,0 +1,276 @@
+//! Workers over the durable inbox.
+//!
+//! Each worker task claims a batch of due deliveries with a lease (PostgreSQL: `FOR UPDATE SKIP
+//! LOCKED`; SQLite: one atomic `UPDATE … RETURNING`), turns each into an [`Effect`] through its
+//! source, and commits the effect, the activity entry and the delivery's status together, fenced
+//! by the lease. A worker that dies mid-way leaves its lease to expire; the delivery is then
+//! claimed again and, because the fenced commit never happened, processed exactly once.
+//! Transient failures back off exponentially; after `max_attempts` the delivery is `dead`.
+//! Workers wake on the in-process notification (and PostgreSQL `LISTEN`), with a polling backstop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::clock::now_micros;
+use crate::ids::new_id;
+use crate::sources::{self, ProcessError};
+use crate::store::{Applied, ClaimedDelivery};
+
+/// Runs one worker loop until `cancel` fires.
+pub async fn run(state: AppState, index: usize, cancel: CancellationToken) {
+    let owner = format!("{}-w{index}-{}", std::process::id(), new_id("lease"));
+    let cfg = state.cfg.clone();
+    tracing::debug!(%owner, "worker started");
+    loop {
+        if cancel.is_cancelled() {
+            break;
+        }
+        // Register interest before polling so a wake-up between the claim and the wait is kept.
+        let notified = state.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let claimed = match state
+            .store
+            .claim_deliveries(&owner, cfg.worker_batch_size, cfg.lease)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming deliveries failed; retrying");
+                sleep_or_cancel(cfg.poll_interval, &cancel).await;
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(cfg.poll_interval) => {}
+                _ = cancel.cancelled() => break,
+            }
+            continue;
+        }
+        let mut rest = claimed.into_iter();
+        while let Some(d) = rest.next() {
+            if cancel.is_cancelled() {
+                let ids: Vec<String> = std::iter::once(d.id).chain(rest.map(|d| d.id)).collect();
+                if let Err(e) = state.store.release_deliveries(&owner, &ids).await {
+                    tracing::warn!(error = %e, "could not release leases; they will expire");
+                }
+                break;
+            }
+            handle(&state, &owner, d).await;
+        }
+    }
+    tracing::debug!(%owner, "worker stopped");
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = cancel.cancelled() => {}
+    }
+}
+
+/// Exponential backoff with jitter: base · 2^(attempt-1), capped, ±10 %.
+pub fn backoff(base: Duration, max: Duration, attempt: i32) -> Duration {
+    let exp = base.saturating_mul(2u32.saturating_pow(attempt.clamp(1, 31) as u32 - 1));
+    let capped = exp.min(max);
+    let jitter = rand::thread_rng().gen_range(0.9..1.1);
+    capped.mul_f64(jitter)
+}
+
+/// Processes one claimed delivery to its committed outcome (or a scheduled retry).
+pub async fn handle(state: &AppState, owner: &str, d: ClaimedDelivery) {
+    let span = tracing::info_span!("delivery", delivery_id = %d.id, source = %d.source, attempt = d.attempts);
+    let _enter = span.enter();
+    drop(_enter);
+    let cfg = &state.cfg;
+    if d.attempts > cfg.max_attempts {
+        let _ = state
+            .store
+            .retry_delivery(
+                &d.id,
+                owner,
+                "exceeded the maximum number of attempts",
+                now_micros(),
+                true,
+            )
+            .await;
+        state.metrics.delivery(&d.source, "dead");
+        tracing::warn!(parent: &span, "delivery is dead after {} attempts", d.attempts - 1);
+        return;
+    }
+    let result = std::panic::AssertUnwindSafe(sources::process(state, &d))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(ProcessError::retry("processing panicked")));
+    let effect = match result {
+        Ok(effect) => effect,
+        Err(e) => return schedule_retry(state, owner, &d, e, &span).await,
+    };
+    match state
+        .store
+        .apply_effect(&d, owner, &d.source, &effect)
+        .await
+    {
+        Ok(Applied::Done {
+            status,
+            signal_id,
+            action,
+        }) => {
+            state.metrics.delivery(&d.source, status.as_str());
+            state
+                .metrics
+                .processing_latency
+                .get_or_create(&vec![("source", d.source.clone())])
+                .observe((now_micros() - d.received_at).max(0) as f64 / 1e6);
+            if action == Some("integration.deactivated")
+                && let Some(id) = &d.integration_id
+            {
+                state.creds.changed(id).await;
+            }
+            tracing::info!(parent: &span, status = status.as_str(), signal_id = ?signal_id, action = ?action, "delivery processed");
+        }
+        Ok(Applied::LeaseLost) => {
+            tracing::warn!(parent: &span, "lease lost before commit; another worker owns the delivery");
+        }
+        Err(e) => {
+            schedule_retry(
+                state,
+                owner,
+                &d,
+                ProcessError::retry(format!("storing the outcome: {e}")),
+                &span,
+            )
+            .await
+        }
+    }
+}
+
+async fn schedule_retry(
+    state: &AppState,
+    owner: &str,
+    d: &ClaimedDelivery,
+    e: ProcessError,
+    span: &tracing::Span,
+) {
+    let cfg = &state.cfg;
+    let dead = d.attempts >= cfg.max_attempts;
+    let delay = e
+        .retry_after
+        .unwrap_or_else(|| backoff(cfg.retry_base_delay, cfg.retry_max_delay, d.attempts));
+    let next = now_micros() + delay.as_micros() as i64;
+    match state
+        .store
+        .retry_delivery(&d.id, owner, &e.reason, next, dead)
+        .await
+    {
+        Ok(_) => {
+            state
+                .metrics
+                .delivery(&d.source, if dead { "dead" } else { "retried" });
+            tracing::warn!(parent: span, error = %e.reason, dead, retry_in_ms = delay.as_millis() as u64, "delivery failed");
+        }
+        Err(se) => {
+            tracing::warn!(parent: span, error = %se, "could not schedule the retry; the lease will expire");
+        }
+    }
+}
+
+/// Samples the queue depth and flushes `last_used_at` periodically.
+pub async fn housekeeping(state: AppState, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => break,
+        }
+        if let Ok(n) = state.store.pending_count().await {
+            state.metrics.queue_depth.set(n);
+        }
+        if let Err(e) = state.creds.flush_last_used().await {
+            tracing::debug!(error = %e, "flushing last_used_at failed");
+        }
+    }
+    let _ = state.creds.flush_last_used().await;
+}
+
+/// PostgreSQL: wakes workers on `signalbox_deliveries` and drops cached credentials on
+/// `signalbox_credentials`, reconnecting when the connection drops.
+pub async fn listen(state: AppState, cancel: CancellationToken) {
+    let crate::store::Pool::Postgres(pool) = state.store.pool().clone() else {
+        return;
+    };
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "LISTEN connection failed; retrying");
+                sleep_or_cancel(Duration::from_secs(2), &cancel).await;
+                if cancel.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if let Err(e) = listener
+            .listen_all(["signalbox_deliveries", crate::credentials::NOTIFY_CHANNEL])
+            .await
+        {
+            tracing::debug!(error = %e, "LISTEN failed; retrying");
+            sleep_or_cancel(Duration::from_secs(2), &cancel).await;
+            continue;
+        }
+        // Anything may have changed while we were not listening.
+        state.creds.invalidate_all();
+        state.wake.notify_waiters();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                msg = listener.try_recv() => match msg {
+                    Ok(Some(n)) => {
+                        if n.channel() == crate::credentials::NOTIFY_CHANNEL {
+                            state.creds.invalidate(n.payload());
+                        } else {
+                            state.wake.notify_waiters();
+                        }
+                    }
+                    Ok(None) => {
+                        // Connection lost and re-established by sqlx: notifications may be lost.
+                        state.creds.invalidate_all();
+                        state.wake.notify_waiters();
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "LISTEN connection error; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Shared wake-up handle.
+pub type Wake = Arc<tokio::sync::Notify>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let base = Duration::from_secs(2);
+        let max = Duration::from_secs(60);
+        let b1 = backoff(base, max, 1).as_secs_f64();
+        let b3 = backoff(base, max, 3).as_secs_f64();
+        let b20 = backoff(base, max, 20).as_secs_f64();
+        assert!((1.8..=2.2).contains(&b1), "{b1}");
+        assert!((7.2..=8.8).contains(&b3), "{b3}");
+        assert!((54.0..=66.0).contains(&b20), "{b20}");
+    }
+}
