@@ -323,7 +323,7 @@ impl RawConfig {
                 .to_string(),
             max_body_bytes: self.num("max_body_bytes", 1024usize, 64 * 1024 * 1024)?,
             signature_tolerance_secs: self.num("signature_tolerance_secs", 1i64, 86_400)?,
-            worker_concurrency: self.num("worker_concurrency", 1usize, 256)?,
+            worker_concurrency: self.num("worker_concurrency", 0usize, 256)?,
             worker_batch_size: self.num("worker_batch_size", 1usize, 1000)?,
             max_attempts: self.num("max_attempts", 1i32, 100)?,
             retry_base_delay: Duration::from_millis(self.num(

@@ -1,0 +1,377 @@
+//! The inbox and the workers: crash safety, graceful shutdown, retries, replay, pagination.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+use signalbox::protocol::{Effect, Merge, NewSignal};
+use signalbox::store::Applied;
+
+use crate::both_backends;
+use crate::helpers::*;
+
+both_backends!(
+    a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once,
+    graceful_shutdown_with_work_in_flight_loses_nothing,
+    replay_reprocesses_without_duplicating,
+    listing_paginates_with_a_cursor,
+    admin_api_requires_a_token,
+    failing_deliveries_back_off_and_die,
+);
+
+async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(b: Backend) {
+    // No workers in the app: the test plays them.
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("worker_concurrency", "0");
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    let (st, _) = app
+        .send_generic(&key, &secret, "m1", &json!({"verbatim": "crash me"}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let store = &app.state.store;
+    // Worker A claims with a short lease, then "dies" (never commits).
+    let a = store
+        .claim_deliveries("worker-a", 10, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(a.len(), 1);
+    // While A's lease holds, nobody else can claim it.
+    assert!(
+        store
+            .claim_deliveries("worker-b", 10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // After expiry worker B claims it again and processes it.
+    let claimed = store
+        .claim_deliveries("worker-b", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        claimed[0].attempts, 2,
+        "the dead worker's claim counted as an attempt"
+    );
+    signalbox::worker::handle(&app.state, "worker-b", claimed[0].clone()).await;
+    // A comes back to life and tries to commit its stale work: fenced off, nothing written.
+    let effect = Effect::Upsert {
+        signal: NewSignal {
+            source_ref: "m1".into(),
+            verbatim: "crash me".into(),
+            metadata: json!({}),
+        },
+        merge: Merge::Keep,
+    };
+    let late = store
+        .apply_effect(&a[0], "worker-a", "webhook", &effect)
+        .await
+        .unwrap();
+    assert_eq!(late, Applied::LeaseLost);
+    assert_eq!(app.count("SELECT COUNT(*) FROM signals").await, 1);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM activity_logs WHERE action = 'signal.created'")
+            .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE status = 'processed'")
+            .await,
+        1
+    );
+    app.stop().await;
+}
+
+async fn graceful_shutdown_with_work_in_flight_loses_nothing(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    let base = app.base.clone();
+    let client = app.client.clone();
+    // Fire 200 deliveries and stop the server while they are in flight.
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (client, base, key, secret) =
+            (client.clone(), base.clone(), key.clone(), secret.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"verbatim": format!("message {i}")})
+                .to_string()
+                .into_bytes();
+            let headers = generic_headers(
+                &secret,
+                &format!("m{i}"),
+                signalbox::clock::now_secs(),
+                &body,
+            );
+            let mut req = client
+                .post(format!("{base}/api/webhooks/signals?key_id={key}"))
+                .body(body);
+            for (k, v) in headers {
+                req = req.header(k, v);
+            }
+            match req.send().await {
+                Ok(r) if r.status() == StatusCode::OK => Some(format!("m{i}")),
+                _ => None,
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let db_url = app.db_url.clone();
+    let keys = app.master_keys.clone();
+    let dir = app.stop_keep_dir().await;
+    let mut acked = Vec::new();
+    for t in tasks {
+        if let Some(id) = t.await.unwrap() {
+            acked.push(id);
+        }
+    }
+    assert!(
+        !acked.is_empty(),
+        "some requests should have been acknowledged before shutdown"
+    );
+    // Restart on the same database: every acknowledged delivery is there and becomes a signal.
+    let app = start(
+        b,
+        test_config(&db_url, &keys),
+        db_url.clone(),
+        keys.clone(),
+        dir,
+    )
+    .await;
+    app.drain().await;
+    let stored = app.count("SELECT COUNT(*) FROM deliveries").await;
+    assert!(
+        stored >= acked.len() as i64,
+        "{stored} stored < {} acked",
+        acked.len()
+    );
+    let signals = app.count("SELECT COUNT(*) FROM signals").await;
+    assert_eq!(
+        signals, stored,
+        "every stored delivery became exactly one signal"
+    );
+    for id in &acked {
+        let (st, v) = app
+            .api(
+                "GET",
+                &format!("/api/v1/deliveries?workspace_id={ws}&limit=500"),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(
+            v["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["dedupe_key"] == id.as_str() && d["status"] == "processed"),
+            "{id} lost"
+        );
+    }
+    app.stop().await;
+}
+
+async fn replay_reprocesses_without_duplicating(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    app.send_generic(&key, &secret, "r1", &json!({"verbatim": "replay me"}))
+        .await;
+    app.drain().await;
+    let (_, list) = app.api("GET", "/api/v1/deliveries", None).await;
+    let id = list["items"][0]["id"].as_str().unwrap().to_string();
+    let (st, v) = app
+        .api("POST", &format!("/api/v1/deliveries/{id}/replay"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    wait_for("the replay to finish", || async {
+        let (_, d) = app
+            .api("GET", &format!("/api/v1/deliveries/{id}"), None)
+            .await;
+        d["status"] == "processed" && d["attempts"] == 1
+    })
+    .await;
+    assert_eq!(app.count("SELECT COUNT(*) FROM signals").await, 1);
+    let (st, v) = app
+        .api(
+            "POST",
+            "/api/v1/deliveries/dlv_01m8m7bfnrfyhvmry5qcb9n2qs/replay",
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    assert_eq!(v["error"]["code"], "not_found");
+    app.stop().await;
+}
+
+async fn listing_paginates_with_a_cursor(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    for i in 0..7 {
+        app.send_generic(
+            &key,
+            &secret,
+            &format!("p{i}"),
+            &json!({"verbatim": format!("n{i}")}),
+        )
+        .await;
+    }
+    app.drain().await;
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (st, v) = app
+            .api(
+                "GET",
+                &format!("/api/v1/workspaces/{ws}/signals?limit=3&source=webhook&cursor={cursor}"),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        for s in v["items"].as_array().unwrap() {
+            seen.push(s["verbatim"].as_str().unwrap().to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec!["n6", "n5", "n4", "n3", "n2", "n1", "n0"],
+        "newest first, each once"
+    );
+    let (_, v) = app
+        .api(
+            "GET",
+            &format!("/api/v1/workspaces/{ws}/signals?source=slack"),
+            None,
+        )
+        .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 0);
+    app.stop().await;
+}
+
+async fn admin_api_requires_a_token(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    for (m, p) in [
+        ("GET", "/api/v1/workspaces".to_string()),
+        ("POST", "/api/v1/workspaces".to_string()),
+        ("GET", format!("/api/v1/workspaces/{ws}/signals")),
+        ("GET", "/api/v1/deliveries".to_string()),
+    ] {
+        let (st, v) = app
+            .api_as("wrong-token", m, &p, Some(json!({"name": "x"})))
+            .await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{m} {p}");
+        assert_eq!(v["error"]["code"], "unauthorized");
+        let resp = app
+            .client
+            .request(
+                reqwest::Method::from_bytes(m.as_bytes()).unwrap(),
+                format!("{}{p}", app.base),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED,
+            "{m} {p} without a token"
+        );
+    }
+    for p in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"] {
+        let resp = app
+            .client
+            .get(format!("{}{p}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{p}");
+    }
+    app.stop().await;
+}
+
+async fn failing_deliveries_back_off_and_die(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("worker_concurrency", "0").set("max_attempts", "3");
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    app.send_generic(&key, &secret, "f1", &json!({"verbatim": "x"}))
+        .await;
+    let store = &app.state.store;
+    // Simulate a transient failure three times through the worker's retry path.
+    for attempt in 1..=3 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let claimed = loop {
+            let c = store
+                .claim_deliveries("w", 1, Duration::from_secs(30))
+                .await
+                .unwrap();
+            if !c.is_empty() {
+                break c;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "retry never became due"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(claimed[0].attempts, attempt);
+        let dead = attempt >= 3;
+        assert!(
+            store
+                .retry_delivery(
+                    &claimed[0].id,
+                    "w",
+                    "upstream failed",
+                    signalbox::clock::now_micros() + 20_000,
+                    dead
+                )
+                .await
+                .unwrap()
+        );
+    }
+    let (_, v) = app.api("GET", "/api/v1/deliveries?status=dead", None).await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["items"][0]["last_error"], "upstream failed");
+    assert_eq!(v["items"][0]["attempts"], 3);
+    // A dead delivery is not claimed again until replayed.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        store
+            .claim_deliveries("w", 1, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (st, _) = app
+        .api("GET", "/api/v1/deliveries?status=bogus", None)
+        .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    app.stop().await;
+}
