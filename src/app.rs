@@ -63,6 +63,7 @@ pub struct Application {
     listener: TcpListener,
     state: AppState,
     inbox_task: tokio::task::JoinHandle<()>,
+    inbox_stop: CancellationToken,
 }
 
 /// The HTTP router with every layer.
@@ -106,12 +107,14 @@ impl Application {
         let creds = Credentials::new(store.clone(), keyring, cfg.credential_cache_ttl);
         let metrics = Metrics::new();
         let wake = Arc::new(Notify::new());
+        let inbox_stop = CancellationToken::new();
         let (inbox, inbox_task) = Inbox::start(
             store.clone(),
             cfg.inbox_capacity,
             cfg.inbox_batch_max,
             wake.clone(),
             metrics.clone(),
+            inbox_stop.clone(),
         );
         let admin = Admin {
             store: store.clone(),
@@ -138,6 +141,7 @@ impl Application {
             listener,
             state,
             inbox_task,
+            inbox_stop,
         })
     }
 
@@ -164,6 +168,7 @@ impl Application {
             listener,
             state,
             inbox_task,
+            inbox_stop,
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -195,18 +200,16 @@ impl Application {
                 tracing::warn!("in-flight requests did not finish within the shutdown timeout")
             }
         }
-        // Every request is answered: no more inbox writes can arrive. Stop the writer after it
-        // drains what it has (its senders live in `state` clones, so cancel via drop order).
+        // Every request is answered: the inbox writer commits what is queued and stops.
+        inbox_stop.cancel();
+        let _ = tokio::time::timeout(timeout, inbox_task).await;
         cancel.cancel();
         if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
             tracing::warn!(
                 "workers did not stop within the shutdown timeout; their leases will expire"
             );
         }
-        let store = state.store.clone();
-        drop(state);
-        let _ = tokio::time::timeout(Duration::from_secs(5), inbox_task).await;
-        store.close().await;
+        state.store.close().await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -635,7 +635,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         } else {
                             None
                         },
-                        secrets: (u.secret.is_some() || u.api_token.is_some()).then(|| {
+                        secrets: (u.secret.is_some() || u.api_token.is_some()).then_some({
                             SecretsUpdate {
                                 webhook_secret: u.secret,
                                 api_token: u.api_token,

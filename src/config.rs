@@ -225,9 +225,9 @@ impl RawConfig {
         self.get(key).map(|s| SecretString::from(s.to_string()))
     }
 
-    fn num<T: std::str::FromStr>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
+    fn num<T>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
     where
-        T: PartialOrd + std::fmt::Display + Copy,
+        T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
     {
         let raw = self.get(key).ok_or_else(|| err(key, "must be set"))?;
         let v: T = raw

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::store::{NewDelivery, Store, StoreError, Stored};
@@ -38,15 +39,17 @@ pub struct Inbox {
 
 impl Inbox {
     /// Starts the writer task. `wake` is notified after each commit that stored pending work.
+    /// When `stop` fires, the writer commits what is queued, then refuses new work.
     pub fn start(
         store: Store,
         capacity: usize,
         batch_max: usize,
         wake: Arc<Notify>,
         metrics: Metrics,
+        stop: CancellationToken,
     ) -> (Inbox, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
-        let handle = tokio::spawn(writer(store, rx, batch_max, wake, metrics));
+        let handle = tokio::spawn(writer(store, rx, batch_max, wake, metrics, stop));
         (Inbox { tx }, handle)
     }
 
@@ -67,11 +70,21 @@ async fn writer(
     batch_max: usize,
     wake: Arc<Notify>,
     metrics: Metrics,
+    stop: CancellationToken,
 ) {
     let mut batch: Vec<(NewDelivery, Reply)> = Vec::with_capacity(batch_max);
     loop {
-        if rx.recv_many(&mut batch, batch_max).await == 0 {
-            break; // every sender is gone: shutdown
+        let n = tokio::select! {
+            biased;
+            n = rx.recv_many(&mut batch, batch_max) => n,
+            _ = stop.cancelled() => {
+                // Refuse new work, then commit whatever is still queued.
+                rx.close();
+                rx.recv_many(&mut batch, batch_max).await
+            }
+        };
+        if n == 0 {
+            break; // closed and drained
         }
         let started = Instant::now();
         let rows: Vec<NewDelivery> = batch.iter().map(|(d, _)| d.clone()).collect();

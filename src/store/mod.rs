@@ -569,7 +569,7 @@ impl Store {
                     .bind(limit as i64)
                     .fetch_all(p)
                     .await?;
-                rows.sort_by(|a, b| a.received_at.cmp(&b.received_at));
+                rows.sort_by_key(|d| d.received_at);
                 rows
             }
         })
@@ -896,6 +896,7 @@ fn preview(s: &str) -> String {
 }
 
 /// Inserts one activity-log row on any executor of either backend.
+#[allow(clippy::too_many_arguments)]
 async fn insert_activity<'e, E, DB>(
     exec: E,
     workspace_id: &str,

@@ -92,7 +92,8 @@ async fn rejected_requests_write_nothing(b: Backend) {
     let path = format!("/api/webhooks/signals?key_id={key}");
     let good = generic_headers(&secret, "m1", now, &body);
     let other_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-    let cases: Vec<(&str, Vec<(&str, String)>, Vec<u8>, String, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, Vec<u8>, String, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "no headers",
             vec![],

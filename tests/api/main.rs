@@ -2,5 +2,8 @@
 
 mod helpers;
 
+mod credentials;
 mod generic;
 mod pipeline;
+mod pylon;
+mod slack;
