@@ -41,6 +41,8 @@ pub struct AppState {
     pub wake: Arc<Notify>,
     /// Outbound HTTP client (Slack and Pylon APIs).
     pub http: reqwest::Client,
+    /// Slack Web API client.
+    pub slack: crate::slack_api::SlackApi,
 }
 
 /// Builds the outbound HTTP client (rustls on ring).
@@ -72,6 +74,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(crate::api::routes())
         .merge(crate::sources::routes())
+        .merge(crate::oauth::routes())
         .fallback(|| async { crate::error::ApiError::NotFound("route") })
         .with_state(state)
         .layer(
@@ -121,6 +124,9 @@ impl Application {
             creds: creds.clone(),
             cfg: cfg.clone(),
         };
+        let http = http_client()?;
+        let slack =
+            crate::slack_api::SlackApi::new(http.clone(), &cfg.slack_api_base, metrics.clone());
         let state = AppState {
             cfg: cfg.clone(),
             store,
@@ -129,7 +135,8 @@ impl Application {
             inbox,
             metrics,
             wake,
-            http: http_client()?,
+            http,
+            slack,
         };
         let listener = TcpListener::bind(cfg.bind).await?;
         if cfg.admin_token.is_none() {

@@ -173,17 +173,20 @@ pub struct UpdateArgs {
 /// `integration add …`
 #[derive(Debug, Subcommand)]
 pub enum AddCmd {
-    /// A Slack team.
+    /// A Slack team (manual credentials), or `--print-install-url` for the "Add to Slack" flow.
     Slack {
         /// Workspace id.
         #[arg(long)]
         workspace: String,
+        /// Print an "Add to Slack" link (valid 10 minutes, single use) instead of adding manually.
+        #[arg(long)]
+        print_install_url: bool,
         /// Name.
-        #[arg(long)]
-        name: String,
+        #[arg(long, required_unless_present = "print_install_url")]
+        name: Option<String>,
         /// Slack team id (T…).
-        #[arg(long)]
-        team_id: String,
+        #[arg(long, required_unless_present = "print_install_url")]
+        team_id: Option<String>,
         /// Signing secret of the Slack app (omit when the app-level secret is configured).
         #[arg(long)]
         signing_secret: Option<String>,
@@ -552,6 +555,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             match c {
                 IntegrationCmd::Add(AddCmd::Slack {
                     workspace,
+                    print_install_url,
                     name,
                     team_id,
                     signing_secret,
@@ -559,10 +563,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     bot_user_id,
                     channels,
                 }) => {
+                    if print_install_url {
+                        let url =
+                            crate::oauth::install_url(&a.store, &cfg, &who, &workspace).await?;
+                        print(j, &json!({"install_url": url}), |_| url.clone());
+                        return Ok(());
+                    }
                     let input = NewIntegration {
                         platform: "slack".into(),
-                        name,
-                        slack_team_id: Some(team_id),
+                        name: name.unwrap_or_default(),
+                        slack_team_id: team_id,
                         signing_secret,
                         bot_token,
                         slack_bot_user_id: bot_user_id,

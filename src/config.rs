@@ -38,6 +38,10 @@ pub struct Config {
     pub slack_client_secret: Option<SecretString>,
     /// Slack Web API base URL.
     pub slack_api_base: String,
+    /// Slack's OAuth v2 authorize page.
+    pub slack_authorize_url: String,
+    /// Bot scopes requested by the install flow (comma-separated).
+    pub slack_scopes: String,
     /// Pylon API base URL.
     pub pylon_api_base: String,
     /// Larger webhook bodies get 413.
@@ -118,6 +122,16 @@ const KEYS: &[(&str, Option<&str>)] = &[
     ("slack_client_id", None),
     ("slack_client_secret", None),
     ("slack_api_base", Some("https://slack.com/api")),
+    (
+        "slack_authorize_url",
+        Some("https://slack.com/oauth/v2/authorize"),
+    ),
+    (
+        "slack_scopes",
+        Some(
+            "channels:history,groups:history,im:history,mpim:history,channels:read,groups:read,users:read",
+        ),
+    ),
     ("pylon_api_base", Some("https://api.usepylon.com")),
     ("max_body_bytes", Some("1048576")),
     ("signature_tolerance_secs", Some("300")),
@@ -273,7 +287,7 @@ impl RawConfig {
             }
             None => format!("http://{bind}"),
         };
-        for k in ["slack_api_base", "pylon_api_base"] {
+        for k in ["slack_api_base", "pylon_api_base", "slack_authorize_url"] {
             let v = self.get(k).unwrap_or_default();
             if !(v.starts_with("http://") || v.starts_with("https://")) {
                 return Err(err(k, "must be an http:// or https:// URL"));
@@ -311,6 +325,14 @@ impl RawConfig {
             slack_signing_secret: self.secret("slack_signing_secret"),
             slack_client_id: self.get("slack_client_id").map(str::to_string),
             slack_client_secret: self.secret("slack_client_secret"),
+            slack_authorize_url: self
+                .get("slack_authorize_url")
+                .unwrap_or_default()
+                .to_string(),
+            slack_scopes: self
+                .get("slack_scopes")
+                .unwrap_or_default()
+                .replace(' ', ""),
             slack_api_base: self
                 .get("slack_api_base")
                 .unwrap_or_default()
@@ -430,6 +452,8 @@ impl Config {
             ("slack_client_id", opt(&self.slack_client_id)),
             ("slack_client_secret", show(&self.slack_client_secret)),
             ("slack_api_base", self.slack_api_base.clone()),
+            ("slack_authorize_url", self.slack_authorize_url.clone()),
+            ("slack_scopes", self.slack_scopes.clone()),
             ("pylon_api_base", self.pylon_api_base.clone()),
             ("max_body_bytes", self.max_body_bytes.to_string()),
             (

@@ -250,9 +250,170 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
     let Some(integ) = integ else {
         return Ok(Effect::filter("integration no longer exists"));
     };
-    let effect = proto::normalize(&env, &settings(&integ), &NoNames);
+    let settings = settings(&integ);
+    let effect = proto::normalize(&env, &settings, &NoNames);
     if !integ.row.is_active && !matches!(effect, Effect::DeactivateIntegration { .. }) {
         return Ok(Effect::filter("integration is inactive"));
     }
+    if !matches!(effect, Effect::Upsert { .. }) || integ.row.access_token_enc.is_none() {
+        return Ok(effect);
+    }
+    // Enrichment is bounded: whatever is known after the deadline is used, the rest is recorded.
+    let mut names = Names::default();
+    let mut extra = serde_json::Map::new();
+    let outcome = tokio::time::timeout(
+        ENRICH_DEADLINE,
+        enrich(state, &integ, &env, &mut names, &mut extra),
+    )
+    .await;
+    if outcome.is_err() {
+        names.errors.push("enrichment timed out".into());
+    }
+    let mut effect = proto::normalize(&env, &settings, &names);
+    if let Effect::Upsert { signal, .. } = &mut effect
+        && let Some(meta) = signal.metadata.as_object_mut()
+    {
+        meta.extend(extra);
+        let status = if names.errors.is_empty() {
+            "ok"
+        } else {
+            "partial"
+        };
+        meta.insert(
+            "enrichment".into(),
+            json!({"status": status, "errors": names.errors}),
+        );
+    }
     Ok(effect)
+}
+
+/// Upper bound on the time enrichment may add to a delivery.
+const ENRICH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Names found by enrichment (and the errors met).
+#[derive(Default)]
+struct Names {
+    users: std::collections::HashMap<String, String>,
+    channels: std::collections::HashMap<String, String>,
+    errors: Vec<String>,
+}
+
+impl proto::NameLookup for Names {
+    fn user(&self, id: &str) -> Option<String> {
+        self.users.get(id).cloned()
+    }
+    fn channel(&self, id: &str) -> Option<String> {
+        self.channels.get(id).cloned()
+    }
+}
+
+/// Ids mentioned as `<@U…>` / `<#C…>` in mrkdwn (at most `max` of each).
+fn mentions(text: &str, max: usize) -> (Vec<String>, Vec<String>) {
+    let mut users = Vec::new();
+    let mut channels = Vec::new();
+    for part in text.split('<').skip(1) {
+        let inner = part.split('>').next().unwrap_or("");
+        let id = inner.split('|').next().unwrap_or("");
+        if let Some(u) = id.strip_prefix('@') {
+            if !u.is_empty() && users.len() < max && !users.iter().any(|x| x == u) {
+                users.push(u.to_string());
+            }
+        } else if let Some(c) = id.strip_prefix('#')
+            && !c.is_empty()
+            && channels.len() < max
+            && !channels.iter().any(|x| x == c)
+        {
+            channels.push(c.to_string());
+        }
+    }
+    (users, channels)
+}
+
+#[allow(unused_assignments)] // the last retry's flag update is never read
+async fn enrich(
+    state: &AppState,
+    integ: &IntegrationRef,
+    env: &Envelope,
+    names: &mut Names,
+    extra: &mut serde_json::Map<String, Value>,
+) {
+    use crate::slack_api::{SlackError, bot_token};
+    let id = &integ.row.id;
+    let Some(mut token) = bot_token(state, id, false).await else {
+        names.errors.push("no usable bot token".into());
+        return;
+    };
+    let event = &env.raw["event"];
+    let msg = if event["subtype"] == "message_changed" {
+        &event["message"]
+    } else {
+        event
+    };
+    let team = env
+        .team_id
+        .clone()
+        .or_else(|| env.routing_ids().into_iter().next())
+        .unwrap_or_default();
+    let channel = event["channel"].as_str().unwrap_or_default().to_string();
+    let ts = msg["ts"].as_str().unwrap_or_default().to_string();
+    let (mut users, channels) = mentions(msg["text"].as_str().unwrap_or_default(), 10);
+    if let Some(u) = msg["user"].as_str()
+        && !users.iter().any(|x| x == u)
+    {
+        users.insert(0, u.to_string());
+    }
+    let api = &state.slack;
+    let mut refreshed = false;
+    // One retry after refreshing when Slack says the token expired.
+    macro_rules! with_token {
+        (|$t:ident| $call:expr) => {{
+            let mut r = {
+                let $t = &token;
+                $call.await
+            };
+            if let Err(e) = &r
+                && e.is_auth()
+                && !refreshed
+            {
+                refreshed = true;
+                if let Some(fresh) = bot_token(state, id, true).await {
+                    token = fresh;
+                    let $t = &token;
+                    r = $call.await;
+                }
+            }
+            r
+        }};
+    }
+    let note = |errors: &mut Vec<String>, what: &str, e: &SlackError| {
+        errors.push(format!("{what}: {e}"));
+    };
+    for u in users {
+        match with_token!(|t| api.user_name(&team, t, &u)) {
+            Ok(n) => {
+                names.users.insert(u, n);
+            }
+            Err(e) => note(&mut names.errors, "users.info", &e),
+        }
+    }
+    let mut all_channels = channels;
+    if !channel.is_empty() && !all_channels.contains(&channel) {
+        all_channels.insert(0, channel.clone());
+    }
+    for c in all_channels {
+        match with_token!(|t| api.channel_name(&team, t, &c)) {
+            Ok(n) => {
+                names.channels.insert(c, n);
+            }
+            Err(e) => note(&mut names.errors, "conversations.info", &e),
+        }
+    }
+    if !channel.is_empty() && !ts.is_empty() {
+        match with_token!(|t| api.permalink(&team, t, &channel, &ts)) {
+            Ok(p) => {
+                extra.insert("permalink".into(), Value::String(p));
+            }
+            Err(e) => note(&mut names.errors, "chat.getPermalink", &e),
+        }
+    }
 }

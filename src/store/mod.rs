@@ -411,6 +411,89 @@ impl Store {
         }.await)
     }
 
+    // ---------------------------------------------------------------- Slack OAuth and token refresh
+
+    /// Stores an OAuth `state` (hashed) bound to a workspace.
+    pub async fn insert_oauth_state(
+        &self,
+        state_hash: &str,
+        workspace_id: &str,
+        created_by: &str,
+        expires_at: i64,
+    ) -> Result<()> {
+        on_pool!(self, p => sqlx::query(
+            "INSERT INTO oauth_states (state_hash, workspace_id, created_by, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)")
+            .bind(state_hash).bind(workspace_id).bind(created_by).bind(now_micros()).bind(expires_at)
+            .execute(p).await.map(|r| r.rows_affected())).map_err(StoreError::from_sqlx)?;
+        Ok(())
+    }
+
+    /// Uses an OAuth `state` once: returns its workspace if it exists, is unused and unexpired.
+    pub async fn consume_oauth_state(&self, state_hash: &str) -> Result<Option<String>> {
+        let now = now_micros();
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, String>(
+            "UPDATE oauth_states SET used_at = $2 WHERE state_hash = $1 AND used_at IS NULL \
+             AND expires_at > $2 RETURNING workspace_id")
+            .bind(state_hash).bind(now).fetch_optional(p).await)?)
+    }
+
+    /// Takes the refresh lock of an integration until `until` (single-flight across nodes).
+    pub async fn try_lock_refresh(&self, id: &str, until: i64) -> Result<bool> {
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE integrations SET refresh_lock_until = $2 WHERE id = $1 \
+             AND (refresh_lock_until IS NULL OR refresh_lock_until < $3)")
+            .bind(id).bind(until).bind(now_micros()).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    /// Stores refreshed tokens atomically, only while holding the lock taken with `lock`.
+    pub async fn store_refreshed_tokens(
+        &self,
+        id: &str,
+        lock: i64,
+        access_enc: &str,
+        refresh_enc: Option<&str>,
+        expires_at: Option<i64>,
+    ) -> Result<bool> {
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE integrations SET access_token_enc = $3, refresh_token_enc = $4, \
+             token_expires_at = $5, refresh_lock_until = NULL, needs_reauth = $6, updated_at = $7 \
+             WHERE id = $1 AND refresh_lock_until = $2")
+            .bind(id).bind(lock).bind(access_enc).bind(refresh_enc).bind(expires_at).bind(false)
+            .bind(now_micros()).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r == 1)
+    }
+
+    /// Releases a refresh lock without changing tokens.
+    pub async fn release_refresh_lock(&self, id: &str, lock: i64) -> Result<()> {
+        on_pool!(self, p => sqlx::query(
+            "UPDATE integrations SET refresh_lock_until = NULL WHERE id = $1 AND refresh_lock_until = $2")
+            .bind(id).bind(lock).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
+    /// Marks an integration as needing re-installation (its refresh failed for good).
+    pub async fn mark_needs_reauth(&self, id: &str, reason: &str) -> Result<()> {
+        let now = now_micros();
+        let ws: Option<String> = on_pool!(self, p => sqlx::query_scalar(
+            "UPDATE integrations SET needs_reauth = $2, refresh_lock_until = NULL, updated_at = $3 \
+             WHERE id = $1 RETURNING workspace_id")
+            .bind(id).bind(true).bind(now).fetch_optional(p).await)?;
+        if let Some(ws) = ws {
+            self.log_activity(
+                &ws,
+                Some("worker"),
+                "integration.needs_reauth",
+                "integration",
+                id,
+                &serde_json::json!({"reason": reason}),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- api tokens
 
     /// Stores a workspace-scoped token (hash only).

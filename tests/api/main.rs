@@ -7,3 +7,4 @@ mod generic;
 mod pipeline;
 mod pylon;
 mod slack;
+mod slack_oauth;

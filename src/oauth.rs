@@ -1,0 +1,268 @@
+//! Slack OAuth v2 "Add to Slack": the install redirect (with a random, single-use, expiring
+//! `state` bound to the workspace) and the redirect endpoint that exchanges the code and creates
+//! or updates the workspace's Slack integration with encrypted tokens.
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::admin::Principal;
+use crate::api::Auth;
+use crate::app::AppState;
+use crate::clock::now_micros;
+use crate::config::Config;
+use crate::error::{ApiError, ApiResult};
+use crate::ids::{new_id, prefix};
+use crate::protocol::sha256_hex;
+use crate::store::{Integration, Store};
+
+/// How long an install link stays valid.
+pub const STATE_TTL_SECS: i64 = 600;
+
+/// OAuth routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/integrations/slack/install", get(install))
+        .route("/api/webhooks/slack/oauth", get(callback))
+}
+
+/// The redirect URI registered with Slack.
+pub fn redirect_uri(cfg: &Config) -> String {
+    format!("{}/api/webhooks/slack/oauth", cfg.public_url)
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Creates a state for `workspace_id` and returns the Slack authorize URL.
+pub async fn install_url(
+    store: &Store,
+    cfg: &Config,
+    who: &Principal,
+    workspace_id: &str,
+) -> ApiResult<String> {
+    let client_id = cfg
+        .slack_client_id
+        .as_deref()
+        .ok_or_else(|| ApiError::invalid("Slack OAuth is not configured: set SIGNALBOX_SLACK_CLIENT_ID and SIGNALBOX_SLACK_CLIENT_SECRET"))?;
+    if !who.can_see(workspace_id) || store.get_workspace(workspace_id).await?.is_none() {
+        return Err(ApiError::NotFound("workspace"));
+    }
+    let raw_state = crate::crypto::random_token("", 32);
+    store
+        .insert_oauth_state(
+            &sha256_hex(raw_state.as_bytes()),
+            workspace_id,
+            who.actor(),
+            now_micros() + STATE_TTL_SECS * 1_000_000,
+        )
+        .await?;
+    Ok(format!(
+        "{}?client_id={}&scope={}&redirect_uri={}&state={}",
+        cfg.slack_authorize_url,
+        enc(client_id),
+        enc(&cfg.slack_scopes),
+        enc(&redirect_uri(cfg)),
+        enc(&raw_state)
+    ))
+}
+
+#[derive(Deserialize)]
+struct InstallQuery {
+    workspace_id: Option<String>,
+}
+
+async fn install(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    Query(q): Query<InstallQuery>,
+) -> ApiResult<Response> {
+    let ws = q
+        .workspace_id
+        .filter(|w| !w.is_empty())
+        .ok_or_else(|| ApiError::invalid("workspace_id is required"))?;
+    let url = install_url(&state.store, &state.cfg, &who, &ws).await?;
+    Ok((StatusCode::FOUND, [(header::LOCATION, url)]).into_response())
+}
+
+#[derive(Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    (
+        status,
+        Html(format!(
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
+             <body style=\"font-family:sans-serif;max-width:40em;margin:4em auto\"><h1>{t}</h1><p>{b}</p></body></html>",
+            t = esc(title),
+            b = esc(body)
+        )),
+    )
+        .into_response()
+}
+
+async fn callback(State(state): State<AppState>, Query(q): Query<CallbackQuery>) -> Response {
+    if let Some(err) = q.error.as_deref() {
+        let msg = if err == "access_denied" {
+            "The installation was cancelled in Slack, so nothing was connected. You can close this page and start again from signalbox.".to_string()
+        } else {
+            format!(
+                "Slack reported an error ({}), so nothing was connected.",
+                err.chars().take(64).collect::<String>()
+            )
+        };
+        return page(StatusCode::BAD_REQUEST, "Slack was not connected", &msg);
+    }
+    let (Some(code), Some(raw_state)) = (
+        q.code.filter(|c| !c.is_empty()),
+        q.state.filter(|s| !s.is_empty()),
+    ) else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Invalid install link",
+            "The link is missing its code or state. Start the installation again.",
+        );
+    };
+    let ws = match state
+        .store
+        .consume_oauth_state(&sha256_hex(raw_state.as_bytes()))
+        .await
+    {
+        Ok(Some(ws)) => ws,
+        Ok(None) => {
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Install link expired or already used",
+                "This installation link is unknown, expired (links last 10 minutes) or was already used. Start the installation again.",
+            );
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "oauth state lookup failed");
+            return page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Try again",
+                "signalbox cannot reach its database right now.",
+            );
+        }
+    };
+    match complete(&state, &ws, &code).await {
+        Ok(team) => page(
+            StatusCode::OK,
+            "Slack connected",
+            &format!(
+                "signalbox is now connected to the Slack workspace {team}. Invite the app to the channels it should listen to."
+            ),
+        ),
+        Err(msg) => page(StatusCode::BAD_GATEWAY, "Slack was not connected", &msg),
+    }
+}
+
+/// Exchanges the code and creates or updates the workspace's Slack integration.
+async fn complete(state: &AppState, ws: &str, code: &str) -> Result<String, String> {
+    let (Some(client_id), Some(secret)) =
+        (&state.cfg.slack_client_id, &state.cfg.slack_client_secret)
+    else {
+        return Err("Slack OAuth is not configured on this server.".into());
+    };
+    let tokens = state
+        .slack
+        .exchange_code(client_id, secret, code, &redirect_uri(&state.cfg))
+        .await
+        .map_err(|e| format!("Slack refused the installation ({e}). Start again."))?;
+    let team_id = tokens
+        .team_id
+        .clone()
+        .or_else(|| tokens.enterprise_id.clone())
+        .ok_or("Slack's answer named no team.")?;
+    let store = &state.store;
+    let fail = |e: crate::store::StoreError| {
+        tracing::error!(error = %e, "storing the Slack installation failed");
+        "signalbox could not store the installation; try again.".to_string()
+    };
+    let existing = store
+        .find_slack_integrations(&team_id)
+        .await
+        .map_err(fail)?;
+    if existing.iter().any(|i| i.is_active && i.workspace_id != ws) {
+        return Err(format!(
+            "The Slack workspace {team_id} is already connected to another signalbox workspace."
+        ));
+    }
+    let now = now_micros();
+    let mut row = existing
+        .into_iter()
+        .find(|i| i.workspace_id == ws)
+        .unwrap_or_else(|| Integration {
+            id: new_id(prefix::INTEGRATION),
+            workspace_id: ws.to_string(),
+            platform: "slack".into(),
+            name: format!("Slack {}", tokens.team_name.as_deref().unwrap_or(&team_id)),
+            config: json!({"slack_channels": []}).to_string(),
+            created_at: now,
+            updated_at: now,
+            created_by: Some("oauth".into()),
+            ..Default::default()
+        });
+    let is_new = row.created_at == now;
+    let id = row.id.clone();
+    row.access_token_enc = Some(state.creds.encrypt(
+        "integrations",
+        &id,
+        "access_token_enc",
+        tokens.access_token.expose_secret(),
+    ));
+    row.refresh_token_enc = tokens.refresh_token.as_ref().map(|r| {
+        state
+            .creds
+            .encrypt("integrations", &id, "refresh_token_enc", r.expose_secret())
+    });
+    row.token_expires_at = tokens.expires_in.map(|s| now + s * 1_000_000);
+    row.slack_team_id = Some(team_id.clone());
+    row.slack_team_name = tokens.team_name.clone().or(row.slack_team_name);
+    row.slack_bot_user_id = tokens.bot_user_id.clone().or(row.slack_bot_user_id);
+    row.slack_enterprise_id = tokens.enterprise_id.clone();
+    row.slack_scopes = tokens.scope.clone();
+    row.slack_app_id = tokens.app_id.clone();
+    row.is_active = true;
+    row.needs_reauth = false;
+    if is_new {
+        store.insert_integration(&row).await.map_err(fail)?;
+    } else {
+        store.update_integration(&row).await.map_err(fail)?;
+    }
+    state.creds.changed(&id).await;
+    let _ = store
+        .log_activity(
+            ws,
+            Some("oauth"),
+            "integration.installed",
+            "integration",
+            &id,
+            &json!({"team_id": team_id, "reinstall": !is_new, "scopes": tokens.scope}),
+        )
+        .await;
+    tracing::info!(integration_id = %id, team_id = %team_id, reinstall = !is_new, "Slack installed");
+    Ok(tokens.team_name.unwrap_or(team_id))
+}

@@ -1,0 +1,512 @@
+//! Slack Web API: OAuth v2 code exchange, token rotation (single-flight), and the lookups that
+//! enrich Slack signals (`users.info`, `conversations.info`, `chat.getPermalink`).
+//!
+//! Every call goes to `SIGNALBOX_SLACK_API_BASE`. A 429 blocks that method for that team until
+//! `Retry-After` has passed (other methods and teams are unaffected); callers then skip the
+//! lookup instead of waiting, so enrichment never delays a signal beyond a bound.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+
+use crate::app::AppState;
+use crate::clock::now_micros;
+use crate::metrics::Metrics;
+
+/// Refresh when less than this remains before expiry (Bolt uses the same margin).
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(2 * 3600);
+/// How long names stay cached.
+const NAME_TTL: Duration = Duration::from_secs(3600);
+
+/// A Slack API failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlackError {
+    /// 429, or the method is still blocked by an earlier 429.
+    #[error("rate limited for {0:?}")]
+    RateLimited(Duration),
+    /// `{"ok":false,"error":"…"}`.
+    #[error("slack error: {0}")]
+    Api(String),
+    /// Transport or unexpected response.
+    #[error("slack call failed: {0}")]
+    Http(String),
+}
+
+impl SlackError {
+    /// Errors that mean the access token is no longer good.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, SlackError::Api(e) if e == "token_expired" || e == "invalid_auth")
+    }
+
+    /// Errors that mean the refresh token is no longer good (re-install needed).
+    pub fn is_refresh_dead(&self) -> bool {
+        matches!(self, SlackError::Api(e) if matches!(e.as_str(),
+            "invalid_refresh_token" | "invalid_grant" | "token_revoked" | "account_inactive"
+            | "invalid_client_id" | "bad_client_secret" | "app_uninstalled"))
+    }
+}
+
+/// The parts of an `oauth.v2.access` answer we keep.
+#[derive(Debug, Clone)]
+pub struct OAuthTokens {
+    /// Bot token.
+    pub access_token: SecretString,
+    /// Refresh token (rotation on).
+    pub refresh_token: Option<SecretString>,
+    /// Seconds until the access token expires (rotation on).
+    pub expires_in: Option<i64>,
+    /// Bot user id.
+    pub bot_user_id: Option<String>,
+    /// Team id.
+    pub team_id: Option<String>,
+    /// Team name.
+    pub team_name: Option<String>,
+    /// Enterprise id (Grid).
+    pub enterprise_id: Option<String>,
+    /// Granted scopes.
+    pub scope: Option<String>,
+    /// App id.
+    pub app_id: Option<String>,
+}
+
+impl OAuthTokens {
+    fn from_json(v: &Value) -> Result<Self, SlackError> {
+        let s = |p: &[&str]| -> Option<String> {
+            let mut cur = v;
+            for k in p {
+                cur = cur.get(*k)?;
+            }
+            cur.as_str().filter(|x| !x.is_empty()).map(str::to_string)
+        };
+        let access = s(&["access_token"])
+            .ok_or_else(|| SlackError::Http("no access_token in the answer".into()))?;
+        Ok(OAuthTokens {
+            access_token: SecretString::from(access),
+            refresh_token: s(&["refresh_token"]).map(SecretString::from),
+            expires_in: v.get("expires_in").and_then(Value::as_i64),
+            bot_user_id: s(&["bot_user_id"]),
+            team_id: s(&["team", "id"]),
+            team_name: s(&["team", "name"]),
+            enterprise_id: s(&["enterprise", "id"]),
+            scope: s(&["scope"]),
+            app_id: s(&["app_id"]),
+        })
+    }
+}
+
+/// The Slack Web API client with per-(team, method) rate-limit state and a name cache.
+#[derive(Clone)]
+pub struct SlackApi {
+    http: reqwest::Client,
+    base: String,
+    metrics: Metrics,
+    blocked: Arc<Mutex<HashMap<(String, &'static str), Instant>>>,
+    names: Arc<Mutex<HashMap<(String, &'static str, String), (Instant, String)>>>,
+    refreshing: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl SlackApi {
+    /// A client for `base` (e.g. `https://slack.com/api`).
+    pub fn new(http: reqwest::Client, base: &str, metrics: Metrics) -> Self {
+        SlackApi {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            metrics,
+            blocked: Arc::default(),
+            names: Arc::default(),
+            refreshing: Arc::default(),
+        }
+    }
+
+    fn count(&self, method: &str, outcome: &str) {
+        self.metrics
+            .api_calls
+            .get_or_create(&vec![
+                ("service", "slack".to_string()),
+                ("method", method.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Calls a Web API method with form arguments, as the bot (`token`) or with client
+    /// credentials (HTTP Basic).
+    pub async fn call(
+        &self,
+        team: &str,
+        method: &'static str,
+        token: Option<&SecretString>,
+        basic: Option<(&str, &SecretString)>,
+        form: &[(&str, &str)],
+    ) -> Result<Value, SlackError> {
+        let key = (team.to_string(), method);
+        if let Some(until) = self
+            .blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            && *until > Instant::now()
+        {
+            self.count(method, "skipped_rate_limited");
+            return Err(SlackError::RateLimited(*until - Instant::now()));
+        }
+        let mut req = self
+            .http
+            .post(format!("{}/{method}", self.base))
+            .timeout(Duration::from_secs(5))
+            .form(form);
+        if let Some(t) = token {
+            req = req.bearer_auth(t.expose_secret());
+        }
+        if let Some((id, secret)) = basic {
+            req = req.basic_auth(id, Some(secret.expose_secret()));
+        }
+        let resp = req.send().await.map_err(|e| {
+            self.count(method, "error");
+            SlackError::Http(e.without_url().to_string())
+        })?;
+        if resp.status().as_u16() == 429 {
+            let secs = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(30)
+                .min(3600);
+            let d = Duration::from_secs(secs);
+            self.blocked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, Instant::now() + d);
+            self.count(method, "rate_limited");
+            return Err(SlackError::RateLimited(d));
+        }
+        if !resp.status().is_success() {
+            self.count(method, "error");
+            return Err(SlackError::Http(format!("HTTP {}", resp.status())));
+        }
+        let v: Value = resp.json().await.map_err(|e| {
+            self.count(method, "error");
+            SlackError::Http(format!("bad JSON: {}", e.without_url()))
+        })?;
+        if v.get("ok") != Some(&Value::Bool(true)) {
+            self.count(method, "api_error");
+            let err = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown_error");
+            return Err(SlackError::Api(err.chars().take(64).collect()));
+        }
+        self.count(method, "ok");
+        Ok(v)
+    }
+
+    /// `oauth.v2.access` with an authorization code.
+    pub async fn exchange_code(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        code: &str,
+        redirect_uri: &str,
+    ) -> Result<OAuthTokens, SlackError> {
+        let v = self
+            .call(
+                "oauth",
+                "oauth.v2.access",
+                None,
+                Some((client_id, client_secret)),
+                &[
+                    ("code", code),
+                    ("redirect_uri", redirect_uri),
+                    ("grant_type", "authorization_code"),
+                ],
+            )
+            .await?;
+        OAuthTokens::from_json(&v)
+    }
+
+    /// `oauth.v2.access` with `grant_type=refresh_token`.
+    pub async fn refresh(
+        &self,
+        client_id: &str,
+        client_secret: &SecretString,
+        refresh_token: &SecretString,
+    ) -> Result<OAuthTokens, SlackError> {
+        let v = self
+            .call(
+                "oauth",
+                "oauth.v2.access",
+                None,
+                Some((client_id, client_secret)),
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh_token.expose_secret()),
+                ],
+            )
+            .await?;
+        OAuthTokens::from_json(&v)
+    }
+
+    fn cached_name(&self, team: &str, kind: &'static str, id: &str) -> Option<String> {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .get(&(team.to_string(), kind, id.to_string()))
+            .filter(|(at, _)| at.elapsed() < NAME_TTL)
+            .map(|(_, n)| n.clone())
+    }
+
+    fn cache_name(&self, team: &str, kind: &'static str, id: &str, name: &str) {
+        self.names.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            (team.to_string(), kind, id.to_string()),
+            (Instant::now(), name.to_string()),
+        );
+    }
+
+    /// A user's display name (falling back to the real name), cached per team.
+    pub async fn user_name(
+        &self,
+        team: &str,
+        token: &SecretString,
+        user: &str,
+    ) -> Result<String, SlackError> {
+        if let Some(n) = self.cached_name(team, "user", user) {
+            return Ok(n);
+        }
+        let v = self
+            .call(team, "users.info", Some(token), None, &[("user", user)])
+            .await?;
+        let profile = &v["user"]["profile"];
+        let name = [
+            profile["display_name"].as_str(),
+            profile["real_name"].as_str(),
+            v["user"]["real_name"].as_str(),
+            v["user"]["name"].as_str(),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|s| !s.is_empty())
+        .ok_or_else(|| SlackError::Api("user has no name".into()))?
+        .to_string();
+        self.cache_name(team, "user", user, &name);
+        Ok(name)
+    }
+
+    /// A channel's name, cached per team.
+    pub async fn channel_name(
+        &self,
+        team: &str,
+        token: &SecretString,
+        channel: &str,
+    ) -> Result<String, SlackError> {
+        if let Some(n) = self.cached_name(team, "channel", channel) {
+            return Ok(n);
+        }
+        let v = self
+            .call(
+                team,
+                "conversations.info",
+                Some(token),
+                None,
+                &[("channel", channel)],
+            )
+            .await?;
+        let name = v["channel"]["name"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| SlackError::Api("channel has no name".into()))?
+            .to_string();
+        self.cache_name(team, "channel", channel, &name);
+        Ok(name)
+    }
+
+    /// A message permalink.
+    pub async fn permalink(
+        &self,
+        team: &str,
+        token: &SecretString,
+        channel: &str,
+        ts: &str,
+    ) -> Result<String, SlackError> {
+        let v = self
+            .call(
+                team,
+                "chat.getPermalink",
+                Some(token),
+                None,
+                &[("channel", channel), ("message_ts", ts)],
+            )
+            .await?;
+        v["permalink"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| SlackError::Api("no permalink".into()))
+    }
+
+    fn local_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// The integration's usable bot token, refreshed first when it expires within
+/// [`REFRESH_MARGIN`] (or when `force`, after a `token_expired`/`invalid_auth`). `None` when
+/// there is no token or the integration needs re-authorisation.
+///
+/// Single-flight: one refresh per integration at a time in this process (a mutex) and across
+/// nodes (a lease column taken with a conditional `UPDATE`); losers wait for the winner's tokens.
+pub async fn bot_token(
+    state: &AppState,
+    integration_id: &str,
+    force: bool,
+) -> Option<SecretString> {
+    let api = &state.slack;
+    let fresh_enough = |row: &crate::store::Integration| {
+        row.token_expires_at
+            .is_none_or(|t| t - now_micros() > REFRESH_MARGIN.as_micros() as i64)
+    };
+    let row = state
+        .store
+        .get_integration(integration_id)
+        .await
+        .ok()
+        .flatten()?;
+    if row.needs_reauth || !row.is_active {
+        return None;
+    }
+    let current = |row: &crate::store::Integration| {
+        row.access_token_enc.as_deref().and_then(|e| {
+            state
+                .creds
+                .decrypt("integrations", &row.id, "access_token_enc", e)
+                .ok()
+        })
+    };
+    if (!force && fresh_enough(&row)) || row.refresh_token_enc.is_none() {
+        return current(&row);
+    }
+    let seen_token = row.access_token_enc.clone();
+    let lock = api.local_lock(integration_id);
+    let _guard = lock.lock().await;
+    // Someone may have refreshed while we waited.
+    let row = state
+        .store
+        .get_integration(integration_id)
+        .await
+        .ok()
+        .flatten()?;
+    if row.needs_reauth {
+        return None;
+    }
+    if row.access_token_enc != seen_token || (!force && fresh_enough(&row)) {
+        return current(&row);
+    }
+    let (Some(client_id), Some(client_secret)) =
+        (&state.cfg.slack_client_id, &state.cfg.slack_client_secret)
+    else {
+        tracing::warn!(
+            integration_id,
+            "token needs a refresh but SIGNALBOX_SLACK_CLIENT_ID/SECRET are not set"
+        );
+        return current(&row);
+    };
+    let lease = now_micros() + 30_000_000;
+    if !state
+        .store
+        .try_lock_refresh(integration_id, lease)
+        .await
+        .unwrap_or(false)
+    {
+        // Another node is refreshing: wait for its result.
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let r = state
+                .store
+                .get_integration(integration_id)
+                .await
+                .ok()
+                .flatten()?;
+            if r.access_token_enc != seen_token || r.needs_reauth {
+                return if r.needs_reauth { None } else { current(&r) };
+            }
+        }
+        return current(&row);
+    }
+    let refresh = row.refresh_token_enc.as_deref().and_then(|e| {
+        state
+            .creds
+            .decrypt("integrations", &row.id, "refresh_token_enc", e)
+            .ok()
+    });
+    let Some(refresh) = refresh else {
+        let _ = state
+            .store
+            .release_refresh_lock(integration_id, lease)
+            .await;
+        return current(&row);
+    };
+    match api.refresh(client_id, client_secret, &refresh).await {
+        Ok(t) => {
+            let access = state.creds.encrypt(
+                "integrations",
+                integration_id,
+                "access_token_enc",
+                t.access_token.expose_secret(),
+            );
+            let new_refresh = t
+                .refresh_token
+                .as_ref()
+                .unwrap_or(&refresh)
+                .expose_secret()
+                .to_string();
+            let refresh_enc = state.creds.encrypt(
+                "integrations",
+                integration_id,
+                "refresh_token_enc",
+                &new_refresh,
+            );
+            let expires = t.expires_in.map(|s| now_micros() + s * 1_000_000);
+            match state
+                .store
+                .store_refreshed_tokens(integration_id, lease, &access, Some(&refresh_enc), expires)
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(integration_id, "Slack token refreshed");
+                    state.creds.changed(integration_id).await;
+                    Some(t.access_token)
+                }
+                _ => {
+                    tracing::warn!(
+                        integration_id,
+                        "refreshed Slack token could not be stored (lease lost)"
+                    );
+                    Some(t.access_token)
+                }
+            }
+        }
+        Err(e) if e.is_refresh_dead() => {
+            tracing::warn!(integration_id, error = %e, "Slack token refresh failed for good: integration needs re-authorisation");
+            let _ = state
+                .store
+                .mark_needs_reauth(integration_id, &e.to_string())
+                .await;
+            state.creds.changed(integration_id).await;
+            None
+        }
+        Err(e) => {
+            tracing::warn!(integration_id, error = %e, "Slack token refresh failed; will retry later");
+            let _ = state
+                .store
+                .release_refresh_lock(integration_id, lease)
+                .await;
+            current(&row)
+        }
+    }
+}
