@@ -74,14 +74,13 @@ fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-async fn crash_and_recover(b: Backend) {
+async fn crash_and_recover(b: Backend, two_nodes: bool) {
     let Some((db_url, _dir)) = fresh_database(b).await else { return };
     let keys = {
         use secrecy::ExposeSecret;
         signalbox::crypto::MasterKey::generate("k1").to_spec().expose_secret().to_string()
     };
-    let port = free_port();
-    let mut server = Server {
+    let node = |port: u16| Server {
         port,
         env: vec![
             ("SIGNALBOX_DATABASE_URL".into(), db_url.clone()),
@@ -93,11 +92,22 @@ async fn crash_and_recover(b: Backend) {
         ],
         child: None,
     };
+    let port = free_port();
+    let mut server = node(port);
+    // Multi-node: a second, independent node on the same database shares the load.
+    let mut second = two_nodes.then(|| node(free_port()));
     signalbox::app::install_crypto_provider();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     server.spawn();
     server.wait_ready(&client).await;
+    if let Some(n) = second.as_mut() {
+        n.spawn();
+        n.wait_ready(&client).await;
+    }
     let base = format!("http://127.0.0.1:{port}");
+    let bases: Vec<String> = std::iter::once(base.clone())
+        .chain(second.as_ref().map(|n| format!("http://127.0.0.1:{}", n.port)))
+        .collect();
     let ws: serde_json::Value = client
         .post(format!("{base}/api/v1/workspaces"))
         .bearer_auth(ADMIN_TOKEN)
@@ -127,7 +137,8 @@ async fn crash_and_recover(b: Backend) {
     let senders = env_num("SIGNALBOX_CRASH_SENDERS", 8);
     let mut tasks = Vec::new();
     for s in 0..senders {
-        let (client, base, key_id, secret) = (client.clone(), base.clone(), key_id.clone(), secret.clone());
+        let base = bases[s as usize % bases.len()].clone();
+        let (client, key_id, secret) = (client.clone(), key_id.clone(), secret.clone());
         let (acked, sent, stop) = (acked.clone(), sent.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
@@ -152,6 +163,12 @@ async fn crash_and_recover(b: Backend) {
         }));
     }
     let kills = env_num("SIGNALBOX_CRASH_KILLS", 3);
+    if let Some(n) = second.as_mut() {
+        // Kill the second node for good mid-way: its share of the load fails over to nothing
+        // (senders see errors), and whatever it had claimed is taken over by the first node.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        n.kill();
+    }
     for _ in 0..kills {
         let wait = rand::thread_rng().gen_range(200..900);
         tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -208,7 +225,7 @@ async fn crash_and_recover(b: Backend) {
         .unwrap();
     assert_eq!(created, signals, "one signal.created entry per signal");
     eprintln!(
-        "crash test ({b:?}): {kills} kills survived, {} requests sent, {} acked, {} stored, {signals} signals, 0 lost, 0 duplicated",
+        "crash test ({b:?}, two nodes: {two_nodes}): {kills} kills survived, {} requests sent, {} acked, {} stored, {signals} signals, 0 lost, 0 duplicated",
         sent.load(Ordering::Relaxed),
         acked.len(),
         delivered.len()
@@ -218,10 +235,15 @@ async fn crash_and_recover(b: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_under_load_loses_nothing_sqlite() {
-    crash_and_recover(Backend::Sqlite).await;
+    crash_and_recover(Backend::Sqlite, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_under_load_loses_nothing_postgres() {
-    crash_and_recover(Backend::Postgres).await;
+    crash_and_recover(Backend::Postgres, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_one_postgres_one_killed_lose_and_duplicate_nothing() {
+    crash_and_recover(Backend::Postgres, true).await;
 }
