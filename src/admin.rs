@@ -752,7 +752,12 @@ impl Admin {
             "slack_enterprise_id": r.slack_enterprise_id,
             "pylon_account_id": r.pylon_account_id,
             "config": config,
-            "webhook_url": self.webhook_url(&r.platform, &r.id),
+            "webhook_url": if r.platform == "slack" && r.webhook_secret_enc.is_none() {
+                // Verified with the app-level secret and routed by team: the plain URL.
+                format!("{}/api/webhooks/slack/events", self.cfg.public_url)
+            } else {
+                self.webhook_url(&r.platform, &r.id)
+            },
             "last_used_at": rfc3339_opt(r.last_used_at),
             "created_at": rfc3339(r.created_at),
             "updated_at": rfc3339(r.updated_at),

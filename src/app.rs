@@ -94,6 +94,9 @@ pub fn router(state: AppState) -> Router {
                 tracing::info_span!("http", method = %req.method(), route = path, request_id = rid)
             }),
         )
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            crate::server::BODY_READ_TIMEOUT,
+        ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
@@ -190,18 +193,13 @@ impl Application {
         let app = router(state.clone());
         let http_stop = CancellationToken::new();
         let stop = http_stop.clone();
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        });
+        let server = tokio::spawn(crate::server::serve(listener, app, stop));
         shutdown.await;
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         http_stop.cancel();
         let timeout = state.cfg.shutdown_timeout;
         match tokio::time::timeout(timeout, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "server error during shutdown"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "server task failed"),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish within the shutdown timeout")

@@ -17,6 +17,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod oauth;
 pub mod protocol;
+pub mod server;
 pub mod slack_api;
 pub mod sources;
 pub mod store;

@@ -97,6 +97,9 @@ impl OAuthTokens {
     }
 }
 
+/// Cached names by (team, kind, id).
+type NameCache = HashMap<(String, &'static str, String), (Instant, String)>;
+
 /// The Slack Web API client with per-(team, method) rate-limit state and a name cache.
 #[derive(Clone)]
 pub struct SlackApi {
@@ -104,7 +107,7 @@ pub struct SlackApi {
     base: String,
     metrics: Metrics,
     blocked: Arc<Mutex<HashMap<(String, &'static str), Instant>>>,
-    names: Arc<Mutex<HashMap<(String, &'static str, String), (Instant, String)>>>,
+    names: Arc<Mutex<NameCache>>,
     refreshing: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 

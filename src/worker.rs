@@ -160,7 +160,11 @@ async fn schedule_retry(
     span: &tracing::Span,
 ) {
     let cfg = &state.cfg;
-    let dead = d.attempts >= cfg.max_attempts;
+    // Waiting out a rate limit (the failure said when to come back) is not a failed attempt.
+    if e.retry_after.is_some() {
+        let _ = state.store.uncount_attempt(&d.id, owner).await;
+    }
+    let dead = e.retry_after.is_none() && d.attempts >= cfg.max_attempts;
     let delay = e
         .retry_after
         .unwrap_or_else(|| backoff(cfg.retry_base_delay, cfg.retry_max_delay, d.attempts));
@@ -224,6 +228,9 @@ pub async fn listen(state: AppState, cancel: CancellationToken) {
         {
             tracing::debug!(error = %e, "LISTEN failed; retrying");
             sleep_or_cancel(Duration::from_secs(2), &cancel).await;
+            if cancel.is_cancelled() {
+                return;
+            }
             continue;
         }
         // Anything may have changed while we were not listening.

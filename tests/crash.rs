@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 #[path = "api/helpers.rs"]
-#[allow(dead_code, unused_imports)]
 mod helpers;
 
 use std::collections::HashSet;
@@ -49,7 +48,10 @@ impl Server {
 
     async fn wait_ready(&self, client: &reqwest::Client) {
         for _ in 0..300 {
-            if let Ok(r) = client.get(format!("http://127.0.0.1:{}/readyz", self.port)).send().await
+            if let Ok(r) = client
+                .get(format!("http://127.0.0.1:{}/readyz", self.port))
+                .send()
+                .await
                 && r.status().is_success()
             {
                 return;
@@ -67,18 +69,30 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 async fn crash_and_recover(b: Backend, two_nodes: bool) {
-    let Some((db_url, _dir)) = fresh_database(b).await else { return };
+    let Some((db_url, _dir)) = fresh_database(b).await else {
+        return;
+    };
     let keys = {
         use secrecy::ExposeSecret;
-        signalbox::crypto::MasterKey::generate("k1").to_spec().expose_secret().to_string()
+        signalbox::crypto::MasterKey::generate("k1")
+            .to_spec()
+            .expose_secret()
+            .to_string()
     };
     let node = |port: u16| Server {
         port,
@@ -97,7 +111,10 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
     // Multi-node: a second, independent node on the same database shares the load.
     let mut second = two_nodes.then(|| node(free_port()));
     signalbox::app::install_crypto_provider();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     server.spawn();
     server.wait_ready(&client).await;
     if let Some(n) = second.as_mut() {
@@ -106,7 +123,11 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
     }
     let base = format!("http://127.0.0.1:{port}");
     let bases: Vec<String> = std::iter::once(base.clone())
-        .chain(second.as_ref().map(|n| format!("http://127.0.0.1:{}", n.port)))
+        .chain(
+            second
+                .as_ref()
+                .map(|n| format!("http://127.0.0.1:{}", n.port)),
+        )
         .collect();
     let ws: serde_json::Value = client
         .post(format!("{base}/api/v1/workspaces"))
@@ -129,7 +150,10 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
         .json()
         .await
         .unwrap();
-    let (key_id, secret) = (key["id"].as_str().unwrap().to_string(), key["secret"].as_str().unwrap().to_string());
+    let (key_id, secret) = (
+        key["id"].as_str().unwrap().to_string(),
+        key["secret"].as_str().unwrap().to_string(),
+    );
 
     let acked = Arc::new(Mutex::new(HashSet::<String>::new()));
     let sent = Arc::new(AtomicU64::new(0));
@@ -145,9 +169,13 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let id = format!("s{s}-{i}");
-                let body = json!({"verbatim": format!("crash test {id}")}).to_string().into_bytes();
+                let body = json!({"verbatim": format!("crash test {id}")})
+                    .to_string()
+                    .into_bytes();
                 let headers = generic_headers(&secret, &id, signalbox::clock::now_secs(), &body);
-                let mut req = client.post(format!("{base}/api/webhooks/signals?key_id={key_id}")).body(body);
+                let mut req = client
+                    .post(format!("{base}/api/webhooks/signals?key_id={key_id}"))
+                    .body(body);
                 for (k, v) in headers {
                     req = req.header(k, v);
                 }
@@ -187,10 +215,15 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
     // Verify on the database once everything is processed.
     let mut raw = signalbox::config::RawConfig::defaults();
     raw.set("database_url", &db_url).set("master_keys", &keys);
-    let store = signalbox::store::Store::connect(&raw.build().unwrap()).await.unwrap();
+    let store = signalbox::store::Store::connect(&raw.build().unwrap())
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while store.pending_count().await.unwrap() > 0 {
-        assert!(std::time::Instant::now() < deadline, "backlog never drained");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog never drained"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut delivered = HashSet::new();
@@ -208,7 +241,11 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
         for d in &page {
             assert_eq!(d.status, "processed", "{d:?}");
             assert!(d.signal_id.is_some());
-            assert!(delivered.insert(d.dedupe_key.clone()), "delivery {} stored twice", d.dedupe_key);
+            assert!(
+                delivered.insert(d.dedupe_key.clone()),
+                "delivery {} stored twice",
+                d.dedupe_key
+            );
         }
         if page.len() < 1000 {
             break;
@@ -216,9 +253,17 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
         cursor = page.last().map(|d| d.id.clone());
     }
     let lost: Vec<_> = acked.iter().filter(|id| !delivered.contains(*id)).collect();
-    assert!(lost.is_empty(), "{} acknowledged deliveries lost: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged deliveries lost: {lost:?}",
+        lost.len()
+    );
     let signals = store.count_signals(Some(&ws)).await.unwrap();
-    assert_eq!(signals, delivered.len() as i64, "one signal per stored delivery");
+    assert_eq!(
+        signals,
+        delivered.len() as i64,
+        "one signal per stored delivery"
+    );
     let created = store
         .scalar_i64("SELECT COUNT(*) FROM activity_logs WHERE action = 'signal.created'")
         .await

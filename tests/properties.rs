@@ -120,16 +120,41 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
         any::<i64>().prop_map(|n| json!(n)),
         "[a-z_<>&@#]{0,12}".prop_map(Value::String),
         prop_oneof![
-            Just("message"), Just("event_callback"), Just("issue_new"), Just("id"), Just("T1"),
-            Just("C1"), Just("message_changed"), Just("message_deleted"), Just("1.2")
-        ].prop_map(|s| Value::String(s.into())),
+            Just("message"),
+            Just("event_callback"),
+            Just("issue_new"),
+            Just("id"),
+            Just("T1"),
+            Just("C1"),
+            Just("message_changed"),
+            Just("message_deleted"),
+            Just("1.2")
+        ]
+        .prop_map(|s| Value::String(s.into())),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
         let keys = prop_oneof![
-            Just("type"), Just("event"), Just("subtype"), Just("team_id"), Just("channel"), Just("ts"),
-            Just("text"), Just("user"), Just("message"), Just("issue"), Just("data"), Just("id"),
-            Just("issue_id"), Just("title"), Just("body_html"), Just("message_id"), Just("tags"),
-            Just("requester"), Just("custom_fields"), Just("authorizations"), Just("files")
+            Just("type"),
+            Just("event"),
+            Just("subtype"),
+            Just("team_id"),
+            Just("channel"),
+            Just("ts"),
+            Just("text"),
+            Just("user"),
+            Just("message"),
+            Just("issue"),
+            Just("data"),
+            Just("id"),
+            Just("issue_id"),
+            Just("title"),
+            Just("body_html"),
+            Just("message_id"),
+            Just("tags"),
+            Just("requester"),
+            Just("custom_fields"),
+            Just("authorizations"),
+            Just("files")
         ];
         prop_oneof![
             proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),

@@ -89,10 +89,8 @@ pub async fn read_body(
                 state.metrics.rejection(source, "payload_too_large");
                 Err(ApiError::PayloadTooLarge(limit))
             } else {
-                state.metrics.rejection(source, "body_read_error");
-                Err(ApiError::InvalidPayload(
-                    "could not read the request body".into(),
-                ))
+                state.metrics.rejection(source, "request_timeout");
+                Err(ApiError::RequestTimeout)
             }
         }
     }

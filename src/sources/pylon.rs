@@ -204,7 +204,9 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, Pr
     if let Effect::Filter { reason } = proto::normalize(&parsed, &raw, &settings) {
         return Ok(Effect::Filter { reason });
     }
+    // A message event carries its own text: the issue lookup would add nothing to it.
     if parsed.is_thin()
+        && parsed.message.is_none()
         && let Some(token) = &integ.access_token
     {
         let api = fetch_issue(state, token.expose_secret(), &parsed.issue.id).await?;

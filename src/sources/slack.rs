@@ -61,15 +61,20 @@ pub async fn receive(
     let sig = header(&headers, "x-slack-signature");
     let now = now_secs();
     let tol = state.cfg.signature_tolerance_secs;
+    let app_secret = state
+        .cfg
+        .slack_signing_secret
+        .as_ref()
+        .map(|s| s.expose_secret().as_bytes());
     let verify_with = |integ: &IntegrationRef| {
-        proto::verify(
-            &valid_keys(&integ.secrets, now_micros()),
-            ts,
-            sig,
-            &body,
-            now,
-            tol,
-        )
+        let mut keys = valid_keys(&integ.secrets, now_micros());
+        // An integration without its own signing secret belongs to the distributed app.
+        if keys.is_empty()
+            && let Some(a) = app_secret
+        {
+            keys.push(a);
+        }
+        proto::verify(&keys, ts, sig, &body, now, tol)
     };
 
     let (env, integration): (Envelope, Option<IntegrationRef>) =
@@ -137,10 +142,20 @@ pub async fn receive(
                     .unwrap_or("(none)")
             )),
         ),
-        Some(i) if !i.row.is_active => (
-            DeliveryStatus::Filtered,
-            Some("integration is inactive".to_string()),
-        ),
+        // Uninstall/revocation still reaches the worker: it wipes the tokens of an inactive
+        // integration too.
+        Some(i)
+            if !i.row.is_active
+                && !matches!(
+                    env.event_type.as_deref(),
+                    Some("app_uninstalled" | "tokens_revoked")
+                ) =>
+        {
+            (
+                DeliveryStatus::Filtered,
+                Some("integration is inactive".to_string()),
+            )
+        }
         Some(_) => (DeliveryStatus::Pending, None),
     };
     if let Some(i) = &integration {

@@ -675,6 +675,15 @@ impl Store {
         Ok(())
     }
 
+    /// Takes back the attempt counted by the current claim (rate-limit waits are not failures).
+    pub async fn uncount_attempt(&self, id: &str, owner: &str) -> Result<()> {
+        on_pool!(self, p => sqlx::query(
+            "UPDATE deliveries SET attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
+            .bind(id).bind(owner).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(())
+    }
+
     /// Schedules a retry (or marks the delivery dead when `dead`), if `owner` still holds it.
     pub async fn retry_delivery(
         &self,

@@ -4,6 +4,7 @@ mod helpers;
 
 mod credentials;
 mod generic;
+mod hostile;
 mod pipeline;
 mod pylon;
 mod slack;

@@ -356,7 +356,7 @@ async fn tokens_near_expiry_are_refreshed_once_even_concurrently(b: Backend) {
         let mut raw = raw;
         raw.set("slack_client_id", "123.456")
             .set("slack_client_secret", CLIENT_SECRET)
-            .set("slack_api_base", &slack.uri());
+            .set("slack_api_base", slack.uri());
         Some(
             start(
                 b,

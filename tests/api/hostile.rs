@@ -1,0 +1,333 @@
+//! Hostile input against every webhook endpoint: each case gets its expected status, nothing is
+//! written, and the server stays healthy with bounded memory.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::both_backends;
+use crate::helpers::*;
+
+both_backends!(
+    hostile_corpus_is_refused_and_writes_nothing,
+    slow_and_oversized_clients_are_cut_off
+);
+
+struct Endpoints {
+    generic: String,
+    generic_secret: String,
+    slack: String,
+    slack_secret: String,
+    pylon: String,
+    pylon_secret: String,
+}
+
+async fn setup(app: &TestApp) -> Endpoints {
+    let ws = app.workspace("Hostile").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    let slack = app
+        .integration(&ws, json!({"platform": "slack", "name": "s", "slack_team_id": "T0HOST", "signing_secret": "slack-secret-1"}))
+        .await;
+    let pylon = app
+        .integration(
+            &ws,
+            json!({"platform": "pylon", "name": "p", "webhook_secret": "pylon-secret-1"}),
+        )
+        .await;
+    Endpoints {
+        generic: format!("/api/webhooks/signals?key_id={key}"),
+        generic_secret: secret,
+        slack: format!(
+            "/api/webhooks/slack/events?integration_id={}",
+            slack["id"].as_str().unwrap()
+        ),
+        slack_secret: "slack-secret-1".into(),
+        pylon: format!(
+            "/api/webhooks/pylon?integration_id={}",
+            pylon["id"].as_str().unwrap()
+        ),
+        pylon_secret: "pylon-secret-1".into(),
+    }
+}
+
+/// Correctly signed headers for `body` on each endpoint.
+fn signed(e: &Endpoints, which: &str, body: &[u8], ts: i64) -> Vec<(&'static str, String)> {
+    match which {
+        "generic" => generic_headers(&e.generic_secret, "hostile-1", ts, body),
+        "slack" => vec![
+            ("x-slack-request-timestamp", ts.to_string()),
+            (
+                "x-slack-signature",
+                signalbox::protocol::slack::sign(e.slack_secret.as_bytes(), ts, body),
+            ),
+        ],
+        _ => vec![(
+            "x-pylon-signature",
+            signalbox::protocol::pylon::sign_x_pylon(e.pylon_secret.as_bytes(), body),
+        )],
+    }
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+async fn hostile_corpus_is_refused_and_writes_nothing(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let e = setup(&app).await;
+    let now = signalbox::clock::now_secs();
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes();
+    let deep_obj = format!("{}1{}", "{\"a\":".repeat(10_000), "}".repeat(10_000)).into_bytes();
+    let good = br#"{"verbatim":"x","type":"event_callback","issue_id":"i"}"#.to_vec();
+    let rss_before = rss_kib();
+    for which in ["generic", "slack", "pylon"] {
+        let path = match which {
+            "generic" => &e.generic,
+            "slack" => &e.slack,
+            _ => &e.pylon,
+        };
+        type Case<'a> = (String, Vec<(&'a str, String)>, Vec<u8>, StatusCode);
+        let mut cases: Vec<Case> = vec![
+            (
+                "no signature".into(),
+                vec![],
+                good.clone(),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                "signature of another body".into(),
+                signed(&e, which, b"{}", now),
+                good.clone(),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                "truncated body".into(),
+                signed(&e, which, &good, now),
+                good[..good.len() / 2].to_vec(),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                "invalid utf-8, signed".into(),
+                signed(&e, which, &[0xff, 0xfe, 0x00], now),
+                vec![0xff, 0xfe, 0x00],
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "not json, signed".into(),
+                signed(&e, which, b"hello", now),
+                b"hello".to_vec(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "10,000-level array, signed".into(),
+                signed(&e, which, &deep, now),
+                deep.clone(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "10,000-level object, signed".into(),
+                signed(&e, which, &deep_obj, now),
+                deep_obj.clone(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "empty body, signed".into(),
+                signed(&e, which, b"", now),
+                vec![],
+                StatusCode::BAD_REQUEST,
+            ),
+        ];
+        if which != "pylon" {
+            cases.push((
+                "stale".into(),
+                signed(&e, which, &good, now - 3600),
+                good.clone(),
+                StatusCode::UNAUTHORIZED,
+            ));
+            cases.push((
+                "far future".into(),
+                signed(&e, which, &good, now + 86_400 * 365),
+                good.clone(),
+                StatusCode::UNAUTHORIZED,
+            ));
+            let mut garbled = signed(&e, which, &good, now);
+            garbled.retain(|(k, _)| !k.ends_with("timestamp"));
+            garbled.push((
+                if which == "slack" {
+                    "x-slack-request-timestamp"
+                } else {
+                    "webhook-timestamp"
+                },
+                "12abc".into(),
+            ));
+            cases.push((
+                "non-numeric timestamp".into(),
+                garbled,
+                good.clone(),
+                StatusCode::UNAUTHORIZED,
+            ));
+        }
+        for (name, headers, body, want) in cases {
+            let (st, v) = app.post_raw(path, &headers, body).await;
+            assert_eq!(st, want, "{which}/{name}: {v}");
+            assert!(
+                v["error"]["code"].is_string(),
+                "{which}/{name}: stable error code expected, got {v}"
+            );
+        }
+        // Unknown and SQL-looking ids.
+        let base = path.split('=').next().unwrap();
+        for id in [
+            "int_01m8m7bfnrfyhvmry5qcb9n2qs",
+            "whk_01m8m7bfnrfyhvmry5qcb9n2qs",
+            "x'%20OR%20'1'='1",
+            "%00",
+            &"a".repeat(5000),
+        ] {
+            let (st, v) = app
+                .post_raw(
+                    &format!("{base}={id}"),
+                    &signed(&e, which, &good, now),
+                    good.clone(),
+                )
+                .await;
+            assert_eq!(st, StatusCode::UNAUTHORIZED, "{which} id {id}: {v}");
+            assert_eq!(v["error"]["code"], "unknown_integration");
+        }
+    }
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries").await,
+        0,
+        "nothing may be written"
+    );
+    let growth = rss_kib().saturating_sub(rss_before);
+    assert!(growth < 200 * 1024, "memory grew by {growth} KiB");
+    let health = app
+        .client
+        .get(format!("{}/healthz", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+async fn raw_request(addr: &str, head: &str, body: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let _ = s.write_all(body).await;
+    let mut out = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut out))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    String::from_utf8_lossy(&out[..n]).to_string()
+}
+
+async fn slow_and_oversized_clients_are_cut_off(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let e = setup(&app).await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    // A 100 MB declared body is refused before it is read.
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 104857600\r\n\r\n",
+        e.generic
+    );
+    let resp = raw_request(&addr, &head, b"{").await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    // Thousands of headers: refused (431), never a 2xx.
+    let mut head = format!("POST {} HTTP/1.1\r\nHost: x\r\n", e.pylon);
+    for i in 0..3000 {
+        head.push_str(&format!("X-Junk-{i}: {i}\r\n"));
+    }
+    head.push_str("Content-Length: 2\r\n\r\n");
+    let resp = raw_request(&addr, &head, b"{}").await;
+    assert!(
+        resp.starts_with("HTTP/1.1 431") || resp.is_empty(),
+        "{resp}"
+    );
+    // Chunked body over the limit.
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        e.slack
+    );
+    let mut body = Vec::new();
+    for _ in 0..300 {
+        body.extend_from_slice(b"1000\r\n");
+        body.extend_from_slice(&[b'a'; 4096]);
+        body.extend_from_slice(b"\r\n");
+    }
+    let resp = raw_request(&addr, &head, &body).await;
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    // Slow loris on the headers: the connection is closed after the header timeout.
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(b"POST /api/webhooks/signals HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            // Trickle one header byte a second; the server must still give up.
+            if s.write_all(b"X").await.is_err() {
+                return 0;
+            }
+            match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                Ok(Ok(n)) => return n,
+                Ok(Err(_)) => return 0,
+                Err(_) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the server never closed a slow-loris connection");
+    let _ = n;
+    assert!(started.elapsed() < Duration::from_secs(25));
+    // Slow body: headers promptly, then the body never finishes → 408 or closed.
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n",
+        e.generic
+    );
+    let mut s = TcpStream::connect(&addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(b"{\"verbatim\":").await.unwrap();
+    let mut out = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut out))
+        .await
+        .expect("a stalled body must be timed out")
+        .unwrap_or(0);
+    let resp = String::from_utf8_lossy(&out[..n]);
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 408"),
+        "{resp}"
+    );
+    // Still healthy, nothing written.
+    let (st, v): (StatusCode, Value) = {
+        let r = app
+            .client
+            .get(format!("{}/healthz", app.base))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap())
+    };
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 0);
+    app.stop().await;
+}
