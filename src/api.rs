@@ -400,3 +400,24 @@ async fn replay_delivery(
 ) -> ApiResult<Json<Value>> {
     Ok(Json(s.admin.replay_delivery(&p, &id).await?))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_document_is_valid_json_and_lists_the_routes() {
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("openapi.json")).expect("valid JSON");
+        let paths = v["paths"].as_object().expect("paths");
+        for p in [
+            "/api/v1/workspaces",
+            "/api/v1/workspaces/{ws}/integrations",
+            "/api/v1/integrations/{id}",
+            "/api/v1/deliveries/{id}/replay",
+            "/api/webhooks/signals",
+            "/api/webhooks/slack/events",
+            "/api/webhooks/pylon",
+        ] {
+            assert!(paths.contains_key(p), "{p} missing from openapi.json");
+        }
+    }
+}

@@ -331,3 +331,54 @@ async fn slow_and_oversized_clients_are_cut_off(b: Backend) {
     assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 0);
     app.stop().await;
 }
+
+both_backends!(unknown_and_known_ids_answer_in_similar_time);
+
+/// Median response time of `n` requests to `path` with `headers`/`body`.
+async fn median_ms(
+    app: &TestApp,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+    n: usize,
+) -> f64 {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        let (st, _) = app.post_raw(path, headers, body.to_vec()).await;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[n / 2]
+}
+
+async fn unknown_and_known_ids_answer_in_similar_time(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let e = setup(&app).await;
+    let body = br#"{"issue_id":"i","title":"t"}"#.to_vec();
+    let bad = vec![("x-pylon-signature", "0".repeat(64))];
+    let known = e.pylon.clone();
+    let unknown = "/api/webhooks/pylon?integration_id=int_01m8m7bfnrfyhvmry5qcb9n2qs".to_string();
+    // Warm both cache entries, then interleave measurements.
+    median_ms(&app, &known, &bad, &body, 5).await;
+    median_ms(&app, &unknown, &bad, &body, 5).await;
+    let mut k = Vec::new();
+    let mut u = Vec::new();
+    for _ in 0..5 {
+        k.push(median_ms(&app, &known, &bad, &body, 40).await);
+        u.push(median_ms(&app, &unknown, &bad, &body, 40).await);
+    }
+    k.sort_by(|a, b| a.total_cmp(b));
+    u.sort_by(|a, b| a.total_cmp(b));
+    let (mk, mu) = (k[2], u[2]);
+    eprintln!("median 401 time: known id {mk:.3} ms, unknown id {mu:.3} ms");
+    // Both paths do one cache lookup and one HMAC: no database read reveals existence.
+    assert!(
+        (mk - mu).abs() < 1.0,
+        "known {mk:.3} ms vs unknown {mu:.3} ms"
+    );
+    app.stop().await;
+}
