@@ -5,6 +5,7 @@ mod helpers;
 mod credentials;
 mod generic;
 mod hostile;
+mod outage;
 mod pipeline;
 mod pylon;
 mod slack;
