@@ -18,7 +18,7 @@ use crate::clock::now_micros;
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
-use crate::protocol::sha256_hex;
+use crate::protocol::{sha256_hex, url_encode as enc};
 use crate::store::{Integration, Store};
 
 /// How long an install link stays valid.
@@ -34,17 +34,6 @@ pub fn routes() -> Router<AppState> {
 /// The redirect URI registered with Slack.
 pub fn redirect_uri(cfg: &Config) -> String {
     format!("{}/api/webhooks/slack/oauth", cfg.public_url)
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Creates a state for `workspace_id` and returns the Slack authorize URL.

@@ -78,6 +78,18 @@ pub fn check_timestamp(
     Ok(ts)
 }
 
+/// Percent-encodes everything but RFC 3986 unreserved characters (for query values and paths).
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
 /// Lowercase hex SHA-256 of `data` (used as a dedupe key for unsigned-timestamp sources).
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;

@@ -224,7 +224,7 @@ async fn fetch_issue(
     token: &str,
     id: &str,
 ) -> Result<Option<Value>, ProcessError> {
-    let url = format!("{}/issues/{}", state.cfg.pylon_api_base, urlencode(id));
+    let url = format!("{}/issues/{}", state.cfg.pylon_api_base, crate::protocol::url_encode(id));
     let resp = state
         .http
         .get(&url)
@@ -290,13 +290,3 @@ async fn fetch_issue(
         .map_err(|e| ProcessError::retry(format!("Pylon API response: {}", e.without_url())))
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
