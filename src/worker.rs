@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppState;
 use crate::clock::now_micros;
 use crate::ids::new_id;
+use crate::protocol::Effect;
 use crate::sources::{self, ProcessError};
 use crate::store::{Applied, ClaimedDelivery};
 
@@ -54,17 +55,14 @@ pub async fn run(state: AppState, index: usize, cancel: CancellationToken) {
             }
             continue;
         }
-        let mut rest = claimed.into_iter();
-        while let Some(d) = rest.next() {
-            if cancel.is_cancelled() {
-                let ids: Vec<String> = std::iter::once(d.id).chain(rest.map(|d| d.id)).collect();
-                if let Err(e) = state.store.release_deliveries(&owner, &ids).await {
-                    tracing::warn!(error = %e, "could not release leases; they will expire");
-                }
-                break;
+        if cancel.is_cancelled() {
+            let ids: Vec<String> = claimed.into_iter().map(|d| d.id).collect();
+            if let Err(e) = state.store.release_deliveries(&owner, &ids).await {
+                tracing::warn!(error = %e, "could not release leases; they will expire");
             }
-            handle(&state, &owner, d).await;
+            break;
         }
+        handle_batch(&state, &owner, claimed).await;
     }
     tracing::debug!(%owner, "worker stopped");
 }
@@ -86,11 +84,18 @@ pub fn backoff(base: Duration, max: Duration, attempt: i32) -> Duration {
 
 /// Processes one claimed delivery to its committed outcome (or a scheduled retry).
 pub async fn handle(state: &AppState, owner: &str, d: ClaimedDelivery) {
-    let span = tracing::info_span!("delivery", delivery_id = %d.id, source = %d.source, attempt = d.attempts);
-    let _enter = span.enter();
-    drop(_enter);
-    let cfg = &state.cfg;
-    if d.attempts > cfg.max_attempts {
+    handle_batch(state, owner, vec![d]).await;
+}
+
+fn span_of(d: &ClaimedDelivery) -> tracing::Span {
+    tracing::info_span!("delivery", delivery_id = %d.id, source = %d.source, attempt = d.attempts)
+}
+
+/// Turns one claimed delivery into its effect; `None` when it was dealt with already (dead, or
+/// a retry was scheduled).
+async fn prepare(state: &AppState, owner: &str, d: &ClaimedDelivery) -> Option<Effect> {
+    let span = span_of(d);
+    if d.attempts > state.cfg.max_attempts {
         let _ = state
             .store
             .retry_delivery(
@@ -103,26 +108,57 @@ pub async fn handle(state: &AppState, owner: &str, d: ClaimedDelivery) {
             .await;
         state.metrics.delivery(&d.source, "dead");
         tracing::warn!(parent: &span, "delivery is dead after {} attempts", d.attempts - 1);
-        return;
+        return None;
     }
-    let result = std::panic::AssertUnwindSafe(sources::process(state, &d))
+    let result = std::panic::AssertUnwindSafe(sources::process(state, d))
         .catch_unwind()
         .await
         .unwrap_or_else(|_| Err(ProcessError::retry("processing panicked")));
-    let effect = match result {
-        Ok(effect) => effect,
-        Err(e) => return schedule_retry(state, owner, &d, e, &span).await,
-    };
-    match state
-        .store
-        .apply_effect(&d, owner, &d.source, &effect)
-        .await
-    {
-        Ok(Applied::Done {
+    match result {
+        Ok(effect) => Some(effect),
+        Err(e) => {
+            schedule_retry(state, owner, d, e, &span).await;
+            None
+        }
+    }
+}
+
+/// Processes a claimed batch: every delivery's effect is computed concurrently (sources may call
+/// APIs), then all effects commit in one transaction (group commit on the worker side).
+pub async fn handle_batch(state: &AppState, owner: &str, claimed: Vec<ClaimedDelivery>) {
+    let effects = futures::future::join_all(claimed.iter().map(|d| prepare(state, owner, d))).await;
+    let ready: Vec<(&ClaimedDelivery, Effect)> = claimed
+        .iter()
+        .zip(effects)
+        .filter_map(|(d, e)| e.map(|e| (d, e)))
+        .collect();
+    if ready.is_empty() {
+        return;
+    }
+    let refs: Vec<(&ClaimedDelivery, &Effect)> = ready.iter().map(|(d, e)| (*d, e)).collect();
+    match state.store.apply_effects(owner, &refs).await {
+        Ok(applied) => {
+            for ((d, _), outcome) in ready.iter().zip(applied) {
+                record(state, d, outcome).await;
+            }
+        }
+        Err(e) => {
+            for (d, _) in &ready {
+                let reason = format!("storing the outcome: {e}");
+                schedule_retry(state, owner, d, ProcessError::retry(reason), &span_of(d)).await;
+            }
+        }
+    }
+}
+
+async fn record(state: &AppState, d: &ClaimedDelivery, outcome: Applied) {
+    let span = span_of(d);
+    match outcome {
+        Applied::Done {
             status,
             signal_id,
             action,
-        }) => {
+        } => {
             state.metrics.delivery(&d.source, status.as_str());
             state
                 .metrics
@@ -136,18 +172,8 @@ pub async fn handle(state: &AppState, owner: &str, d: ClaimedDelivery) {
             }
             tracing::info!(parent: &span, status = status.as_str(), signal_id = ?signal_id, action = ?action, "delivery processed");
         }
-        Ok(Applied::LeaseLost) => {
+        Applied::LeaseLost => {
             tracing::warn!(parent: &span, "lease lost before commit; another worker owns the delivery");
-        }
-        Err(e) => {
-            schedule_retry(
-                state,
-                owner,
-                &d,
-                ProcessError::retry(format!("storing the outcome: {e}")),
-                &span,
-            )
-            .await
         }
     }
 }

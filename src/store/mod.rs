@@ -704,16 +704,26 @@ impl Store {
         Ok(r == 1)
     }
 
-    /// Applies a worker's [`Effect`] for a claimed delivery in one transaction: the signal
-    /// change, the activity entry and the delivery's final status commit together, and only if
-    /// `owner` still holds the lease.
+    /// Applies a worker's [`Effect`] for one claimed delivery (see [`Store::apply_effects`]).
     pub async fn apply_effect(
         &self,
         delivery: &ClaimedDelivery,
         owner: &str,
-        source: &str,
         effect: &Effect,
     ) -> Result<Applied> {
+        let mut out = self.apply_effects(owner, &[(delivery, effect)]).await?;
+        Ok(out.pop().unwrap_or(Applied::LeaseLost))
+    }
+
+    /// Applies the effects of a batch of claimed deliveries in ONE transaction: for each, the
+    /// signal change, the activity entry and the delivery's final status, fenced by the lease
+    /// (a delivery whose lease was lost is rolled back to its savepoint and reported
+    /// `LeaseLost`; the others still commit). One commit (one fsync) for the whole batch.
+    pub async fn apply_effects(
+        &self,
+        owner: &str,
+        batch: &[(&ClaimedDelivery, &Effect)],
+    ) -> Result<Vec<Applied>> {
         let now = now_micros();
         let now_s = rfc3339(now);
         let is_pg = matches!(self.pool, Pool::Postgres(_));
@@ -724,8 +734,12 @@ impl Store {
             "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
              AND source = $2 AND source_ref = $3"
         };
-        macro_rules! body {
-            ($tx:ident) => {{
+        macro_rules! one {
+            ($tx:ident, $delivery:expr, $effect:expr) => {{
+                let delivery: &ClaimedDelivery = $delivery;
+                let effect: &Effect = $effect;
+                let source: &str = &delivery.source;
+                sqlx::query("SAVEPOINT item").execute(&mut *$tx).await?;
                 let ws = delivery.workspace_id.clone().unwrap_or_default();
                 let mut status = DeliveryStatus::Processed;
                 let mut signal_id: Option<String> = None;
@@ -840,23 +854,33 @@ impl Store {
                     .bind(&filter_reason).bind(&last_error).bind(now)
                     .execute(&mut *$tx).await?;
                 if r.rows_affected() != 1 {
-                    $tx.rollback().await?;
-                    return Ok(Applied::LeaseLost);
+                    sqlx::query("ROLLBACK TO SAVEPOINT item").execute(&mut *$tx).await?;
+                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
+                    Applied::LeaseLost
+                } else {
+                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
+                    Applied::Done { status, signal_id, action }
                 }
-                $tx.commit().await?;
-                Ok(Applied::Done { status, signal_id, action })
             }};
         }
+        let mut out = Vec::with_capacity(batch.len());
         match &self.pool {
             Pool::Sqlite(p) => {
                 let mut tx = begin_write!(sqlite p)?;
-                body!(tx)
+                for (d, e) in batch {
+                    out.push(one!(tx, d, e));
+                }
+                tx.commit().await?;
             }
             Pool::Postgres(p) => {
                 let mut tx = p.begin().await?;
-                body!(tx)
+                for (d, e) in batch {
+                    out.push(one!(tx, d, e));
+                }
+                tx.commit().await?;
             }
         }
+        Ok(out)
     }
 
     /// Deliveries, newest first, filtered and paginated by id cursor.

@@ -80,7 +80,8 @@ async fn postgres_outage_answers_503_and_recovers_without_restart() {
             .to_string()
     };
     let mut raw = test_config(&proxied, &keys);
-    raw.set("db_max_connections", "4");
+    // Work a worker had claimed when the database vanished is retried once its lease expires.
+    raw.set("db_max_connections", "4").set("lease_secs", "2");
     let app = start(
         Backend::Postgres,
         raw,

@@ -73,7 +73,7 @@ async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(
         merge: Merge::Keep,
     };
     let late = store
-        .apply_effect(&a[0], "worker-a", "webhook", &effect)
+        .apply_effect(&a[0], "worker-a", &effect)
         .await
         .unwrap();
     assert_eq!(late, Applied::LeaseLost);
