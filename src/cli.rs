@@ -64,6 +64,8 @@ pub enum Command {
     /// Sign and send a sample delivery to a running server.
     #[command(subcommand)]
     Send(SendCmd),
+    /// Load-and-verify benchmark (docs/PERFORMANCE.md).
+    Bench(crate::bench::BenchArgs),
 }
 
 /// `config …`
@@ -819,6 +821,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Send(c) => send(&cfg, j, c).await?,
+        Command::Bench(args) => crate::bench::run(args, cli.json).await?,
     }
     Ok(())
 }
