@@ -22,9 +22,12 @@ use crate::ingest::Inbox;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Everything a handler or worker needs. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
+/// Everything a handler or worker needs, shared behind one `Arc` (a request clones one pointer,
+/// not every handle inside).
+pub type AppState = Arc<AppInner>;
+
+/// The contents of [`AppState`].
+pub struct AppInner {
     /// Configuration.
     pub cfg: Arc<Config>,
     /// Storage.
@@ -130,7 +133,7 @@ impl Application {
         let http = http_client()?;
         let slack =
             crate::slack_api::SlackApi::new(http.clone(), &cfg.slack_api_base, metrics.clone());
-        let state = AppState {
+        let state = Arc::new(AppInner {
             cfg: cfg.clone(),
             store,
             creds,
@@ -140,7 +143,7 @@ impl Application {
             wake,
             http,
             slack,
-        };
+        });
         let listener = TcpListener::bind(cfg.bind).await?;
         if cfg.admin_token.is_none() {
             tracing::warn!(

@@ -87,9 +87,12 @@ async fn writer(
             break; // closed and drained
         }
         let started = Instant::now();
-        let rows: Vec<NewDelivery> = batch.iter().map(|(d, _)| d.clone()).collect();
-        let result = store.insert_deliveries(&rows).await;
-        metrics.inbox_batch.observe(rows.len() as f64);
+        let n = batch.len();
+        let result = {
+            let rows: Vec<&NewDelivery> = batch.iter().map(|(d, _)| d).collect();
+            store.insert_deliveries(&rows).await
+        };
+        metrics.inbox_batch.observe(n as f64);
         match result {
             Ok(outcomes) => {
                 if outcomes.iter().any(|o| matches!(o, Stored::New(_))) {
@@ -99,15 +102,11 @@ async fn writer(
                 for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
-                tracing::trace!(
-                    n = rows.len(),
-                    ms = started.elapsed().as_millis() as u64,
-                    "inbox commit"
-                );
+                tracing::trace!(n, ms = started.elapsed().as_millis() as u64, "inbox commit");
             }
             Err(e) => {
                 let msg = short_store_error(&e);
-                tracing::error!(error = %msg, n = rows.len(), "inbox commit failed; answering 503");
+                tracing::error!(error = %msg, n, "inbox commit failed; answering 503");
                 for (_, reply) in batch.drain(..) {
                     let _ = reply.send(Err(InboxError::Store(msg.clone())));
                 }

@@ -224,7 +224,11 @@ async fn fetch_issue(
     token: &str,
     id: &str,
 ) -> Result<Option<Value>, ProcessError> {
-    let url = format!("{}/issues/{}", state.cfg.pylon_api_base, crate::protocol::url_encode(id));
+    let url = format!(
+        "{}/issues/{}",
+        state.cfg.pylon_api_base,
+        crate::protocol::url_encode(id)
+    );
     let resp = state
         .http
         .get(&url)
@@ -289,4 +293,3 @@ async fn fetch_issue(
         .map(Some)
         .map_err(|e| ProcessError::retry(format!("Pylon API response: {}", e.without_url())))
 }
-

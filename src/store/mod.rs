@@ -91,6 +91,10 @@ macro_rules! begin_write {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// SQLite allows one writer at a time. The hot writers of this process (inbox commits,
+    /// claims, worker commits) take turns on this async lock instead of colliding inside
+    /// SQLite, whose busy handler would make the losers sleep for milliseconds.
+    sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Outcome of storing one delivery.
@@ -117,6 +121,9 @@ pub enum Applied {
     /// The lease was lost (another worker took the delivery); nothing was written.
     LeaseLost,
 }
+
+/// Rows per multi-row inbox INSERT (15 parameters each, well under both backends' limits).
+const INSERT_CHUNK: usize = 256;
 
 const DELIVERY_COLS: &str = "id, workspace_id, integration_id, webhook_key_id, source, dedupe_key, \
      status, attempts, last_error, filter_reason, signal_id, received_at, processed_at";
@@ -162,7 +169,18 @@ impl Store {
                     .await?,
             )
         };
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            sqlite_writer: Default::default(),
+        })
+    }
+
+    /// Takes this process's SQLite write turn (no-op on PostgreSQL).
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.pool {
+            Pool::Sqlite(_) => Some(self.sqlite_writer.lock().await),
+            Pool::Postgres(_) => None,
+        }
     }
 
     /// The underlying pool.
@@ -571,26 +589,66 @@ impl Store {
 
     /// Stores a batch of deliveries in one transaction (group commit). Each element's outcome
     /// says whether it was new or a duplicate of an already stored delivery.
-    pub async fn insert_deliveries(&self, batch: &[NewDelivery]) -> Result<Vec<Stored>> {
+    pub async fn insert_deliveries(&self, batch: &[&NewDelivery]) -> Result<Vec<Stored>> {
         let is_pg = matches!(self.pool, Pool::Postgres(_));
+        let _turn = self.write_turn().await;
         on_pool!(self, p => async {
             let mut tx = p.begin().await?;
+            // SQLite: one multi-row INSERT per chunk (each statement is a round trip to the
+            // connection's thread). PostgreSQL: one prepared single-row INSERT per delivery (a
+            // multi-row statement of varying size is re-planned every time and measured slower).
+            // Rows the unique index refused are duplicates.
+            let mut inserted = std::collections::HashSet::new();
+            if is_pg {
+                for d in batch {
+                    let r = sqlx::query(
+                        "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
+                         source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
+                         next_attempt_at, filter_reason, received_at, processed_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, $12, $11, $13) \
+                         ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING")
+                        .bind(&d.id).bind(&d.workspace_id).bind(&d.integration_id)
+                        .bind(&d.webhook_key_id).bind(&d.source).bind(&d.dedupe_scope)
+                        .bind(&d.dedupe_key).bind(&d.body).bind(&d.headers).bind(d.status.as_str())
+                        .bind(d.received_at).bind(&d.filter_reason)
+                        .bind((d.status != DeliveryStatus::Pending).then_some(d.received_at))
+                        .execute(&mut *tx).await?;
+                    if r.rows_affected() == 1 {
+                        inserted.insert(d.id.clone());
+                    }
+                }
+            }
+            for chunk in batch.chunks(INSERT_CHUNK).filter(|_| !is_pg) {
+                let mut qb = sqlx::QueryBuilder::new(
+                    "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
+                     source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
+                     next_attempt_at, filter_reason, received_at, processed_at) ",
+                );
+                qb.push_values(chunk.iter(), |mut b, d| {
+                    b.push_bind(d.id.clone())
+                        .push_bind(d.workspace_id.clone())
+                        .push_bind(d.integration_id.clone())
+                        .push_bind(d.webhook_key_id.clone())
+                        .push_bind(d.source.clone())
+                        .push_bind(d.dedupe_scope.clone())
+                        .push_bind(d.dedupe_key.clone())
+                        .push_bind(d.body.clone())
+                        .push_bind(d.headers.clone())
+                        .push_bind(d.status.as_str())
+                        .push_bind(0i32)
+                        .push_bind(d.received_at)
+                        .push_bind(d.filter_reason.clone())
+                        .push_bind(d.received_at)
+                        .push_bind((d.status != DeliveryStatus::Pending).then_some(d.received_at));
+                });
+                qb.push(" ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING RETURNING id");
+                let ids: Vec<String> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
+                inserted.extend(ids);
+            }
             let mut out = Vec::with_capacity(batch.len());
             let mut any_pending = false;
             for d in batch {
-                let r = sqlx::query(
-                    "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
-                     source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
-                     next_attempt_at, filter_reason, received_at, processed_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, $12, $11, $13) \
-                     ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING")
-                    .bind(&d.id).bind(&d.workspace_id).bind(&d.integration_id)
-                    .bind(&d.webhook_key_id).bind(&d.source).bind(&d.dedupe_scope)
-                    .bind(&d.dedupe_key).bind(&d.body).bind(&d.headers).bind(d.status.as_str())
-                    .bind(d.received_at).bind(&d.filter_reason)
-                    .bind((d.status != DeliveryStatus::Pending).then_some(d.received_at))
-                    .execute(&mut *tx).await?;
-                if r.rows_affected() == 1 {
+                if inserted.contains(&d.id) {
                     any_pending |= d.status == DeliveryStatus::Pending;
                     out.push(Stored::New(d.id.clone()));
                 } else {
@@ -616,6 +674,7 @@ impl Store {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<ClaimedDelivery>> {
+        let _turn = self.write_turn().await;
         let now = now_micros();
         let until = now + lease.as_micros() as i64;
         const RETURNING: &str = " RETURNING id, workspace_id, integration_id, webhook_key_id, \
@@ -724,6 +783,7 @@ impl Store {
         owner: &str,
         batch: &[(&ClaimedDelivery, &Effect)],
     ) -> Result<Vec<Applied>> {
+        let _turn = self.write_turn().await;
         let now = now_micros();
         let now_s = rfc3339(now);
         let is_pg = matches!(self.pool, Pool::Postgres(_));
@@ -735,11 +795,13 @@ impl Store {
              AND source = $2 AND source_ref = $3"
         };
         macro_rules! one {
-            ($tx:ident, $delivery:expr, $effect:expr) => {{
+            ($tx:ident, $delivery:expr, $effect:expr, $savepoint:expr) => {{
                 let delivery: &ClaimedDelivery = $delivery;
                 let effect: &Effect = $effect;
                 let source: &str = &delivery.source;
-                sqlx::query("SAVEPOINT item").execute(&mut *$tx).await?;
+                if $savepoint {
+                    sqlx::query("SAVEPOINT item").execute(&mut *$tx).await?;
+                }
                 let ws = delivery.workspace_id.clone().unwrap_or_default();
                 let mut status = DeliveryStatus::Processed;
                 let mut signal_id: Option<String> = None;
@@ -748,10 +810,9 @@ impl Store {
                 let mut last_error: Option<String> = None;
                 match effect {
                     Effect::Upsert { signal, merge } => {
-                        let mut existing: Option<(String, String, String)> =
-                            sqlx::query_as(select_sql).bind(&ws).bind(source)
-                                .bind(&signal.source_ref).fetch_optional(&mut *$tx).await?;
-                        if existing.is_none() {
+                        // Insert first (the common case, a new signal); merge only on conflict.
+                        let mut existing: Option<(String, String, String)> = None;
+                        {
                             let id = new_id(prefix::SIGNAL);
                             let r = sqlx::query(
                                 "INSERT INTO signals (id, workspace_id, verbatim, source, \
@@ -769,7 +830,7 @@ impl Store {
                                 signal_id = Some(id);
                                 action = Some("signal.created");
                             } else {
-                                // Another transaction created it meanwhile: merge into that one.
+                                // It exists (or another transaction created it meanwhile): merge.
                                 existing = sqlx::query_as(select_sql).bind(&ws).bind(source)
                                     .bind(&signal.source_ref).fetch_optional(&mut *$tx).await?;
                             }
@@ -854,11 +915,15 @@ impl Store {
                     .bind(&filter_reason).bind(&last_error).bind(now)
                     .execute(&mut *$tx).await?;
                 if r.rows_affected() != 1 {
-                    sqlx::query("ROLLBACK TO SAVEPOINT item").execute(&mut *$tx).await?;
-                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
+                    if $savepoint {
+                        sqlx::query("ROLLBACK TO SAVEPOINT item").execute(&mut *$tx).await?;
+                        sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
+                    }
                     Applied::LeaseLost
                 } else {
-                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
+                    if $savepoint {
+                        sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
+                    }
                     Applied::Done { status, signal_id, action }
                 }
             }};
@@ -866,16 +931,37 @@ impl Store {
         let mut out = Vec::with_capacity(batch.len());
         match &self.pool {
             Pool::Sqlite(p) => {
+                // Under SQLite's single write lock no lease can change while we hold it, so
+                // checking the leases once up front replaces per-delivery savepoints.
                 let mut tx = begin_write!(sqlite p)?;
+                let mut qb = sqlx::QueryBuilder::new(
+                    "SELECT id FROM deliveries WHERE status = 'pending' AND lease_owner = ",
+                );
+                qb.push_bind(owner.to_string()).push(" AND id IN (");
+                let mut sep = qb.separated(", ");
+                for (d, _) in batch {
+                    sep.push_bind(d.id.clone());
+                }
+                qb.push(")");
+                let held: std::collections::HashSet<String> = qb
+                    .build_query_scalar()
+                    .fetch_all(&mut *tx)
+                    .await?
+                    .into_iter()
+                    .collect();
                 for (d, e) in batch {
-                    out.push(one!(tx, d, e));
+                    if held.contains(&d.id) {
+                        out.push(one!(tx, d, e, false));
+                    } else {
+                        out.push(Applied::LeaseLost);
+                    }
                 }
                 tx.commit().await?;
             }
             Pool::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 for (d, e) in batch {
-                    out.push(one!(tx, d, e));
+                    out.push(one!(tx, d, e, true));
                 }
                 tx.commit().await?;
             }
