@@ -794,6 +794,25 @@ impl Store {
             "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
              AND source = $2 AND source_ref = $3"
         };
+        // SQLite (no savepoints): activity rows and delivery status changes are collected and
+        // written with one multi-row statement each at the end of the batch. PostgreSQL writes
+        // each delivery's activity right after it (behind its savepoint).
+        let mut acts: Vec<[Option<String>; 7]> = Vec::new();
+        let mut updates: Vec<DeferredUpdate> = Vec::new();
+        macro_rules! act {
+            ($tx:ident, $ws:expr, $actor:expr, $action:expr, $ttype:expr, $tid:expr, $meta:expr) => {{
+                let actor: Option<&str> = $actor;
+                acts.push([
+                    Some(new_id(prefix::ACTIVITY)),
+                    Some($ws.to_string()),
+                    actor.map(str::to_string),
+                    Some($action.to_string()),
+                    Some($ttype.to_string()),
+                    Some($tid.to_string()),
+                    Some($meta.to_string()),
+                ]);
+            }};
+        }
         macro_rules! one {
             ($tx:ident, $delivery:expr, $effect:expr, $savepoint:expr) => {{
                 let delivery: &ClaimedDelivery = $delivery;
@@ -823,10 +842,10 @@ impl Store {
                                 .bind(&signal.source_ref).bind(signal.metadata.to_string())
                                 .bind(now).execute(&mut *$tx).await?;
                             if r.rows_affected() == 1 {
-                                insert_activity(&mut *$tx, &ws, None, "signal.created", "signal", &id,
+                                act!($tx, &ws, None, "signal.created", "signal", &id,
                                     &serde_json::json!({"source": source, "delivery_id": delivery.id,
                                         "source_ref": signal.source_ref,
-                                        "verbatim_preview": preview(&signal.verbatim)}), now).await?;
+                                        "verbatim_preview": preview(&signal.verbatim)}));
                                 signal_id = Some(id);
                                 action = Some("signal.created");
                             } else {
@@ -844,9 +863,9 @@ impl Store {
                                              updated_at = $4 WHERE id = $1")
                                     .bind(&id).bind(&verbatim).bind(metadata.to_string()).bind(now)
                                     .execute(&mut *$tx).await?;
-                                insert_activity(&mut *$tx, &ws, None, "signal.updated", "signal", &id,
+                                act!($tx, &ws, None, "signal.updated", "signal", &id,
                                     &serde_json::json!({"source": source, "delivery_id": delivery.id,
-                                        "verbatim_preview": preview(&verbatim)}), now).await?;
+                                        "verbatim_preview": preview(&verbatim)}));
                                 action = Some("signal.updated");
                             }
                             signal_id = Some(id);
@@ -865,9 +884,8 @@ impl Store {
                                                  WHERE id = $1")
                                         .bind(&id).bind(new_meta.to_string()).bind(now)
                                         .execute(&mut *$tx).await?;
-                                    insert_activity(&mut *$tx, &ws, None, "signal.deleted", "signal", &id,
-                                        &serde_json::json!({"source": source, "delivery_id": delivery.id}),
-                                        now).await?;
+                                    act!($tx, &ws, None, "signal.deleted", "signal", &id,
+                                        &serde_json::json!({"source": source, "delivery_id": delivery.id}));
                                     action = Some("signal.deleted");
                                 }
                                 signal_id = Some(id);
@@ -895,10 +913,9 @@ impl Store {
                                 .bind(int_id).bind(false).bind(now).bind(true)
                                 .execute(&mut *$tx).await?;
                             if changed.rows_affected() == 1 {
-                                insert_activity(&mut *$tx, &ws, Some(source), "integration.deactivated",
+                                act!($tx, &ws, Some(source), "integration.deactivated",
                                     "integration", int_id,
-                                    &serde_json::json!({"reason": reason, "delivery_id": delivery.id}),
-                                    now).await?;
+                                    &serde_json::json!({"reason": reason, "delivery_id": delivery.id}));
                                 action = Some("integration.deactivated");
                             }
                         } else {
@@ -907,14 +924,21 @@ impl Store {
                         }
                     }
                 }
-                let r = sqlx::query(
-                    "UPDATE deliveries SET status = $3, signal_id = $4, filter_reason = $5, \
-                     last_error = $6, processed_at = $7, lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
-                    .bind(&delivery.id).bind(owner).bind(status.as_str()).bind(&signal_id)
-                    .bind(&filter_reason).bind(&last_error).bind(now)
-                    .execute(&mut *$tx).await?;
-                if r.rows_affected() != 1 {
+                let affected = if $savepoint {
+                    sqlx::query(
+                        "UPDATE deliveries SET status = $3, signal_id = $4, filter_reason = $5, \
+                         last_error = $6, processed_at = $7, lease_owner = NULL, lease_expires_at = NULL \
+                         WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
+                        .bind(&delivery.id).bind(owner).bind(status.as_str()).bind(&signal_id)
+                        .bind(&filter_reason).bind(&last_error).bind(now)
+                        .execute(&mut *$tx).await?.rows_affected()
+                } else {
+                    // Leases were checked under the write lock: written with the batch below.
+                    updates.push((delivery.id.clone(), status, signal_id.clone(),
+                        filter_reason.clone(), last_error.clone()));
+                    1
+                };
+                if affected != 1 {
                     if $savepoint {
                         sqlx::query("ROLLBACK TO SAVEPOINT item").execute(&mut *$tx).await?;
                         sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
@@ -956,12 +980,36 @@ impl Store {
                         out.push(Applied::LeaseLost);
                     }
                 }
+                flush_activity(&mut *tx, std::mem::take(&mut acts), now).await?;
+                for chunk in updates.chunks(INSERT_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::new(
+                        "UPDATE deliveries SET status = v.column2, signal_id = v.column3, \
+                         filter_reason = v.column4, last_error = v.column5, processed_at = v.column6, \
+                         lease_owner = NULL, lease_expires_at = NULL FROM (",
+                    );
+                    qb.push_values(chunk.iter(), |mut b, (id, st, sig, fr, le)| {
+                        b.push_bind(id.clone())
+                            .push_bind(st.as_str())
+                            .push_bind(sig.clone())
+                            .push_bind(fr.clone())
+                            .push_bind(le.clone())
+                            .push_bind(now);
+                    });
+                    qb.push(") AS v WHERE deliveries.id = v.column1");
+                    qb.build().execute(&mut *tx).await?;
+                }
                 tx.commit().await?;
             }
             Pool::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 for (d, e) in batch {
-                    out.push(one!(tx, d, e, true));
+                    let applied = one!(tx, d, e, true);
+                    // The activity of a fenced-off delivery goes with it.
+                    if applied == Applied::LeaseLost {
+                        acts.clear();
+                    }
+                    flush_activity(&mut *tx, std::mem::take(&mut acts), now).await?;
+                    out.push(applied);
                 }
                 tx.commit().await?;
             }
@@ -1095,6 +1143,45 @@ impl Store {
 /// Shortens a verbatim for activity metadata.
 fn preview(s: &str) -> String {
     s.chars().take(100).collect()
+}
+
+/// A delivery's final state, written with its batch (SQLite).
+type DeferredUpdate = (
+    String,
+    DeliveryStatus,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// Inserts collected activity rows with one multi-row statement.
+async fn flush_activity<'e, E, DB>(
+    exec: E,
+    rows: Vec<[Option<String>; 7]>,
+    now: i64,
+) -> std::result::Result<(), sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = DB>,
+    DB: sqlx::Database,
+    for<'a> Option<String>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    for<'a> i64: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    for<'a> <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut qb = sqlx::QueryBuilder::<DB>::new(
+        "INSERT INTO activity_logs (id, workspace_id, actor, action, target_type, target_id, \
+         metadata, created_at) ",
+    );
+    qb.push_values(rows, |mut b, row| {
+        for v in row {
+            b.push_bind(v);
+        }
+        b.push_bind(now);
+    });
+    qb.build().execute(exec).await?;
+    Ok(())
 }
 
 /// Inserts one activity-log row on any executor of either backend.
