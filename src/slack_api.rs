@@ -268,6 +268,30 @@ impl SlackApi {
         );
     }
 
+    /// A name from a `*.info` method, cached per team: `pick` extracts it from the answer.
+    async fn cached_info(
+        &self,
+        team: &str,
+        token: &SecretString,
+        kind: &'static str,
+        method: &'static str,
+        id: &str,
+        pick: fn(&Value) -> Option<&str>,
+    ) -> Result<String, SlackError> {
+        if let Some(n) = self.cached_name(team, kind, id) {
+            return Ok(n);
+        }
+        let v = self
+            .call(team, method, Some(token), None, &[(kind, id)])
+            .await?;
+        let name = pick(&v)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| SlackError::Api(format!("{kind} has no name")))?
+            .to_string();
+        self.cache_name(team, kind, id, &name);
+        Ok(name)
+    }
+
     /// A user's display name (falling back to the real name), cached per team.
     pub async fn user_name(
         &self,
@@ -275,26 +299,19 @@ impl SlackApi {
         token: &SecretString,
         user: &str,
     ) -> Result<String, SlackError> {
-        if let Some(n) = self.cached_name(team, "user", user) {
-            return Ok(n);
-        }
-        let v = self
-            .call(team, "users.info", Some(token), None, &[("user", user)])
-            .await?;
-        let profile = &v["user"]["profile"];
-        let name = [
-            profile["display_name"].as_str(),
-            profile["real_name"].as_str(),
-            v["user"]["real_name"].as_str(),
-            v["user"]["name"].as_str(),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|s| !s.is_empty())
-        .ok_or_else(|| SlackError::Api("user has no name".into()))?
-        .to_string();
-        self.cache_name(team, "user", user, &name);
-        Ok(name)
+        self.cached_info(team, token, "user", "users.info", user, |v| {
+            let u = &v["user"];
+            [
+                u["profile"]["display_name"].as_str(),
+                u["profile"]["real_name"].as_str(),
+                u["real_name"].as_str(),
+                u["name"].as_str(),
+            ]
+            .into_iter()
+            .flatten()
+            .find(|s| !s.is_empty())
+        })
+        .await
     }
 
     /// A channel's name, cached per team.
@@ -304,25 +321,10 @@ impl SlackApi {
         token: &SecretString,
         channel: &str,
     ) -> Result<String, SlackError> {
-        if let Some(n) = self.cached_name(team, "channel", channel) {
-            return Ok(n);
-        }
-        let v = self
-            .call(
-                team,
-                "conversations.info",
-                Some(token),
-                None,
-                &[("channel", channel)],
-            )
-            .await?;
-        let name = v["channel"]["name"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| SlackError::Api("channel has no name".into()))?
-            .to_string();
-        self.cache_name(team, "channel", channel, &name);
-        Ok(name)
+        self.cached_info(team, token, "channel", "conversations.info", channel, |v| {
+            v["channel"]["name"].as_str()
+        })
+        .await
     }
 
     /// A message permalink.
