@@ -100,6 +100,25 @@ proptest! {
         let _ = html::html_to_text(&t);
     }
 
+    /// The receiver's streaming envelope reader and the worker's full parse agree on every
+    /// routing and dedupe field, and on what they refuse.
+    #[test]
+    fn peeked_envelope_agrees_with_full_parse(v in arb_envelope(), junk in "(?s).{0,40}") {
+        let head = |e: &slack::Envelope| {
+            (e.kind.clone(), e.challenge.clone(), e.event_id.clone(), e.api_app_id.clone(),
+             e.team_id.clone(), e.event_type.clone(), e.routing_ids(),
+             e.minute_rate_limited.clone(), e.dedupe_key(b"body"))
+        };
+        for body in [v.clone(), junk.clone(), format!("{v}{junk}")] {
+            let full = slack::parse_envelope(body.as_bytes());
+            let peek = slack::peek_envelope(body.as_bytes());
+            prop_assert_eq!(full.is_ok(), peek.is_ok(), "body {}", body);
+            if let (Ok(f), Ok(p)) = (full, peek) {
+                prop_assert_eq!(head(&f), head(&p));
+            }
+        }
+    }
+
     #[test]
     fn parsers_never_panic_on_any_json(v in arb_json()) {
         let body = v.to_string();
@@ -161,5 +180,40 @@ fn arb_json() -> impl Strategy<Value = serde_json::Value> {
             proptest::collection::btree_map(keys.prop_map(String::from), inner, 0..6)
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
+    })
+}
+
+/// Envelope-shaped JSON object text: every field the receiver reads, with values of any type,
+/// keys possibly repeated.
+fn arb_envelope() -> impl Strategy<Value = String> {
+    use serde_json::{Value, json};
+    let keys = prop_oneof![
+        Just("type"),
+        Just("challenge"),
+        Just("event_id"),
+        Just("api_app_id"),
+        Just("team_id"),
+        Just("context_team_id"),
+        Just("enterprise_id"),
+        Just("event"),
+        Just("authorizations"),
+        Just("minute_rate_limited"),
+        Just("other"),
+    ];
+    let value = prop_oneof![
+        arb_json(),
+        "[A-Z0-9\\\\\"é]{0,6}".prop_map(Value::String),
+        any::<f64>().prop_map(|f| json!(f)),
+        any::<u64>().prop_map(|n| json!(n)),
+        arb_json().prop_map(|v| json!([{"team_id": v}, {"team_id": "T2"}])),
+        arb_json().prop_map(|v| json!({"type": v, "team_id": v})),
+    ];
+    proptest::collection::vec((keys, value), 0..8).prop_map(|kv| {
+        // Built as text so repeated keys stay repeated (the last one wins in both readers).
+        let fields: Vec<String> = kv
+            .into_iter()
+            .map(|(k, v)| format!("{}:{}", json!(k), v))
+            .collect();
+        format!("{{{}}}", fields.join(","))
     })
 }

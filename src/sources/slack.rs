@@ -45,7 +45,7 @@ const KEPT: &[&str] = &[
 ];
 
 fn parse(state: &AppState, body: &[u8]) -> ApiResult<Envelope> {
-    proto::parse_envelope(body).map_err(|m| reject(state, SOURCE, ApiError::InvalidJson(m)))
+    proto::peek_envelope(body).map_err(|m| reject(state, SOURCE, ApiError::InvalidJson(m)))
 }
 
 /// `POST /api/webhooks/slack/events`
