@@ -42,6 +42,8 @@ pub struct AppInner {
     pub metrics: Metrics,
     /// Wakes workers when new work is stored.
     pub wake: Arc<Notify>,
+    /// Deliveries the inbox hands straight to local workers (already leased to them).
+    pub handoff: crate::ingest::HandoffReceiver,
     /// Outbound HTTP client (Slack and Pylon APIs).
     pub http: reqwest::Client,
     /// Slack Web API client.
@@ -117,6 +119,10 @@ impl Application {
         let metrics = Metrics::new();
         let wake = Arc::new(Notify::new());
         let inbox_stop = CancellationToken::new();
+        // Room for two batches per worker waiting or in progress; with no workers (a node that
+        // only receives) everything goes through the database.
+        let budget = cfg.worker_concurrency * cfg.worker_batch_size * 2;
+        let (handoff, handoff_rx) = crate::ingest::Handoff::new(budget, cfg.lease);
         let (inbox, inbox_task) = Inbox::start(
             store.clone(),
             cfg.inbox_capacity,
@@ -124,6 +130,7 @@ impl Application {
             wake.clone(),
             metrics.clone(),
             inbox_stop.clone(),
+            (budget > 0).then_some(handoff),
         );
         let admin = Admin {
             store: store.clone(),
@@ -141,6 +148,7 @@ impl Application {
             inbox,
             metrics,
             wake,
+            handoff: handoff_rx,
             http,
             slack,
         });

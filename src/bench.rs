@@ -593,7 +593,10 @@ impl Server {
                 .env("SIGNALBOX_PUBLIC_URL", format!("http://{addr}"))
                 .env("SIGNALBOX_ADMIN_TOKEN", &token)
                 .env("SIGNALBOX_MASTER_KEYS", keys.to_spec().expose_secret())
-                .env("RUST_LOG", "warn")
+                .env(
+                    "RUST_LOG",
+                    std::env::var("SIGNALBOX_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())

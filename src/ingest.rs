@@ -5,15 +5,25 @@
 //! answers each waiter once that transaction has committed. The HTTP 200 is sent only after
 //! that answer, so an acknowledged delivery is durable. The queue is bounded: when it is full the
 //! handler answers 503 at once (the sender retries) instead of growing memory.
+//!
+//! Hand-off: the writer already holds every new delivery in memory, so instead of making a
+//! worker claim it back from the database (a second write of the row and a read of its body),
+//! it inserts up to a bounded number of pending deliveries *already leased* to this process's
+//! workers and passes them over a channel after the commit. The lease keeps the usual
+//! guarantees: if this process dies, the lease expires and any worker claims the delivery; the
+//! worker's fenced commit makes a late or duplicate hand-off harmless.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::now_micros;
 use crate::metrics::Metrics;
-use crate::store::{NewDelivery, Store, StoreError, Stored};
+use crate::store::{
+    ClaimedDelivery, DeliveryStatus, InsertLease, NewDelivery, Store, StoreError, Stored,
+};
 
 /// Why a delivery could not be stored.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +41,62 @@ pub enum InboxError {
 
 type Reply = oneshot::Sender<Result<Stored, InboxError>>;
 
+/// A batch of deliveries inserted already leased to `owner`, for a local worker.
+pub struct HandedOff {
+    /// The lease holder to fence the commit with.
+    pub owner: Arc<str>,
+    /// The deliveries, as a claim would have returned them.
+    pub batch: Vec<ClaimedDelivery>,
+    /// Gives the batch's places back to the hand-off budget when the batch is done.
+    _budget: BudgetGuard,
+}
+
+struct BudgetGuard {
+    sem: Arc<Semaphore>,
+    n: usize,
+}
+
+impl Drop for BudgetGuard {
+    fn drop(&mut self) {
+        self.sem.add_permits(self.n);
+    }
+}
+
+/// The receiving end of the hand-off, shared by the worker tasks.
+pub type HandoffReceiver = Arc<Mutex<mpsc::UnboundedReceiver<HandedOff>>>;
+
+/// Hand-off settings for the writer.
+pub struct Handoff {
+    tx: mpsc::UnboundedSender<HandedOff>,
+    owner: Arc<str>,
+    lease: std::time::Duration,
+    /// At most this many handed-off deliveries are unfinished at once; beyond it new deliveries
+    /// are stored unleased and workers claim them from the database.
+    budget: Arc<Semaphore>,
+}
+
+impl Handoff {
+    /// A hand-off with room for `budget` unfinished deliveries, leased for `lease`.
+    pub fn new(budget: usize, lease: std::time::Duration) -> (Handoff, HandoffReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let owner: Arc<str> = format!(
+            "{}-handoff-{}",
+            std::process::id(),
+            crate::ids::new_id("lease")
+        )
+        .into();
+        (
+            Handoff {
+                tx,
+                owner,
+                lease,
+                budget: Arc::new(Semaphore::new(budget)),
+            },
+            Arc::new(Mutex::new(rx)),
+        )
+    }
+}
+
 /// Handle to the inbox writer. Cheap to clone.
 #[derive(Clone)]
 pub struct Inbox {
@@ -40,6 +106,7 @@ pub struct Inbox {
 impl Inbox {
     /// Starts the writer task. `wake` is notified after each commit that stored pending work.
     /// When `stop` fires, the writer commits what is queued, then refuses new work.
+    /// With `handoff`, new pending deliveries are passed to local workers directly.
     pub fn start(
         store: Store,
         capacity: usize,
@@ -47,9 +114,17 @@ impl Inbox {
         wake: Arc<Notify>,
         metrics: Metrics,
         stop: CancellationToken,
+        handoff: Option<Handoff>,
     ) -> (Inbox, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
-        let handle = tokio::spawn(writer(store, rx, batch_max, wake, metrics, stop));
+        let w = Writer {
+            store,
+            batch_max,
+            wake,
+            metrics,
+            handoff,
+        };
+        let handle = tokio::spawn(writer(w, rx, stop));
         (Inbox { tx }, handle)
     }
 
@@ -64,14 +139,16 @@ impl Inbox {
     }
 }
 
-async fn writer(
+struct Writer {
     store: Store,
-    mut rx: mpsc::Receiver<(NewDelivery, Reply)>,
     batch_max: usize,
     wake: Arc<Notify>,
     metrics: Metrics,
-    stop: CancellationToken,
-) {
+    handoff: Option<Handoff>,
+}
+
+async fn writer(w: Writer, mut rx: mpsc::Receiver<(NewDelivery, Reply)>, stop: CancellationToken) {
+    let batch_max = w.batch_max;
     let mut batch: Vec<(NewDelivery, Reply)> = Vec::with_capacity(batch_max);
     loop {
         let n = tokio::select! {
@@ -86,32 +163,112 @@ async fn writer(
         if n == 0 {
             break; // closed and drained
         }
-        let started = Instant::now();
-        let n = batch.len();
-        let result = {
-            let rows: Vec<&NewDelivery> = batch.iter().map(|(d, _)| d).collect();
-            store.insert_deliveries(&rows).await
-        };
-        metrics.inbox_batch.observe(n as f64);
-        match result {
-            Ok(outcomes) => {
-                if outcomes.iter().any(|o| matches!(o, Stored::New(_))) {
-                    wake.notify_waiters();
-                    wake.notify_one();
-                }
-                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
-                tracing::trace!(n, ms = started.elapsed().as_millis() as u64, "inbox commit");
-            }
-            Err(e) => {
-                let msg = short_store_error(&e);
-                tracing::error!(error = %msg, n, "inbox commit failed; answering 503");
-                for (_, reply) in batch.drain(..) {
-                    let _ = reply.send(Err(InboxError::Store(msg.clone())));
+        commit_batch(&w, &mut batch).await;
+    }
+}
+
+async fn commit_batch(w: &Writer, batch: &mut Vec<(NewDelivery, Reply)>) {
+    let started = Instant::now();
+    let n = batch.len();
+    // Take places in the hand-off budget for the pending deliveries (as many as are free).
+    let mut leased = vec![false; n];
+    let mut granted = 0usize;
+    let mut permit = None;
+    if let Some(h) = &w.handoff {
+        let pending = batch
+            .iter()
+            .filter(|(d, _)| d.status == DeliveryStatus::Pending)
+            .count();
+        let want = pending.min(h.budget.available_permits());
+        if want > 0
+            && let Ok(p) = h.budget.clone().try_acquire_many_owned(want as u32)
+        {
+            permit = Some(p);
+            for (slot, (d, _)) in leased.iter_mut().zip(batch.iter()) {
+                if granted < want && d.status == DeliveryStatus::Pending {
+                    *slot = true;
+                    granted += 1;
                 }
             }
         }
+    }
+    let lease = w
+        .handoff
+        .as_ref()
+        .filter(|_| granted > 0)
+        .map(|h| InsertLease {
+            owner: &h.owner,
+            until: now_micros() + h.lease.as_micros() as i64,
+            rows: &leased,
+        });
+    let result = {
+        let rows: Vec<&NewDelivery> = batch.iter().map(|(d, _)| d).collect();
+        w.store.insert_deliveries(&rows, lease).await
+    };
+    w.metrics.inbox_batch.observe(n as f64);
+    match result {
+        Ok(outcomes) => {
+            let mut handed = Vec::new();
+            let mut others_pending = false;
+            for (((d, reply), outcome), leased) in batch.drain(..).zip(outcomes).zip(leased) {
+                let new = matches!(outcome, Stored::New(_));
+                let _ = reply.send(Ok(outcome));
+                if new && leased {
+                    handed.push(claimed(d));
+                } else if new && d.status == DeliveryStatus::Pending {
+                    others_pending = true;
+                }
+            }
+            if others_pending {
+                w.wake.notify_waiters();
+                w.wake.notify_one();
+            }
+            if let (Some(h), Some(p)) = (&w.handoff, permit) {
+                // Places taken by duplicates go back now; the rest when the batch is done.
+                p.forget();
+                h.budget.add_permits(granted - handed.len());
+                if !handed.is_empty() {
+                    let budget = BudgetGuard {
+                        sem: h.budget.clone(),
+                        n: handed.len(),
+                    };
+                    let job = HandedOff {
+                        owner: h.owner.clone(),
+                        batch: handed,
+                        _budget: budget,
+                    };
+                    if h.tx.send(job).is_err() {
+                        // No worker is left (shutdown): the leases expire and any worker
+                        // claims these deliveries later.
+                        tracing::debug!("no worker to hand deliveries to; leaving them leased");
+                    }
+                }
+            }
+            tracing::trace!(n, us = started.elapsed().as_micros() as u64, "inbox commit");
+        }
+        Err(e) => {
+            let msg = short_store_error(&e);
+            tracing::error!(error = %msg, n, "inbox commit failed; answering 503");
+            for (_, reply) in batch.drain(..) {
+                let _ = reply.send(Err(InboxError::Store(msg.clone())));
+            }
+        }
+    }
+}
+
+/// The in-memory delivery as a claim would have returned it (first attempt).
+fn claimed(d: NewDelivery) -> ClaimedDelivery {
+    ClaimedDelivery {
+        id: d.id,
+        workspace_id: d.workspace_id,
+        integration_id: d.integration_id,
+        webhook_key_id: d.webhook_key_id,
+        source: d.source,
+        dedupe_key: d.dedupe_key,
+        body: d.body,
+        headers: d.headers,
+        attempts: 1,
+        received_at: d.received_at,
     }
 }
 

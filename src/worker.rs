@@ -23,48 +23,99 @@ use crate::sources::{self, ProcessError};
 use crate::store::{Applied, ClaimedDelivery};
 
 /// Runs one worker loop until `cancel` fires.
+///
+/// A worker takes deliveries from two places: batches the inbox hands over right after its
+/// commit (already leased to this process), and the database, which it claims from at start-up,
+/// when woken (new unleased work, PostgreSQL `NOTIFY`) and every `poll_interval` (retries that
+/// came due, expired leases, other nodes' work).
 pub async fn run(state: AppState, index: usize, cancel: CancellationToken) {
     let owner = format!("{}-w{index}-{}", std::process::id(), new_id("lease"));
     let cfg = state.cfg.clone();
     tracing::debug!(%owner, "worker started");
+    let mut claim_due = true;
+    let mut next_poll = tokio::time::Instant::now() + cfg.poll_interval;
     loop {
         if cancel.is_cancelled() {
             break;
         }
-        // Register interest before polling so a wake-up between the claim and the wait is kept.
+        // Register interest before claiming so a wake-up between the claim and the wait is kept.
         let notified = state.wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let claimed = match state
-            .store
-            .claim_deliveries(&owner, cfg.worker_batch_size, cfg.lease)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "claiming deliveries failed; retrying");
-                sleep_or_cancel(cfg.poll_interval, &cancel).await;
-                continue;
+        if claim_due {
+            let started = std::time::Instant::now();
+            match state
+                .store
+                .claim_deliveries(&owner, cfg.worker_batch_size, cfg.lease)
+                .await
+            {
+                Ok(claimed) => {
+                    tracing::trace!(
+                        n = claimed.len(),
+                        us = started.elapsed().as_micros() as u64,
+                        "claim"
+                    );
+                    if claimed.is_empty() {
+                        claim_due = false;
+                    } else if cancel.is_cancelled() {
+                        release(&state, &owner, claimed).await;
+                        break;
+                    } else {
+                        handle_batch(&state, &owner, claimed).await;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming deliveries failed; retrying");
+                    claim_due = false;
+                    next_poll = tokio::time::Instant::now() + cfg.poll_interval;
+                }
             }
-        };
-        if claimed.is_empty() {
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(cfg.poll_interval) => {}
-                _ = cancel.cancelled() => break,
-            }
+        }
+        // Hand-offs waiting now go next, so a busy database queue cannot starve them.
+        let ready = state
+            .handoff
+            .try_lock()
+            .ok()
+            .and_then(|mut rx| rx.try_recv().ok());
+        if let Some(job) = ready {
+            handle_batch(&state, &job.owner, job.batch).await;
             continue;
         }
-        if cancel.is_cancelled() {
-            let ids: Vec<String> = claimed.into_iter().map(|d| d.id).collect();
-            if let Err(e) = state.store.release_deliveries(&owner, &ids).await {
-                tracing::warn!(error = %e, "could not release leases; they will expire");
-            }
-            break;
+        if claim_due {
+            continue;
         }
-        handle_batch(&state, &owner, claimed).await;
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep_until(next_poll) => {
+                claim_due = true;
+                next_poll = tokio::time::Instant::now() + cfg.poll_interval;
+            }
+            _ = &mut notified => claim_due = true,
+            job = async { state.handoff.lock().await.recv().await } => {
+                if let Some(job) = job {
+                    handle_batch(&state, &job.owner, job.batch).await;
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= next_poll {
+            claim_due = true;
+            next_poll = tokio::time::Instant::now() + cfg.poll_interval;
+        }
+    }
+    // Shutdown: give back hand-offs nobody started (the attempt is not counted).
+    if let Ok(mut rx) = state.handoff.try_lock() {
+        while let Ok(job) = rx.try_recv() {
+            release(&state, &job.owner, job.batch).await;
+        }
     }
     tracing::debug!(%owner, "worker stopped");
+}
+
+async fn release(state: &AppState, owner: &str, batch: Vec<ClaimedDelivery>) {
+    let ids: Vec<String> = batch.into_iter().map(|d| d.id).collect();
+    if let Err(e) = state.store.release_deliveries(owner, &ids).await {
+        tracing::warn!(error = %e, "could not release leases; they will expire");
+    }
 }
 
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
@@ -136,8 +187,11 @@ pub async fn handle_batch(state: &AppState, owner: &str, claimed: Vec<ClaimedDel
         return;
     }
     let refs: Vec<(&ClaimedDelivery, &Effect)> = ready.iter().map(|(d, e)| (*d, e)).collect();
+    let started = std::time::Instant::now();
     match state.store.apply_effects(owner, &refs).await {
         Ok(applied) => {
+            let us = started.elapsed().as_micros() as u64;
+            tracing::trace!(n = refs.len(), us, "apply");
             for ((d, _), outcome) in ready.iter().zip(applied) {
                 record(state, d, outcome).await;
             }

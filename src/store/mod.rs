@@ -13,6 +13,7 @@
 //!   the worker still holds the delivery's lease (fencing).
 
 mod models;
+mod sqlite_writer;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -44,6 +45,12 @@ pub enum StoreError {
     /// A unique constraint was hit.
     #[error("already exists")]
     Conflict,
+    /// SQLite's dedicated writer connection failed (see `sqlite_writer`).
+    #[error("database error: {0}")]
+    Sqlite(rusqlite::Error),
+    /// SQLite's writer thread is not running.
+    #[error("database error: {0}")]
+    Writer(String),
 }
 
 impl StoreError {
@@ -54,6 +61,21 @@ impl StoreError {
             return StoreError::Conflict;
         }
         StoreError::Db(e)
+    }
+
+    fn from_rusqlite(e: rusqlite::Error) -> Self {
+        if let rusqlite::Error::SqliteFailure(f, _) = &e
+            && f.code == rusqlite::ErrorCode::ConstraintViolation
+        {
+            return StoreError::Conflict;
+        }
+        StoreError::Sqlite(e)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::from_rusqlite(e)
     }
 }
 
@@ -79,14 +101,6 @@ macro_rules! on_pool {
     };
 }
 
-/// Begins a write transaction: `BEGIN IMMEDIATE` on SQLite (so read-then-write transactions
-/// never fail to upgrade their lock), a plain `BEGIN` on PostgreSQL.
-macro_rules! begin_write {
-    (sqlite $p:ident) => {
-        $p.begin_with("BEGIN IMMEDIATE").await
-    };
-}
-
 /// The storage handle. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Store {
@@ -95,6 +109,8 @@ pub struct Store {
     /// claims, worker commits) take turns on this async lock instead of colliding inside
     /// SQLite, whose busy handler would make the losers sleep for milliseconds.
     sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// SQLite: the dedicated connection for the per-delivery writes.
+    sqlite: Option<sqlite_writer::SqliteWriter>,
 }
 
 /// Outcome of storing one delivery.
@@ -122,8 +138,16 @@ pub enum Applied {
     LeaseLost,
 }
 
-/// Rows per multi-row inbox INSERT (15 parameters each, well under both backends' limits).
-const INSERT_CHUNK: usize = 256;
+/// A lease granted at insert time (see [`Store::insert_deliveries`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InsertLease<'a> {
+    /// The lease holder (the local worker pool's hand-off owner id).
+    pub owner: &'a str,
+    /// Unix µs when the lease expires.
+    pub until: i64,
+    /// Parallel to the batch: which rows to lease (only pending ones should be).
+    pub rows: &'a [bool],
+}
 
 const DELIVERY_COLS: &str = "id, workspace_id, integration_id, webhook_key_id, source, dedupe_key, \
      status, attempts, last_error, filter_reason, signal_id, received_at, processed_at";
@@ -169,9 +193,24 @@ impl Store {
                     .await?,
             )
         };
+        let turn: std::sync::Arc<tokio::sync::Mutex<()>> = Default::default();
+        let sqlite = match &pool {
+            Pool::Sqlite(_) => {
+                let path = cfg.sqlite_path().ok_or_else(|| {
+                    StoreError::Writer("SQLite needs a database file, not :memory:".into())
+                })?;
+                Some(sqlite_writer::SqliteWriter::open(
+                    &path,
+                    &cfg.sqlite_synchronous,
+                    turn.clone(),
+                )?)
+            }
+            Pool::Postgres(_) => None,
+        };
         Ok(Store {
             pool,
-            sqlite_writer: Default::default(),
+            sqlite_writer: turn,
+            sqlite,
         })
     }
 
@@ -207,6 +246,9 @@ impl Store {
 
     /// Closes the pool.
     pub async fn close(&self) {
+        if let Some(w) = &self.sqlite {
+            w.close();
+        }
         on_pool!(self, p => p.close().await)
     }
 
@@ -589,81 +631,104 @@ impl Store {
 
     /// Stores a batch of deliveries in one transaction (group commit). Each element's outcome
     /// says whether it was new or a duplicate of an already stored delivery.
-    pub async fn insert_deliveries(&self, batch: &[&NewDelivery]) -> Result<Vec<Stored>> {
-        let is_pg = matches!(self.pool, Pool::Postgres(_));
-        let _turn = self.write_turn().await;
-        on_pool!(self, p => async {
-            let mut tx = p.begin().await?;
-            // SQLite: one multi-row INSERT per chunk (each statement is a round trip to the
-            // connection's thread). PostgreSQL: one prepared single-row INSERT per delivery (a
-            // multi-row statement of varying size is re-planned every time and measured slower).
-            // Rows the unique index refused are duplicates.
-            let mut inserted = std::collections::HashSet::new();
-            if is_pg {
-                for d in batch {
-                    let r = sqlx::query(
-                        "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
-                         source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
-                         next_attempt_at, filter_reason, received_at, processed_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, $12, $11, $13) \
-                         ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING")
-                        .bind(&d.id).bind(&d.workspace_id).bind(&d.integration_id)
-                        .bind(&d.webhook_key_id).bind(&d.source).bind(&d.dedupe_scope)
-                        .bind(&d.dedupe_key).bind(&d.body).bind(&d.headers).bind(d.status.as_str())
-                        .bind(d.received_at).bind(&d.filter_reason)
-                        .bind((d.status != DeliveryStatus::Pending).then_some(d.received_at))
-                        .execute(&mut *tx).await?;
-                    if r.rows_affected() == 1 {
-                        inserted.insert(d.id.clone());
-                    }
+    ///
+    /// With `lease`, the rows it marks are inserted already claimed (one attempt counted, leased
+    /// to `lease.owner` until `lease.until`): the inbox hands them straight to a local worker
+    /// instead of making a worker claim them again. If that worker dies the lease expires and
+    /// any worker claims them as usual.
+    pub async fn insert_deliveries(
+        &self,
+        batch: &[&NewDelivery],
+        lease: Option<InsertLease<'_>>,
+    ) -> Result<Vec<Stored>> {
+        let leased = |i: usize| -> (Option<&str>, Option<i64>, i32) {
+            match &lease {
+                Some(l) if l.rows.get(i).copied().unwrap_or(false) => {
+                    (Some(l.owner), Some(l.until), 1)
                 }
+                _ => (None, None, 0),
             }
-            for chunk in batch.chunks(INSERT_CHUNK).filter(|_| !is_pg) {
-                let mut qb = sqlx::QueryBuilder::new(
-                    "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
-                     source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
-                     next_attempt_at, filter_reason, received_at, processed_at) ",
-                );
-                qb.push_values(chunk.iter(), |mut b, d| {
-                    b.push_bind(d.id.clone())
-                        .push_bind(d.workspace_id.clone())
-                        .push_bind(d.integration_id.clone())
-                        .push_bind(d.webhook_key_id.clone())
-                        .push_bind(d.source.clone())
-                        .push_bind(d.dedupe_scope.clone())
-                        .push_bind(d.dedupe_key.clone())
-                        .push_bind(d.body.clone())
-                        .push_bind(d.headers.clone())
-                        .push_bind(d.status.as_str())
-                        .push_bind(0i32)
-                        .push_bind(d.received_at)
-                        .push_bind(d.filter_reason.clone())
-                        .push_bind(d.received_at)
-                        .push_bind((d.status != DeliveryStatus::Pending).then_some(d.received_at));
-                });
-                qb.push(" ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING RETURNING id");
-                let ids: Vec<String> = qb.build_query_scalar().fetch_all(&mut *tx).await?;
-                inserted.extend(ids);
+        };
+        let p = match (&self.pool, &self.sqlite) {
+            (Pool::Postgres(p), _) => p,
+            (Pool::Sqlite(_), Some(w)) => {
+                let rows = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        let (owner, until, _) = leased(i);
+                        sqlite_writer::InsertRow {
+                            d: (*d).clone(),
+                            lease: owner.zip(until).map(|(o, u)| (o.to_string(), u)),
+                        }
+                    })
+                    .collect();
+                return w.insert_deliveries(rows).await;
             }
-            let mut out = Vec::with_capacity(batch.len());
-            let mut any_pending = false;
-            for d in batch {
-                if inserted.contains(&d.id) {
-                    any_pending |= d.status == DeliveryStatus::Pending;
-                    out.push(Stored::New(d.id.clone()));
-                } else {
-                    let existing: String = sqlx::query_scalar(
-                        "SELECT id FROM deliveries WHERE dedupe_scope = $1 AND dedupe_key = $2")
-                        .bind(&d.dedupe_scope).bind(&d.dedupe_key).fetch_one(&mut *tx).await?;
-                    out.push(Stored::Duplicate(existing));
-                }
+            (Pool::Sqlite(_), None) => return Err(no_writer()),
+        };
+        // PostgreSQL: one prepared single-row INSERT per delivery (a multi-row statement of
+        // varying size is re-planned every time and measured slower). Rows the unique index
+        // refused are duplicates.
+        let mut tx = p.begin().await?;
+        let mut inserted = std::collections::HashSet::new();
+        for (i, d) in batch.iter().enumerate() {
+            let (owner, until, attempts) = leased(i);
+            let r = sqlx::query(
+                "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
+                 source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
+                 next_attempt_at, filter_reason, received_at, processed_at, lease_owner, \
+                 lease_expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $14, $11, $12, $11, $13, \
+                 $15, $16) ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING",
+            )
+            .bind(&d.id)
+            .bind(&d.workspace_id)
+            .bind(&d.integration_id)
+            .bind(&d.webhook_key_id)
+            .bind(&d.source)
+            .bind(&d.dedupe_scope)
+            .bind(&d.dedupe_key)
+            .bind(&d.body)
+            .bind(&d.headers)
+            .bind(d.status.as_str())
+            .bind(d.received_at)
+            .bind(&d.filter_reason)
+            .bind((d.status != DeliveryStatus::Pending).then_some(d.received_at))
+            .bind(attempts)
+            .bind(owner)
+            .bind(until)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() == 1 {
+                inserted.insert(d.id.clone());
             }
-            if is_pg && any_pending {
-                sqlx::query("SELECT pg_notify('signalbox_deliveries', '')").execute(&mut *tx).await?;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let mut any_pending = false;
+        for (i, d) in batch.iter().enumerate() {
+            if inserted.contains(&d.id) {
+                // Leased rows go to a local worker: nobody else needs waking for them.
+                any_pending |= d.status == DeliveryStatus::Pending && leased(i).0.is_none();
+                out.push(Stored::New(d.id.clone()));
+            } else {
+                let existing: String = sqlx::query_scalar(
+                    "SELECT id FROM deliveries WHERE dedupe_scope = $1 AND dedupe_key = $2",
+                )
+                .bind(&d.dedupe_scope)
+                .bind(&d.dedupe_key)
+                .fetch_one(&mut *tx)
+                .await?;
+                out.push(Stored::Duplicate(existing));
             }
-            tx.commit().await?;
-            Ok(out)
-        }.await)
+        }
+        if any_pending {
+            sqlx::query("SELECT pg_notify('signalbox_deliveries', '')")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Claims up to `limit` due deliveries for `owner`, leasing them until `now + lease`. Each
@@ -674,7 +739,6 @@ impl Store {
         limit: usize,
         lease: Duration,
     ) -> Result<Vec<ClaimedDelivery>> {
-        let _turn = self.write_turn().await;
         let now = now_micros();
         let until = now + lease.as_micros() as i64;
         const RETURNING: &str = " RETURNING id, workspace_id, integration_id, webhook_key_id, \
@@ -696,23 +760,9 @@ impl Store {
                     .fetch_all(p)
                     .await?
             }
-            Pool::Sqlite(p) => {
-                let sql = format!(
-                    "UPDATE deliveries SET lease_owner = $1, lease_expires_at = $2, \
-                     attempts = attempts + 1 WHERE id IN (SELECT id FROM deliveries \
-                     WHERE status = 'pending' AND next_attempt_at <= $3 AND \
-                     (lease_expires_at IS NULL OR lease_expires_at < $3) \
-                     ORDER BY next_attempt_at LIMIT $4){RETURNING}"
-                );
-                let mut rows = sqlx::query_as::<_, ClaimedDelivery>(sqlx::AssertSqlSafe(sql))
-                    .bind(owner)
-                    .bind(until)
-                    .bind(now)
-                    .bind(limit as i64)
-                    .fetch_all(p)
-                    .await?;
-                rows.sort_by_key(|d| d.received_at);
-                rows
+            Pool::Sqlite(_) => {
+                let w = self.sqlite.as_ref().ok_or_else(no_writer)?;
+                w.claim(owner.to_string(), now, until, limit).await?
             }
         })
     }
@@ -720,6 +770,7 @@ impl Store {
     /// Gives claimed-but-unprocessed deliveries back (graceful shutdown): the lease is dropped
     /// and the attempt is not counted.
     pub async fn release_deliveries(&self, owner: &str, ids: &[String]) -> Result<()> {
+        let _turn = self.write_turn().await;
         on_pool!(self, p => async {
             let mut tx = p.begin().await?;
             for id in ids {
@@ -736,6 +787,7 @@ impl Store {
 
     /// Takes back the attempt counted by the current claim (rate-limit waits are not failures).
     pub async fn uncount_attempt(&self, id: &str, owner: &str) -> Result<()> {
+        let _turn = self.write_turn().await;
         on_pool!(self, p => sqlx::query(
             "UPDATE deliveries SET attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END \
              WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
@@ -754,6 +806,7 @@ impl Store {
     ) -> Result<bool> {
         let status = if dead { "dead" } else { "pending" };
         let processed_at = dead.then(now_micros);
+        let _turn = self.write_turn().await;
         let r = on_pool!(self, p => sqlx::query(
             "UPDATE deliveries SET status = $3, last_error = $4, next_attempt_at = $5, \
              lease_owner = NULL, lease_expires_at = NULL, processed_at = $6 \
@@ -783,22 +836,29 @@ impl Store {
         owner: &str,
         batch: &[(&ClaimedDelivery, &Effect)],
     ) -> Result<Vec<Applied>> {
-        let _turn = self.write_turn().await;
+        let p = match (&self.pool, &self.sqlite) {
+            (Pool::Postgres(p), _) => p,
+            (Pool::Sqlite(_), Some(w)) => {
+                let items = batch
+                    .iter()
+                    .map(|(d, e)| sqlite_writer::ApplyItem {
+                        id: d.id.clone(),
+                        workspace_id: d.workspace_id.clone(),
+                        integration_id: d.integration_id.clone(),
+                        source: d.source.clone(),
+                        effect: (*e).clone(),
+                    })
+                    .collect();
+                return w.apply(owner.to_string(), items).await;
+            }
+            (Pool::Sqlite(_), None) => return Err(no_writer()),
+        };
         let now = now_micros();
         let now_s = rfc3339(now);
-        let is_pg = matches!(self.pool, Pool::Postgres(_));
-        let select_sql = if is_pg {
-            "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
-             AND source = $2 AND source_ref = $3 FOR UPDATE"
-        } else {
-            "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
-             AND source = $2 AND source_ref = $3"
-        };
-        // SQLite (no savepoints): activity rows and delivery status changes are collected and
-        // written with one multi-row statement each at the end of the batch. PostgreSQL writes
-        // each delivery's activity right after it (behind its savepoint).
+        let select_sql = "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
+             AND source = $2 AND source_ref = $3 FOR UPDATE";
+        // Each delivery's activity is written right after it, behind its savepoint.
         let mut acts: Vec<[Option<String>; 7]> = Vec::new();
-        let mut updates: Vec<DeferredUpdate> = Vec::new();
         macro_rules! act {
             ($tx:ident, $ws:expr, $actor:expr, $action:expr, $ttype:expr, $tid:expr, $meta:expr) => {{
                 let actor: Option<&str> = $actor;
@@ -814,13 +874,11 @@ impl Store {
             }};
         }
         macro_rules! one {
-            ($tx:ident, $delivery:expr, $effect:expr, $savepoint:expr) => {{
+            ($tx:ident, $delivery:expr, $effect:expr) => {{
                 let delivery: &ClaimedDelivery = $delivery;
                 let effect: &Effect = $effect;
                 let source: &str = &delivery.source;
-                if $savepoint {
-                    sqlx::query("SAVEPOINT item").execute(&mut *$tx).await?;
-                }
+                sqlx::query("SAVEPOINT item").execute(&mut *$tx).await?;
                 let ws = delivery.workspace_id.clone().unwrap_or_default();
                 let mut status = DeliveryStatus::Processed;
                 let mut signal_id: Option<String> = None;
@@ -924,96 +982,35 @@ impl Store {
                         }
                     }
                 }
-                let affected = if $savepoint {
-                    sqlx::query(
-                        "UPDATE deliveries SET status = $3, signal_id = $4, filter_reason = $5, \
-                         last_error = $6, processed_at = $7, lease_owner = NULL, lease_expires_at = NULL \
-                         WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
-                        .bind(&delivery.id).bind(owner).bind(status.as_str()).bind(&signal_id)
-                        .bind(&filter_reason).bind(&last_error).bind(now)
-                        .execute(&mut *$tx).await?.rows_affected()
-                } else {
-                    // Leases were checked under the write lock: written with the batch below.
-                    updates.push((delivery.id.clone(), status, signal_id.clone(),
-                        filter_reason.clone(), last_error.clone()));
-                    1
-                };
+                let affected = sqlx::query(
+                    "UPDATE deliveries SET status = $3, signal_id = $4, filter_reason = $5, \
+                     last_error = $6, processed_at = $7, lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
+                    .bind(&delivery.id).bind(owner).bind(status.as_str()).bind(&signal_id)
+                    .bind(&filter_reason).bind(&last_error).bind(now)
+                    .execute(&mut *$tx).await?.rows_affected();
                 if affected != 1 {
-                    if $savepoint {
-                        sqlx::query("ROLLBACK TO SAVEPOINT item").execute(&mut *$tx).await?;
-                        sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
-                    }
+                    sqlx::query("ROLLBACK TO SAVEPOINT item").execute(&mut *$tx).await?;
+                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
                     Applied::LeaseLost
                 } else {
-                    if $savepoint {
-                        sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
-                    }
+                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
                     Applied::Done { status, signal_id, action }
                 }
             }};
         }
         let mut out = Vec::with_capacity(batch.len());
-        match &self.pool {
-            Pool::Sqlite(p) => {
-                // Under SQLite's single write lock no lease can change while we hold it, so
-                // checking the leases once up front replaces per-delivery savepoints.
-                let mut tx = begin_write!(sqlite p)?;
-                let mut qb = sqlx::QueryBuilder::new(
-                    "SELECT id FROM deliveries WHERE status = 'pending' AND lease_owner = ",
-                );
-                qb.push_bind(owner.to_string()).push(" AND id IN (");
-                let mut sep = qb.separated(", ");
-                for (d, _) in batch {
-                    sep.push_bind(d.id.clone());
-                }
-                qb.push(")");
-                let held: std::collections::HashSet<String> = qb
-                    .build_query_scalar()
-                    .fetch_all(&mut *tx)
-                    .await?
-                    .into_iter()
-                    .collect();
-                for (d, e) in batch {
-                    if held.contains(&d.id) {
-                        out.push(one!(tx, d, e, false));
-                    } else {
-                        out.push(Applied::LeaseLost);
-                    }
-                }
-                flush_activity(&mut *tx, std::mem::take(&mut acts), now).await?;
-                for chunk in updates.chunks(INSERT_CHUNK) {
-                    let mut qb = sqlx::QueryBuilder::new(
-                        "UPDATE deliveries SET status = v.column2, signal_id = v.column3, \
-                         filter_reason = v.column4, last_error = v.column5, processed_at = v.column6, \
-                         lease_owner = NULL, lease_expires_at = NULL FROM (",
-                    );
-                    qb.push_values(chunk.iter(), |mut b, (id, st, sig, fr, le)| {
-                        b.push_bind(id.clone())
-                            .push_bind(st.as_str())
-                            .push_bind(sig.clone())
-                            .push_bind(fr.clone())
-                            .push_bind(le.clone())
-                            .push_bind(now);
-                    });
-                    qb.push(") AS v WHERE deliveries.id = v.column1");
-                    qb.build().execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
+        let mut tx = p.begin().await?;
+        for (d, e) in batch {
+            let applied = one!(tx, d, e);
+            // The activity of a fenced-off delivery goes with it.
+            if applied == Applied::LeaseLost {
+                acts.clear();
             }
-            Pool::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                for (d, e) in batch {
-                    let applied = one!(tx, d, e, true);
-                    // The activity of a fenced-off delivery goes with it.
-                    if applied == Applied::LeaseLost {
-                        acts.clear();
-                    }
-                    flush_activity(&mut *tx, std::mem::take(&mut acts), now).await?;
-                    out.push(applied);
-                }
-                tx.commit().await?;
-            }
+            flush_activity(&mut *tx, std::mem::take(&mut acts), now).await?;
+            out.push(applied);
         }
+        tx.commit().await?;
         Ok(out)
     }
 
@@ -1145,14 +1142,10 @@ fn preview(s: &str) -> String {
     s.chars().take(100).collect()
 }
 
-/// A delivery's final state, written with its batch (SQLite).
-type DeferredUpdate = (
-    String,
-    DeliveryStatus,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// The error for a SQLite store whose writer thread is missing (never expected).
+fn no_writer() -> StoreError {
+    StoreError::Writer("the SQLite writer is not running".into())
+}
 
 /// Inserts collected activity rows with one multi-row statement.
 async fn flush_activity<'e, E, DB>(

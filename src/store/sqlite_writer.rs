@@ -1,0 +1,463 @@
+//! SQLite's hot write path: one dedicated connection on its own thread.
+//!
+//! sqlx drives each SQLite connection from a worker thread and hands every statement (and every
+//! returned row) across a channel. Under load both cores are busy, so each hand-off waits for a
+//! scheduler slot, and a transaction of ten statements spent most of its time in those waits
+//! while holding SQLite's single write lock (docs/PERFORMANCE.md). Here a whole transaction —
+//! an inbox batch, a claim, a worker batch's outcomes — is one job: the async caller sends it
+//! once and is answered once, and the statements in between run back to back on this thread
+//! with cached prepared statements.
+//!
+//! Only the write paths that run per delivery live here; everything else (admin, reads,
+//! migrations) uses the sqlx pool on the same file. In-process writers still take turns on the
+//! store's async write lock, so the two never wait in SQLite's busy handler for each other.
+//!
+//! The SQL keeps to the text of the sqlx versions (`?N` placeholders instead of `$N`).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{Applied, ClaimedDelivery, DeliveryStatus, NewDelivery, StoreError, Stored, preview};
+use crate::clock::{now_micros, rfc3339};
+use crate::ids::{new_id, prefix};
+use crate::protocol::effect::{Effect, Merged, mark_deleted, merge_into};
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+enum Msg {
+    Run(Job),
+    Close,
+}
+
+/// Handle to the writer thread. Cheap to clone; the thread ends when [`SqliteWriter::close`] is
+/// called or the last handle is dropped.
+#[derive(Clone)]
+pub(super) struct SqliteWriter {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for SqliteWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteWriter")
+    }
+}
+
+/// A delivery to insert, with the lease it gets at insert time (hand-off), if any.
+pub(super) struct InsertRow {
+    pub d: NewDelivery,
+    pub lease: Option<(String, i64)>,
+}
+
+/// One claimed delivery's outcome to commit.
+pub(super) struct ApplyItem {
+    pub id: String,
+    pub workspace_id: Option<String>,
+    pub integration_id: Option<String>,
+    pub source: String,
+    pub effect: Effect,
+}
+
+impl SqliteWriter {
+    /// Opens the connection and starts the thread. `turn` is the store's write lock.
+    pub fn open(
+        path: &Path,
+        synchronous: &str,
+        turn: Arc<tokio::sync::Mutex<()>>,
+    ) -> Result<SqliteWriter, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let sync = match synchronous {
+            "normal" => "NORMAL",
+            "extra" => "EXTRA",
+            _ => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+        ))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        let (tx, rx) = mpsc::channel::<Msg>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || serve(conn, rx, turn))
+            .map_err(|e| StoreError::Writer(format!("cannot start the SQLite writer: {e}")))?;
+        Ok(SqliteWriter { tx })
+    }
+
+    /// Runs `f` on the writer thread and returns its result.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, wait) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply.send(f(conn));
+        });
+        self.tx
+            .send(Msg::Run(job))
+            .map_err(|_| StoreError::Writer("the SQLite writer has stopped".into()))?;
+        match wait.await {
+            Ok(r) => r.map_err(StoreError::from_rusqlite),
+            Err(_) => Err(StoreError::Writer(
+                "the SQLite writer stopped before answering".into(),
+            )),
+        }
+    }
+
+    /// Stops the thread after the jobs already queued (the connection closes).
+    pub fn close(&self) {
+        let _ = self.tx.send(Msg::Close);
+    }
+
+    /// Inserts an inbox batch in one transaction (see `Store::insert_deliveries`).
+    pub async fn insert_deliveries(&self, rows: Vec<InsertRow>) -> Result<Vec<Stored>, StoreError> {
+        self.run(move |conn| insert_deliveries(conn, rows)).await
+    }
+
+    /// Claims due deliveries (see `Store::claim_deliveries`).
+    pub async fn claim(
+        &self,
+        owner: String,
+        now: i64,
+        until: i64,
+        limit: usize,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        self.run(move |conn| claim(conn, &owner, now, until, limit))
+            .await
+    }
+
+    /// Commits a worker batch's outcomes in one transaction (see `Store::apply_effects`).
+    pub async fn apply(
+        &self,
+        owner: String,
+        items: Vec<ApplyItem>,
+    ) -> Result<Vec<Applied>, StoreError> {
+        self.run(move |conn| apply(conn, &owner, items)).await
+    }
+}
+
+fn serve(mut conn: Connection, rx: mpsc::Receiver<Msg>, turn: Arc<tokio::sync::Mutex<()>>) {
+    while let Ok(msg) = rx.recv() {
+        let job = match msg {
+            Msg::Run(job) => job,
+            Msg::Close => break,
+        };
+        // Not inside a runtime: blocking on the async lock is allowed here.
+        let _turn = turn.blocking_lock();
+        let started = std::time::Instant::now();
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+        if done.is_err() {
+            // The caller sees its reply dropped; never leave a transaction open behind it.
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            tracing::error!("a SQLite writer job panicked; its transaction was rolled back");
+        }
+        tracing::trace!(
+            us = started.elapsed().as_micros() as u64,
+            "sqlite writer job"
+        );
+    }
+}
+
+fn insert_deliveries(conn: &mut Connection, rows: Vec<InsertRow>) -> rusqlite::Result<Vec<Stored>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut out = Vec::with_capacity(rows.len());
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
+             source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
+             next_attempt_at, filter_reason, received_at, processed_at, lease_owner, \
+             lease_expires_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?14, ?11, ?12, ?11, ?13, ?15, ?16) \
+             ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING",
+        )?;
+        let mut existing = tx.prepare_cached(
+            "SELECT id FROM deliveries WHERE dedupe_scope = ?1 AND dedupe_key = ?2",
+        )?;
+        for InsertRow { d, lease } in &rows {
+            let (owner, until) = match lease {
+                Some((o, u)) => (Some(o.as_str()), Some(*u)),
+                None => (None, None),
+            };
+            let n = insert.execute(params![
+                d.id,
+                d.workspace_id,
+                d.integration_id,
+                d.webhook_key_id,
+                d.source,
+                d.dedupe_scope,
+                d.dedupe_key,
+                d.body,
+                d.headers,
+                d.status.as_str(),
+                d.received_at,
+                d.filter_reason,
+                (d.status != DeliveryStatus::Pending).then_some(d.received_at),
+                i32::from(lease.is_some()),
+                owner,
+                until,
+            ])?;
+            if n == 1 {
+                out.push(Stored::New(d.id.clone()));
+            } else {
+                let id: String =
+                    existing.query_row(params![d.dedupe_scope, d.dedupe_key], |r| r.get(0))?;
+                out.push(Stored::Duplicate(id));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn claim(
+    conn: &mut Connection,
+    owner: &str,
+    now: i64,
+    until: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<ClaimedDelivery>> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE deliveries SET lease_owner = ?1, lease_expires_at = ?2, \
+         attempts = attempts + 1 WHERE id IN (SELECT id FROM deliveries \
+         WHERE status = 'pending' AND next_attempt_at <= ?3 AND \
+         (lease_expires_at IS NULL OR lease_expires_at < ?3) \
+         ORDER BY next_attempt_at LIMIT ?4) RETURNING id, workspace_id, integration_id, \
+         webhook_key_id, source, dedupe_key, body, headers, attempts, received_at",
+    )?;
+    let mut rows: Vec<ClaimedDelivery> = stmt
+        .query_map(params![owner, until, now, limit as i64], |r| {
+            Ok(ClaimedDelivery {
+                id: r.get(0)?,
+                workspace_id: r.get(1)?,
+                integration_id: r.get(2)?,
+                webhook_key_id: r.get(3)?,
+                source: r.get(4)?,
+                dedupe_key: r.get(5)?,
+                body: r.get(6)?,
+                headers: r.get(7)?,
+                attempts: r.get(8)?,
+                received_at: r.get(9)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.sort_by_key(|d| d.received_at);
+    Ok(rows)
+}
+
+/// An activity-log row: workspace, actor, action, target type, target id, metadata.
+type Activity<'a> = (&'a str, Option<&'a str>, &'a str, &'a str, &'a str, Value);
+
+fn apply(
+    conn: &mut Connection,
+    owner: &str,
+    items: Vec<ApplyItem>,
+) -> rusqlite::Result<Vec<Applied>> {
+    let now = now_micros();
+    let now_s = rfc3339(now);
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut out = Vec::with_capacity(items.len());
+    {
+        // Under SQLite's single write lock no lease changes while we hold it, so checking the
+        // lease first is as good as fencing the final UPDATE.
+        let mut held = tx.prepare_cached(
+            "SELECT 1 FROM deliveries WHERE id = ?1 AND lease_owner = ?2 AND status = 'pending'",
+        )?;
+        let mut insert_signal = tx.prepare_cached(
+            "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
+             source_metadata, status, created_at, updated_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'new', ?7, ?7) \
+             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING",
+        )?;
+        let mut find_signal = tx.prepare_cached(
+            "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = ?1 \
+             AND source = ?2 AND source_ref = ?3",
+        )?;
+        let mut insert_activity = tx.prepare_cached(
+            "INSERT INTO activity_logs (id, workspace_id, actor, action, target_type, target_id, \
+             metadata, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        let mut finish = tx.prepare_cached(
+            "UPDATE deliveries SET status = ?2, signal_id = ?3, filter_reason = ?4, \
+             last_error = ?5, processed_at = ?6, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?1",
+        )?;
+        for item in &items {
+            if !held.exists(params![item.id, owner])? {
+                out.push(Applied::LeaseLost);
+                continue;
+            }
+            let ws = item.workspace_id.as_deref().unwrap_or_default();
+            let source = item.source.as_str();
+            let mut status = DeliveryStatus::Processed;
+            let mut signal_id: Option<String> = None;
+            let mut action: Option<&'static str> = None;
+            let mut filter_reason: Option<String> = None;
+            let mut last_error: Option<String> = None;
+            let mut activity: Option<Activity> = None;
+            match &item.effect {
+                Effect::Upsert { signal, merge } => {
+                    // Insert first (the common case, a new signal); merge only on conflict.
+                    let id = new_id(prefix::SIGNAL);
+                    let n = insert_signal.execute(params![
+                        id,
+                        ws,
+                        signal.verbatim,
+                        source,
+                        signal.source_ref,
+                        signal.metadata.to_string(),
+                        now
+                    ])?;
+                    if n == 1 {
+                        let meta = serde_json::json!({"source": source, "delivery_id": item.id,
+                            "source_ref": signal.source_ref,
+                            "verbatim_preview": preview(&signal.verbatim)});
+                        activity = Some((ws, None, "signal.created", "signal", "", meta));
+                        action = Some("signal.created");
+                        signal_id = Some(id);
+                    } else if let Some((id, verbatim, meta)) = find_signal
+                        .query_row(params![ws, source, signal.source_ref], row3)
+                        .optional()?
+                    {
+                        let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                        if let Merged::Updated { verbatim, metadata } =
+                            merge_into(&verbatim, &old_meta, signal, *merge, &now_s)
+                        {
+                            tx.prepare_cached(
+                                "UPDATE signals SET verbatim = ?2, source_metadata = ?3, \
+                                 updated_at = ?4 WHERE id = ?1",
+                            )?
+                            .execute(params![
+                                id,
+                                verbatim,
+                                metadata.to_string(),
+                                now
+                            ])?;
+                            let meta = serde_json::json!({"source": source,
+                                "delivery_id": item.id, "verbatim_preview": preview(&verbatim)});
+                            activity = Some((ws, None, "signal.updated", "signal", "", meta));
+                            action = Some("signal.updated");
+                        }
+                        signal_id = Some(id);
+                    }
+                }
+                Effect::MarkDeleted {
+                    source_ref,
+                    metadata,
+                } => match find_signal
+                    .query_row(params![ws, source, source_ref], row3)
+                    .optional()?
+                {
+                    Some((id, _, meta)) => {
+                        let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                        if old_meta.get("deleted") != Some(&Value::Bool(true)) {
+                            let new_meta = mark_deleted(&old_meta, metadata, &now_s);
+                            tx.prepare_cached(
+                                "UPDATE signals SET source_metadata = ?2, updated_at = ?3 \
+                                 WHERE id = ?1",
+                            )?
+                            .execute(params![
+                                id,
+                                new_meta.to_string(),
+                                now
+                            ])?;
+                            let meta =
+                                serde_json::json!({"source": source, "delivery_id": item.id});
+                            activity = Some((ws, None, "signal.deleted", "signal", "", meta));
+                            action = Some("signal.deleted");
+                        }
+                        signal_id = Some(id);
+                    }
+                    None => {
+                        status = DeliveryStatus::Filtered;
+                        filter_reason = Some("deleted message was never seen".into());
+                    }
+                },
+                Effect::Filter { reason } => {
+                    status = DeliveryStatus::Filtered;
+                    filter_reason = Some(reason.clone());
+                }
+                Effect::Reject { reason } => {
+                    status = DeliveryStatus::Failed;
+                    last_error = Some(reason.clone());
+                }
+                Effect::DeactivateIntegration { reason } => match &item.integration_id {
+                    Some(int_id) => {
+                        let changed = tx
+                            .prepare_cached(
+                                "UPDATE integrations SET is_active = 0, access_token_enc = NULL, \
+                                 refresh_token_enc = NULL, token_expires_at = NULL, \
+                                 updated_at = ?2 WHERE id = ?1 \
+                                 AND (is_active = 1 OR access_token_enc IS NOT NULL)",
+                            )?
+                            .execute(params![int_id, now])?;
+                        if changed == 1 {
+                            let meta =
+                                serde_json::json!({"reason": reason, "delivery_id": item.id});
+                            activity = Some((
+                                ws,
+                                Some(source),
+                                "integration.deactivated",
+                                "integration",
+                                int_id,
+                                meta,
+                            ));
+                            action = Some("integration.deactivated");
+                        }
+                    }
+                    None => {
+                        status = DeliveryStatus::Filtered;
+                        filter_reason = Some(format!("{reason}: no integration to deactivate"));
+                    }
+                },
+            }
+            if let Some((ws, actor, act, target_type, target_id, meta)) = activity {
+                // Signal activities point at the signal.
+                let target = signal_id
+                    .as_deref()
+                    .filter(|_| target_id.is_empty())
+                    .unwrap_or(target_id);
+                insert_activity.execute(params![
+                    new_id(prefix::ACTIVITY),
+                    ws,
+                    actor,
+                    act,
+                    target_type,
+                    target,
+                    meta.to_string(),
+                    now
+                ])?;
+            }
+            finish.execute(params![
+                item.id,
+                status.as_str(),
+                signal_id,
+                filter_reason,
+                last_error,
+                now
+            ])?;
+            out.push(Applied::Done {
+                status,
+                signal_id,
+                action,
+            });
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+fn row3(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
