@@ -667,43 +667,51 @@ impl Store {
             }
             (Pool::Sqlite(_), None) => return Err(no_writer()),
         };
-        // PostgreSQL: one prepared single-row INSERT per delivery (a multi-row statement of
-        // varying size is re-planned every time and measured slower). Rows the unique index
+        // PostgreSQL: one statement for the whole batch, of the same shape whatever its size
+        // (arrays through UNNEST), so it is prepared once and planned once. Rows the unique index
         // refused are duplicates.
-        let mut tx = p.begin().await?;
-        let mut inserted = std::collections::HashSet::new();
+        let n = batch.len();
+        let mut cols = PgDeliveryColumns::with_capacity(n);
         for (i, d) in batch.iter().enumerate() {
             let (owner, until, attempts) = leased(i);
-            let r = sqlx::query(
-                "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
-                 source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
-                 next_attempt_at, filter_reason, received_at, processed_at, lease_owner, \
-                 lease_expires_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $14, $11, $12, $11, $13, \
-                 $15, $16) ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING",
-            )
-            .bind(&d.id)
-            .bind(&d.workspace_id)
-            .bind(&d.integration_id)
-            .bind(&d.webhook_key_id)
-            .bind(&d.source)
-            .bind(&d.dedupe_scope)
-            .bind(&d.dedupe_key)
-            .bind(&d.body)
-            .bind(&d.headers)
-            .bind(d.status.as_str())
-            .bind(d.received_at)
-            .bind(&d.filter_reason)
-            .bind((d.status != DeliveryStatus::Pending).then_some(d.received_at))
-            .bind(attempts)
-            .bind(owner)
-            .bind(until)
-            .execute(&mut *tx)
-            .await?;
-            if r.rows_affected() == 1 {
-                inserted.insert(d.id.clone());
-            }
+            cols.push(d, owner, until, attempts);
         }
+        let mut tx = p.begin().await?;
+        let inserted: std::collections::HashSet<String> = sqlx::query_scalar(
+            "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, source, \
+             dedupe_scope, dedupe_key, body, headers, status, attempts, next_attempt_at, \
+             filter_reason, received_at, processed_at, lease_owner, lease_expires_at) \
+             SELECT id, workspace_id, integration_id, webhook_key_id, source, dedupe_scope, \
+             dedupe_key, body, headers, status, attempts, received_at, filter_reason, \
+             received_at, processed_at, lease_owner, lease_expires_at \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+             $7::text[], $8::bytea[], $9::text[], $10::text[], $11::int4[], $12::text[], \
+             $13::int8[], $14::int8[], $15::text[], $16::int8[]) AS t(id, workspace_id, \
+             integration_id, webhook_key_id, source, dedupe_scope, dedupe_key, body, headers, \
+             status, attempts, filter_reason, received_at, processed_at, lease_owner, \
+             lease_expires_at) \
+             ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING RETURNING id",
+        )
+        .bind(cols.id)
+        .bind(cols.workspace_id)
+        .bind(cols.integration_id)
+        .bind(cols.webhook_key_id)
+        .bind(cols.source)
+        .bind(cols.dedupe_scope)
+        .bind(cols.dedupe_key)
+        .bind(cols.body)
+        .bind(cols.headers)
+        .bind(cols.status)
+        .bind(cols.attempts)
+        .bind(cols.filter_reason)
+        .bind(cols.received_at)
+        .bind(cols.processed_at)
+        .bind(cols.lease_owner)
+        .bind(cols.lease_expires_at)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
         let mut out = Vec::with_capacity(batch.len());
         let mut any_pending = false;
         for (i, d) in batch.iter().enumerate() {
@@ -855,160 +863,302 @@ impl Store {
         };
         let now = now_micros();
         let now_s = rfc3339(now);
+        let mut tx = p.begin().await?;
+        // Fencing: lock the batch's rows that this owner still holds. Locked, their lease cannot
+        // change until we commit, so no per-delivery savepoint is needed.
+        let ids: Vec<String> = batch.iter().map(|(d, _)| d.id.clone()).collect();
+        let held: std::collections::HashSet<String> = sqlx::query_scalar(
+            "SELECT id FROM deliveries WHERE id = ANY($1) AND lease_owner = $2 \
+             AND status = 'pending' FOR UPDATE",
+        )
+        .bind(&ids)
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        // New signals in one statement: each upsert that is the first item of the batch to touch
+        // its signal. Later items on the same signal run after it, in order, below.
+        let mut seen = std::collections::HashSet::new();
+        let mut first_upserts: Vec<usize> = Vec::new();
+        for (i, (d, e)) in batch.iter().enumerate() {
+            if !held.contains(&d.id) {
+                continue;
+            }
+            let source_ref = match e {
+                Effect::Upsert { signal, .. } => &signal.source_ref,
+                Effect::MarkDeleted { source_ref, .. } => source_ref,
+                _ => continue,
+            };
+            let key = (
+                d.workspace_id.as_deref(),
+                d.source.as_str(),
+                source_ref.as_str(),
+            );
+            if seen.insert(key) && matches!(e, Effect::Upsert { .. }) {
+                first_upserts.push(i);
+            }
+        }
+        let mut new_ids: Vec<Option<String>> = vec![None; batch.len()];
+        if !first_upserts.is_empty() {
+            let mut cols: [Vec<String>; 6] = Default::default();
+            for &i in &first_upserts {
+                let (d, e) = batch[i];
+                if let Effect::Upsert { signal, .. } = e {
+                    let id = new_id(prefix::SIGNAL);
+                    cols[0].push(id.clone());
+                    cols[1].push(d.workspace_id.clone().unwrap_or_default());
+                    cols[2].push(signal.verbatim.clone());
+                    cols[3].push(d.source.clone());
+                    cols[4].push(signal.source_ref.clone());
+                    cols[5].push(signal.metadata.to_string());
+                    new_ids[i] = Some(id);
+                }
+            }
+            let [c0, c1, c2, c3, c4, c5] = cols;
+            let created: std::collections::HashSet<String> = sqlx::query_scalar(
+                "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
+                 source_metadata, status, created_at, updated_at) \
+                 SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
+                 $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[]) AS t(id, workspace_id, verbatim, source, source_ref, source_metadata) \
+                 ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
+            )
+            .bind(c0)
+            .bind(c1)
+            .bind(c2)
+            .bind(c3)
+            .bind(c4)
+            .bind(c5)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+            for id in new_ids.iter_mut() {
+                if id.as_ref().is_some_and(|id| !created.contains(id)) {
+                    *id = None; // it existed already: merged below
+                }
+            }
+        }
         let select_sql = "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
              AND source = $2 AND source_ref = $3 FOR UPDATE";
-        // Each delivery's activity is written right after it, behind its savepoint.
         let mut acts: Vec<[Option<String>; 7]> = Vec::new();
-        macro_rules! act {
-            ($tx:ident, $ws:expr, $actor:expr, $action:expr, $ttype:expr, $tid:expr, $meta:expr) => {{
-                let actor: Option<&str> = $actor;
+        let mut act =
+            |ws: &str, actor: Option<&str>, action: &str, ttype: &str, tid: &str, meta: Value| {
                 acts.push([
                     Some(new_id(prefix::ACTIVITY)),
-                    Some($ws.to_string()),
+                    Some(ws.to_string()),
                     actor.map(str::to_string),
-                    Some($action.to_string()),
-                    Some($ttype.to_string()),
-                    Some($tid.to_string()),
-                    Some($meta.to_string()),
+                    Some(action.to_string()),
+                    Some(ttype.to_string()),
+                    Some(tid.to_string()),
+                    Some(meta.to_string()),
                 ]);
-            }};
-        }
-        macro_rules! one {
-            ($tx:ident, $delivery:expr, $effect:expr) => {{
-                let delivery: &ClaimedDelivery = $delivery;
-                let effect: &Effect = $effect;
-                let source: &str = &delivery.source;
-                sqlx::query("SAVEPOINT item").execute(&mut *$tx).await?;
-                let ws = delivery.workspace_id.clone().unwrap_or_default();
-                let mut status = DeliveryStatus::Processed;
-                let mut signal_id: Option<String> = None;
-                let mut action: Option<&'static str> = None;
-                let mut filter_reason: Option<String> = None;
-                let mut last_error: Option<String> = None;
-                match effect {
-                    Effect::Upsert { signal, merge } => {
-                        // Insert first (the common case, a new signal); merge only on conflict.
-                        let mut existing: Option<(String, String, String)> = None;
-                        {
-                            let id = new_id(prefix::SIGNAL);
-                            let r = sqlx::query(
-                                "INSERT INTO signals (id, workspace_id, verbatim, source, \
-                                 source_ref, source_metadata, status, created_at, updated_at) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, 'new', $7, $7) \
-                                 ON CONFLICT (workspace_id, source, source_ref) DO NOTHING")
-                                .bind(&id).bind(&ws).bind(&signal.verbatim).bind(source)
-                                .bind(&signal.source_ref).bind(signal.metadata.to_string())
-                                .bind(now).execute(&mut *$tx).await?;
-                            if r.rows_affected() == 1 {
-                                act!($tx, &ws, None, "signal.created", "signal", &id,
-                                    &serde_json::json!({"source": source, "delivery_id": delivery.id,
-                                        "source_ref": signal.source_ref,
-                                        "verbatim_preview": preview(&signal.verbatim)}));
-                                signal_id = Some(id);
-                                action = Some("signal.created");
-                            } else {
-                                // It exists (or another transaction created it meanwhile): merge.
-                                existing = sqlx::query_as(select_sql).bind(&ws).bind(source)
-                                    .bind(&signal.source_ref).fetch_optional(&mut *$tx).await?;
-                            }
+            };
+        let mut fin: [Vec<Option<String>>; 5] = Default::default();
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, (delivery, effect)) in batch.iter().enumerate() {
+            if !held.contains(&delivery.id) {
+                out.push(Applied::LeaseLost);
+                continue;
+            }
+            let source: &str = &delivery.source;
+            let ws = delivery.workspace_id.clone().unwrap_or_default();
+            let mut status = DeliveryStatus::Processed;
+            let mut signal_id: Option<String> = None;
+            let mut action: Option<&'static str> = None;
+            let mut filter_reason: Option<String> = None;
+            let mut last_error: Option<String> = None;
+            match effect {
+                Effect::Upsert { signal, merge } => {
+                    let mut created = new_ids[i].take();
+                    if created.is_none() && !first_upserts.contains(&i) {
+                        // Not in the bulk insert (an earlier item touched this signal): try now.
+                        let id = new_id(prefix::SIGNAL);
+                        let r = sqlx::query(
+                            "INSERT INTO signals (id, workspace_id, verbatim, source, \
+                             source_ref, source_metadata, status, created_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, 'new', $7, $7) \
+                             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING",
+                        )
+                        .bind(&id)
+                        .bind(&ws)
+                        .bind(&signal.verbatim)
+                        .bind(source)
+                        .bind(&signal.source_ref)
+                        .bind(signal.metadata.to_string())
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                        if r.rows_affected() == 1 {
+                            created = Some(id);
                         }
+                    }
+                    if let Some(id) = created {
+                        act(
+                            &ws,
+                            None,
+                            "signal.created",
+                            "signal",
+                            &id,
+                            serde_json::json!({"source": source, "delivery_id": delivery.id,
+                                "source_ref": signal.source_ref,
+                                "verbatim_preview": preview(&signal.verbatim)}),
+                        );
+                        signal_id = Some(id);
+                        action = Some("signal.created");
+                    } else {
+                        // It exists: merge.
+                        let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
+                            .bind(&ws)
+                            .bind(source)
+                            .bind(&signal.source_ref)
+                            .fetch_optional(&mut *tx)
+                            .await?;
                         if let Some((id, verbatim, meta)) = existing {
-                            let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                            let old_meta: Value =
+                                serde_json::from_str(&meta).unwrap_or(Value::Null);
                             if let Merged::Updated { verbatim, metadata } =
                                 merge_into(&verbatim, &old_meta, signal, *merge, &now_s)
                             {
-                                sqlx::query("UPDATE signals SET verbatim = $2, source_metadata = $3, \
-                                             updated_at = $4 WHERE id = $1")
-                                    .bind(&id).bind(&verbatim).bind(metadata.to_string()).bind(now)
-                                    .execute(&mut *$tx).await?;
-                                act!($tx, &ws, None, "signal.updated", "signal", &id,
-                                    &serde_json::json!({"source": source, "delivery_id": delivery.id,
-                                        "verbatim_preview": preview(&verbatim)}));
+                                sqlx::query(
+                                    "UPDATE signals SET verbatim = $2, source_metadata = $3, \
+                                     updated_at = $4 WHERE id = $1",
+                                )
+                                .bind(&id)
+                                .bind(&verbatim)
+                                .bind(metadata.to_string())
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                                act(
+                                    &ws,
+                                    None,
+                                    "signal.updated",
+                                    "signal",
+                                    &id,
+                                    serde_json::json!({"source": source, "delivery_id": delivery.id,
+                                        "verbatim_preview": preview(&verbatim)}),
+                                );
                                 action = Some("signal.updated");
                             }
                             signal_id = Some(id);
                         }
                     }
-                    Effect::MarkDeleted { source_ref, metadata } => {
-                        let existing: Option<(String, String, String)> =
-                            sqlx::query_as(select_sql).bind(&ws).bind(source).bind(source_ref)
-                                .fetch_optional(&mut *$tx).await?;
-                        match existing {
-                            Some((id, _, meta)) => {
-                                let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
-                                if old_meta.get("deleted") != Some(&Value::Bool(true)) {
-                                    let new_meta = mark_deleted(&old_meta, metadata, &now_s);
-                                    sqlx::query("UPDATE signals SET source_metadata = $2, updated_at = $3 \
-                                                 WHERE id = $1")
-                                        .bind(&id).bind(new_meta.to_string()).bind(now)
-                                        .execute(&mut *$tx).await?;
-                                    act!($tx, &ws, None, "signal.deleted", "signal", &id,
-                                        &serde_json::json!({"source": source, "delivery_id": delivery.id}));
-                                    action = Some("signal.deleted");
-                                }
-                                signal_id = Some(id);
+                }
+                Effect::MarkDeleted {
+                    source_ref,
+                    metadata,
+                } => {
+                    let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
+                        .bind(&ws)
+                        .bind(source)
+                        .bind(source_ref)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    match existing {
+                        Some((id, _, meta)) => {
+                            let old_meta: Value =
+                                serde_json::from_str(&meta).unwrap_or(Value::Null);
+                            if old_meta.get("deleted") != Some(&Value::Bool(true)) {
+                                let new_meta = mark_deleted(&old_meta, metadata, &now_s);
+                                sqlx::query(
+                                    "UPDATE signals SET source_metadata = $2, updated_at = $3 \
+                                     WHERE id = $1",
+                                )
+                                .bind(&id)
+                                .bind(new_meta.to_string())
+                                .bind(now)
+                                .execute(&mut *tx)
+                                .await?;
+                                act(
+                                    &ws,
+                                    None,
+                                    "signal.deleted",
+                                    "signal",
+                                    &id,
+                                    serde_json::json!({"source": source, "delivery_id": delivery.id}),
+                                );
+                                action = Some("signal.deleted");
                             }
-                            None => {
-                                status = DeliveryStatus::Filtered;
-                                filter_reason = Some("deleted message was never seen".into());
-                            }
+                            signal_id = Some(id);
                         }
-                    }
-                    Effect::Filter { reason } => {
-                        status = DeliveryStatus::Filtered;
-                        filter_reason = Some(reason.clone());
-                    }
-                    Effect::Reject { reason } => {
-                        status = DeliveryStatus::Failed;
-                        last_error = Some(reason.clone());
-                    }
-                    Effect::DeactivateIntegration { reason } => {
-                        if let Some(int_id) = &delivery.integration_id {
-                            let changed = sqlx::query(
-                                "UPDATE integrations SET is_active = $2, access_token_enc = NULL, \
-                                 refresh_token_enc = NULL, token_expires_at = NULL, updated_at = $3 \
-                                 WHERE id = $1 AND (is_active = $4 OR access_token_enc IS NOT NULL)")
-                                .bind(int_id).bind(false).bind(now).bind(true)
-                                .execute(&mut *$tx).await?;
-                            if changed.rows_affected() == 1 {
-                                act!($tx, &ws, Some(source), "integration.deactivated",
-                                    "integration", int_id,
-                                    &serde_json::json!({"reason": reason, "delivery_id": delivery.id}));
-                                action = Some("integration.deactivated");
-                            }
-                        } else {
+                        None => {
                             status = DeliveryStatus::Filtered;
-                            filter_reason = Some(format!("{reason}: no integration to deactivate"));
+                            filter_reason = Some("deleted message was never seen".into());
                         }
                     }
                 }
-                let affected = sqlx::query(
-                    "UPDATE deliveries SET status = $3, signal_id = $4, filter_reason = $5, \
-                     last_error = $6, processed_at = $7, lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = $1 AND lease_owner = $2 AND status = 'pending'")
-                    .bind(&delivery.id).bind(owner).bind(status.as_str()).bind(&signal_id)
-                    .bind(&filter_reason).bind(&last_error).bind(now)
-                    .execute(&mut *$tx).await?.rows_affected();
-                if affected != 1 {
-                    sqlx::query("ROLLBACK TO SAVEPOINT item").execute(&mut *$tx).await?;
-                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
-                    Applied::LeaseLost
-                } else {
-                    sqlx::query("RELEASE SAVEPOINT item").execute(&mut *$tx).await?;
-                    Applied::Done { status, signal_id, action }
+                Effect::Filter { reason } => {
+                    status = DeliveryStatus::Filtered;
+                    filter_reason = Some(reason.clone());
                 }
-            }};
-        }
-        let mut out = Vec::with_capacity(batch.len());
-        let mut tx = p.begin().await?;
-        for (d, e) in batch {
-            let applied = one!(tx, d, e);
-            // The activity of a fenced-off delivery goes with it.
-            if applied == Applied::LeaseLost {
-                acts.clear();
+                Effect::Reject { reason } => {
+                    status = DeliveryStatus::Failed;
+                    last_error = Some(reason.clone());
+                }
+                Effect::DeactivateIntegration { reason } => match &delivery.integration_id {
+                    Some(int_id) => {
+                        let changed = sqlx::query(
+                            "UPDATE integrations SET is_active = $2, access_token_enc = NULL, \
+                             refresh_token_enc = NULL, token_expires_at = NULL, updated_at = $3 \
+                             WHERE id = $1 AND (is_active = $4 OR access_token_enc IS NOT NULL)",
+                        )
+                        .bind(int_id)
+                        .bind(false)
+                        .bind(now)
+                        .bind(true)
+                        .execute(&mut *tx)
+                        .await?;
+                        if changed.rows_affected() == 1 {
+                            act(
+                                &ws,
+                                Some(source),
+                                "integration.deactivated",
+                                "integration",
+                                int_id,
+                                serde_json::json!({"reason": reason, "delivery_id": delivery.id}),
+                            );
+                            action = Some("integration.deactivated");
+                        }
+                    }
+                    None => {
+                        status = DeliveryStatus::Filtered;
+                        filter_reason = Some(format!("{reason}: no integration to deactivate"));
+                    }
+                },
             }
-            flush_activity(&mut *tx, std::mem::take(&mut acts), now).await?;
-            out.push(applied);
+            fin[0].push(Some(delivery.id.clone()));
+            fin[1].push(Some(status.as_str().to_string()));
+            fin[2].push(signal_id.clone());
+            fin[3].push(filter_reason);
+            fin[4].push(last_error);
+            out.push(Applied::Done {
+                status,
+                signal_id,
+                action,
+            });
+        }
+        flush_activity(&mut *tx, acts, now).await?;
+        if !fin[0].is_empty() {
+            let [c0, c1, c2, c3, c4] = fin;
+            sqlx::query(
+                "UPDATE deliveries SET status = v.status, signal_id = v.signal_id, \
+                 filter_reason = v.filter_reason, last_error = v.last_error, processed_at = $6, \
+                 lease_owner = NULL, lease_expires_at = NULL \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                 AS v(id, status, signal_id, filter_reason, last_error) \
+                 WHERE deliveries.id = v.id",
+            )
+            .bind(c0)
+            .bind(c1)
+            .bind(c2)
+            .bind(c3)
+            .bind(c4)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(out)
@@ -1140,6 +1290,57 @@ impl Store {
 /// Shortens a verbatim for activity metadata.
 fn preview(s: &str) -> String {
     s.chars().take(100).collect()
+}
+
+/// An inbox batch as one array per column (PostgreSQL `UNNEST`).
+#[derive(Default)]
+struct PgDeliveryColumns {
+    id: Vec<String>,
+    workspace_id: Vec<Option<String>>,
+    integration_id: Vec<Option<String>>,
+    webhook_key_id: Vec<Option<String>>,
+    source: Vec<String>,
+    dedupe_scope: Vec<String>,
+    dedupe_key: Vec<String>,
+    body: Vec<Vec<u8>>,
+    headers: Vec<String>,
+    status: Vec<&'static str>,
+    attempts: Vec<i32>,
+    filter_reason: Vec<Option<String>>,
+    received_at: Vec<i64>,
+    processed_at: Vec<Option<i64>>,
+    lease_owner: Vec<Option<String>>,
+    lease_expires_at: Vec<Option<i64>>,
+}
+
+impl PgDeliveryColumns {
+    fn with_capacity(n: usize) -> Self {
+        PgDeliveryColumns {
+            id: Vec::with_capacity(n),
+            body: Vec::with_capacity(n),
+            ..Default::default()
+        }
+    }
+
+    fn push(&mut self, d: &NewDelivery, owner: Option<&str>, until: Option<i64>, attempts: i32) {
+        self.id.push(d.id.clone());
+        self.workspace_id.push(d.workspace_id.clone());
+        self.integration_id.push(d.integration_id.clone());
+        self.webhook_key_id.push(d.webhook_key_id.clone());
+        self.source.push(d.source.clone());
+        self.dedupe_scope.push(d.dedupe_scope.clone());
+        self.dedupe_key.push(d.dedupe_key.clone());
+        self.body.push(d.body.clone());
+        self.headers.push(d.headers.clone());
+        self.status.push(d.status.as_str());
+        self.attempts.push(attempts);
+        self.filter_reason.push(d.filter_reason.clone());
+        self.received_at.push(d.received_at);
+        self.processed_at
+            .push((d.status != DeliveryStatus::Pending).then_some(d.received_at));
+        self.lease_owner.push(owner.map(str::to_string));
+        self.lease_expires_at.push(until);
+    }
 }
 
 /// The error for a SQLite store whose writer thread is missing (never expected).

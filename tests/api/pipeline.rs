@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 use signalbox::protocol::{Effect, Merge, NewSignal};
-use signalbox::store::Applied;
+use signalbox::store::{Applied, DeliveryStatus};
 
 use crate::both_backends;
 use crate::helpers::*;
@@ -19,6 +19,7 @@ both_backends!(
     listing_paginates_with_a_cursor,
     admin_api_requires_a_token,
     failing_deliveries_back_off_and_die,
+    one_batch_applies_its_items_in_order,
 );
 
 async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(b: Backend) {
@@ -378,5 +379,127 @@ async fn failing_deliveries_back_off_and_die(b: Backend) {
         .api("GET", "/api/v1/deliveries?status=bogus", None)
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
+    app.stop().await;
+}
+
+/// A worker batch commits in one transaction, but its items must act as if applied one after
+/// another: an edit after the create of the same message, a delete of a message the batch has
+/// not created yet, a delivery whose lease another worker holds.
+async fn one_batch_applies_its_items_in_order(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("worker_concurrency", "0");
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    for i in 1..=5 {
+        let (st, _) = app
+            .send_generic(&key, &secret, &format!("m{i}"), &json!({"verbatim": "x"}))
+            .await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    let store = &app.state.store;
+    let mine = store
+        .claim_deliveries("worker-a", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 5);
+    let (st, _) = app
+        .send_generic(&key, &secret, "m6", &json!({"verbatim": "x"}))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let theirs = store
+        .claim_deliveries("worker-b", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(theirs.len(), 1);
+    let upsert = |r: &str, v: &str, merge| Effect::Upsert {
+        signal: NewSignal {
+            source_ref: r.into(),
+            verbatim: v.into(),
+            metadata: json!({"k": v}),
+        },
+        merge,
+    };
+    let delete = |r: &str| Effect::MarkDeleted {
+        source_ref: r.into(),
+        metadata: json!({}),
+    };
+    let effects = [
+        upsert("X", "first", Merge::Keep),
+        upsert("X", "edited", Merge::Edit),
+        delete("X"),
+        delete("Y"), // Y does not exist yet: filtered
+        upsert("Y", "why", Merge::Keep),
+        upsert("Z", "not mine", Merge::Keep),
+    ];
+    let batch: Vec<_> = mine
+        .iter()
+        .chain(theirs.iter())
+        .zip(effects.iter())
+        .collect();
+    let out = store.apply_effects("worker-a", &batch).await.unwrap();
+    let summary: Vec<_> = out
+        .iter()
+        .map(|a| match a {
+            Applied::Done { status, action, .. } => (Some(*status), *action),
+            Applied::LeaseLost => (None, None),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (Some(DeliveryStatus::Processed), Some("signal.created")),
+            (Some(DeliveryStatus::Processed), Some("signal.updated")),
+            (Some(DeliveryStatus::Processed), Some("signal.deleted")),
+            (Some(DeliveryStatus::Filtered), None),
+            (Some(DeliveryStatus::Processed), Some("signal.created")),
+            (None, None),
+        ]
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM signals").await, 2);
+    let signals = app.signals(&ws).await;
+    let by_ref = |r: &str| {
+        signals
+            .iter()
+            .find(|s| s["source_ref"] == r)
+            .unwrap_or_else(|| panic!("signal {r} in {signals:?}"))
+    };
+    assert_eq!(by_ref("X")["verbatim"], "edited");
+    assert_eq!(by_ref("X")["source_metadata"]["deleted"], true);
+    assert_eq!(by_ref("Y")["verbatim"], "why");
+    assert_ne!(by_ref("Y")["source_metadata"]["deleted"], true);
+    for (sql, n) in [
+        (
+            "SELECT COUNT(*) FROM activity_logs WHERE action = 'signal.created'",
+            2,
+        ),
+        (
+            "SELECT COUNT(*) FROM activity_logs WHERE action = 'signal.updated'",
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM activity_logs WHERE action = 'signal.deleted'",
+            1,
+        ),
+    ] {
+        assert_eq!(app.count(sql).await, n, "{sql}");
+    }
+    // The fenced-off delivery is untouched: still pending, leased to worker-b.
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM deliveries WHERE status = 'pending' AND lease_owner = 'worker-b'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE status = 'processed'")
+            .await,
+        4
+    );
     app.stop().await;
 }
