@@ -188,6 +188,34 @@ mod peek {
         pub minute_rate_limited: Option<Value>,
     }
 
+    /// Visitor methods for every JSON scalar (strings too, unless `@except_str`), each giving
+    /// `$v`: the value is skipped.
+    macro_rules! scalars_are {
+        ($t:ty, $v:expr) => {
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<$t, E> {
+                Ok($v)
+            }
+            scalars_are!(@except_str $t, $v);
+        };
+        (@except_str $t:ty, $v:expr) => {
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<$t, E> {
+                Ok($v)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<$t, E> {
+                Ok($v)
+            }
+        };
+    }
+
     /// Skips any value without allocating. Unlike `serde::de::IgnoredAny` it goes through
     /// `deserialize_any`, so serde_json's nesting limit (128) applies exactly as when the worker
     /// builds the full `Value`: what the receiver accepts, the worker can parse.
@@ -201,24 +229,7 @@ mod peek {
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                     f.write_str("any JSON value")
                 }
-                fn visit_str<E: de::Error>(self, _: &str) -> Result<Skip, E> {
-                    Ok(Skip)
-                }
-                fn visit_bool<E: de::Error>(self, _: bool) -> Result<Skip, E> {
-                    Ok(Skip)
-                }
-                fn visit_i64<E: de::Error>(self, _: i64) -> Result<Skip, E> {
-                    Ok(Skip)
-                }
-                fn visit_u64<E: de::Error>(self, _: u64) -> Result<Skip, E> {
-                    Ok(Skip)
-                }
-                fn visit_f64<E: de::Error>(self, _: f64) -> Result<Skip, E> {
-                    Ok(Skip)
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<Skip, E> {
-                    Ok(Skip)
-                }
+                scalars_are!(Skip, Skip);
                 fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Skip, A::Error> {
                     while a.next_element::<Skip>()?.is_some() {}
                     Ok(Skip)
@@ -268,21 +279,7 @@ mod peek {
                 fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
                     Ok(Lenient(Some(v.to_string())))
                 }
-                fn visit_bool<E: de::Error>(self, _: bool) -> Result<Lenient, E> {
-                    Ok(Lenient(None))
-                }
-                fn visit_i64<E: de::Error>(self, _: i64) -> Result<Lenient, E> {
-                    Ok(Lenient(None))
-                }
-                fn visit_u64<E: de::Error>(self, _: u64) -> Result<Lenient, E> {
-                    Ok(Lenient(None))
-                }
-                fn visit_f64<E: de::Error>(self, _: f64) -> Result<Lenient, E> {
-                    Ok(Lenient(None))
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<Lenient, E> {
-                    Ok(Lenient(None))
-                }
+                scalars_are!(@except_str Lenient, Lenient(None));
                 fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
                     Ok(Lenient(None))
                 }
@@ -331,24 +328,7 @@ mod peek {
             while a.next_element::<Skip>()?.is_some() {}
             Ok(None)
         }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+        scalars_are!(Self::Value, None);
     }
 
     /// `event`: its `type` when it is an object.
@@ -380,24 +360,7 @@ mod peek {
                     while a.next_entry::<Skip, Skip>()?.is_some() {}
                     Ok(FirstTeam(None))
                 }
-                fn visit_str<E: de::Error>(self, _: &str) -> Result<FirstTeam, E> {
-                    Ok(FirstTeam(None))
-                }
-                fn visit_bool<E: de::Error>(self, _: bool) -> Result<FirstTeam, E> {
-                    Ok(FirstTeam(None))
-                }
-                fn visit_i64<E: de::Error>(self, _: i64) -> Result<FirstTeam, E> {
-                    Ok(FirstTeam(None))
-                }
-                fn visit_u64<E: de::Error>(self, _: u64) -> Result<FirstTeam, E> {
-                    Ok(FirstTeam(None))
-                }
-                fn visit_f64<E: de::Error>(self, _: f64) -> Result<FirstTeam, E> {
-                    Ok(FirstTeam(None))
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<FirstTeam, E> {
-                    Ok(FirstTeam(None))
-                }
+                scalars_are!(FirstTeam, FirstTeam(None));
             }
             d.deserialize_any(V)
         }
@@ -440,24 +403,7 @@ mod peek {
                     while a.next_element::<Skip>()?.is_some() {}
                     Ok(Head(None))
                 }
-                fn visit_str<E: de::Error>(self, _: &str) -> Result<Head, E> {
-                    Ok(Head(None))
-                }
-                fn visit_bool<E: de::Error>(self, _: bool) -> Result<Head, E> {
-                    Ok(Head(None))
-                }
-                fn visit_i64<E: de::Error>(self, _: i64) -> Result<Head, E> {
-                    Ok(Head(None))
-                }
-                fn visit_u64<E: de::Error>(self, _: u64) -> Result<Head, E> {
-                    Ok(Head(None))
-                }
-                fn visit_f64<E: de::Error>(self, _: f64) -> Result<Head, E> {
-                    Ok(Head(None))
-                }
-                fn visit_unit<E: de::Error>(self) -> Result<Head, E> {
-                    Ok(Head(None))
-                }
+                scalars_are!(Head, Head(None));
             }
             d.deserialize_any(V)
         }
