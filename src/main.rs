@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+/// mimalloc instead of glibc's allocator: under load a third of the request threads' time went
+/// to glibc `malloc`/`free` (many small, short-lived allocations freed on another thread than
+/// the one that made them; docs/PERFORMANCE.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = signalbox::cli::Cli::parse();

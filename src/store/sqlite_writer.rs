@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -28,11 +28,113 @@ use crate::clock::{now_micros, rfc3339};
 use crate::ids::{new_id, prefix};
 use crate::protocol::effect::{Effect, Merged, mark_deleted, merge_into};
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+/// One unit of work for the writer thread. Its statements run inside the cycle's transaction
+/// and its caller is answered only after that transaction commits. A job can run more than once
+/// (see [`run_cycle`]); only the last run's result counts.
+trait Job: Send {
+    /// Runs the statements and keeps the result. An error is returned as a copy as well.
+    fn run(&mut self, conn: &Connection) -> rusqlite::Result<()>;
+    /// Answers the caller: the job's own result if its transaction committed, else the error.
+    fn answer(self: Box<Self>, committed: Result<(), &rusqlite::Error>);
+}
+
+struct Call<T, F> {
+    f: F,
+    result: Option<rusqlite::Result<T>>,
+    reply: oneshot::Sender<rusqlite::Result<T>>,
+}
+
+impl<T, F> Job for Call<T, F>
+where
+    T: Send,
+    F: Fn(&Connection) -> rusqlite::Result<T> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let result = (self.f)(conn);
+        let copy = result.as_ref().err().map(copy_error);
+        self.result = Some(result);
+        copy.map_or(Ok(()), Err)
+    }
+
+    fn answer(self: Box<Self>, committed: Result<(), &rusqlite::Error>) {
+        let result = match (committed, self.result) {
+            (Ok(()), Some(r)) => r,
+            // The job's own error stands even if its transaction failed as a whole.
+            (Err(_), Some(Err(e))) => Err(e),
+            (Err(e), _) => Err(copy_error(e)),
+            (Ok(()), None) => Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some("the SQLite writer job did not run".into()),
+            )),
+        };
+        let _ = self.reply.send(result);
+    }
+}
+
+/// rusqlite's error is not `Clone`; keeps the SQLite code (busy, locked, constraint…) and the
+/// message, which is all callers look at.
+fn copy_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(f, msg) => rusqlite::Error::SqliteFailure(*f, msg.clone()),
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
 
 enum Msg {
-    Run(Job),
+    Run(Box<dyn Job>),
     Close,
+}
+
+/// At most this many queued jobs share one commit.
+const MAX_JOBS_PER_COMMIT: usize = 64;
+
+/// The writer connection checkpoints by itself only past this many WAL pages (16 MiB); the
+/// checkpointer thread normally keeps the WAL well below it.
+const WAL_BACKSTOP_PAGES: u32 = 4000;
+
+/// Starts the checkpointer: a thread with its own connection that copies committed WAL pages
+/// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`) after the writer commits.
+///
+/// SQLite's automatic checkpoint runs inside the committing connection, so the writer thread —
+/// the one serial resource of the SQLite backend — spent a tenth of its time copying pages and
+/// waiting for the database file's fsync, and every thousandth commit stalled. A passive
+/// checkpoint never blocks the writer (nor waits for it), so it can run on the other core. The
+/// returned sender is the writer's "I committed" signal; the thread ends when it is dropped.
+fn start_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    // Checkpoints taken here are never needed for durability (the WAL holds every commit), so
+    // this connection must not checkpoint on its own nor wait for locks.
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")?;
+    let (tx, rx) = mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            while rx.recv().is_ok() {
+                let started = std::time::Instant::now();
+                let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                match r {
+                    Ok((log, done)) => tracing::trace!(
+                        log,
+                        done,
+                        us = started.elapsed().as_micros() as u64,
+                        "sqlite checkpoint"
+                    ),
+                    Err(e) => tracing::debug!(error = %e, "sqlite checkpoint skipped"),
+                }
+                // Let a few commits gather before the next pass.
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        })
+        .map_err(|e| StoreError::Writer(format!("cannot start the SQLite checkpointer: {e}")))?;
+    Ok(tx)
 }
 
 /// Handle to the writer thread. Cheap to clone; the thread ends when [`SqliteWriter::close`] is
@@ -82,14 +184,18 @@ impl SqliteWriter {
             "extra" => "EXTRA",
             _ => "FULL",
         };
+        // Checkpoints run on their own thread (below); this connection checkpoints only when the
+        // WAL has grown past WAL_BACKSTOP_PAGES, which restarts the WAL from its start.
         conn.execute_batch(&format!(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
+             PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES};"
         ))?;
         conn.set_prepared_statement_cache_capacity(32);
+        let checkpoints = start_checkpointer(path)?;
         let (tx, rx) = mpsc::channel::<Msg>();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || serve(conn, rx, turn))
+            .spawn(move || serve(conn, rx, turn, checkpoints))
             .map_err(|e| StoreError::Writer(format!("cannot start the SQLite writer: {e}")))?;
         Ok(SqliteWriter { tx })
     }
@@ -97,11 +203,13 @@ impl SqliteWriter {
     /// Runs `f` on the writer thread and returns its result.
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, wait) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let _ = reply.send(f(conn));
+        let job: Box<dyn Job> = Box::new(Call {
+            f,
+            result: None,
+            reply,
         });
         self.tx
             .send(Msg::Run(job))
@@ -121,7 +229,7 @@ impl SqliteWriter {
 
     /// Inserts an inbox batch in one transaction (see `Store::insert_deliveries`).
     pub async fn insert_deliveries(&self, rows: Vec<InsertRow>) -> Result<Vec<Stored>, StoreError> {
-        self.run(move |conn| insert_deliveries(conn, rows)).await
+        self.run(move |conn| insert_deliveries(conn, &rows)).await
     }
 
     /// Claims due deliveries (see `Store::claim_deliveries`).
@@ -142,39 +250,128 @@ impl SqliteWriter {
         owner: String,
         items: Vec<ApplyItem>,
     ) -> Result<Vec<Applied>, StoreError> {
-        self.run(move |conn| apply(conn, &owner, items)).await
+        self.run(move |conn| apply(conn, &owner, &items)).await
     }
 }
 
-fn serve(mut conn: Connection, rx: mpsc::Receiver<Msg>, turn: Arc<tokio::sync::Mutex<()>>) {
-    while let Ok(msg) = rx.recv() {
-        let job = match msg {
-            Msg::Run(job) => job,
-            Msg::Close => break,
-        };
+fn serve(
+    conn: Connection,
+    rx: mpsc::Receiver<Msg>,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    checkpoints: mpsc::SyncSender<()>,
+) {
+    let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
+    let mut closing = false;
+    while !closing {
+        // Wait for one job, then take every job queued behind it: they share one commit.
+        match rx.recv() {
+            Ok(Msg::Run(job)) => jobs.push(job),
+            Ok(Msg::Close) | Err(_) => break,
+        }
+        while jobs.len() < MAX_JOBS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(Msg::Run(job)) => jobs.push(job),
+                Ok(Msg::Close) => {
+                    closing = true;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
         // Not inside a runtime: blocking on the async lock is allowed here.
         let _turn = turn.blocking_lock();
         let started = std::time::Instant::now();
-        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
-        if done.is_err() {
-            // The caller sees its reply dropped; never leave a transaction open behind it.
-            if !conn.is_autocommit() {
-                let _ = conn.execute_batch("ROLLBACK");
+        let n = jobs.len();
+        let committed = run_cycle(&conn, &mut jobs);
+        match committed {
+            Ok(()) => {
+                // Full means a checkpoint is already due to run.
+                let _ = checkpoints.try_send(());
+                for job in jobs.drain(..) {
+                    job.answer(Ok(()));
+                }
             }
-            tracing::error!("a SQLite writer job panicked; its transaction was rolled back");
+            Err(Failed::Job(_)) if n > 1 => {
+                // One job's failure must not fail the jobs that merely shared its transaction:
+                // run each again in a transaction of its own.
+                tracing::debug!(jobs = n, "a SQLite writer job failed; running its batch one by one");
+                for mut job in jobs.drain(..) {
+                    let alone = run_cycle(&conn, std::slice::from_mut(&mut job));
+                    job.answer(alone.as_ref().map(|_| ()).map_err(Failed::error));
+                }
+            }
+            Err(f) => {
+                // BEGIN or COMMIT failed (busy, I/O): every job shares that fate.
+                for job in jobs.drain(..) {
+                    job.answer(Err(f.error()));
+                }
+            }
         }
         tracing::trace!(
+            jobs = n,
             us = started.elapsed().as_micros() as u64,
-            "sqlite writer job"
+            "sqlite writer commit"
         );
     }
 }
 
-fn insert_deliveries(conn: &mut Connection, rows: Vec<InsertRow>) -> rusqlite::Result<Vec<Stored>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+/// Runs `jobs` in one transaction and commits. On any error the whole transaction is rolled
+/// back. (No savepoint per job: SQLite copies every page a savepoint touches to its
+/// sub-journal, which cost a tenth of this thread's time; a failed job is instead rare enough
+/// to re-run the others alone.)
+fn run_cycle(conn: &Connection, jobs: &mut [Box<dyn Job>]) -> Result<(), Failed> {
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(Failed::Transaction)?;
+    for job in jobs.iter_mut() {
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(conn)));
+        let failed = match done {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => {
+                // The caller sees its reply dropped; never keep a panicked job's writes.
+                tracing::error!("a SQLite writer job panicked; its transaction was rolled back");
+                Some(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("a SQLite writer job panicked".into()),
+                ))
+            }
+        };
+        if let Some(e) = failed {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            return Err(Failed::Job(e));
+        }
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        return Err(Failed::Transaction(e));
+    }
+    Ok(())
+}
+
+/// Why a writer transaction did not commit.
+enum Failed {
+    /// A job's statements failed (the job keeps its own error).
+    Job(rusqlite::Error),
+    /// Beginning or committing the transaction failed.
+    Transaction(rusqlite::Error),
+}
+
+impl Failed {
+    fn error(&self) -> &rusqlite::Error {
+        match self {
+            Failed::Job(e) | Failed::Transaction(e) => e,
+        }
+    }
+}
+
+fn insert_deliveries(conn: &Connection, rows: &[InsertRow]) -> rusqlite::Result<Vec<Stored>> {
     let mut out = Vec::with_capacity(rows.len());
     {
-        let mut insert = tx.prepare_cached(
+        let mut insert = conn.prepare_cached(
             "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
              source, dedupe_scope, dedupe_key, body, headers, status, attempts, \
              next_attempt_at, filter_reason, received_at, processed_at, lease_owner, \
@@ -182,10 +379,10 @@ fn insert_deliveries(conn: &mut Connection, rows: Vec<InsertRow>) -> rusqlite::R
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?14, ?11, ?12, ?11, ?13, ?15, ?16) \
              ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING",
         )?;
-        let mut existing = tx.prepare_cached(
+        let mut existing = conn.prepare_cached(
             "SELECT id FROM deliveries WHERE dedupe_scope = ?1 AND dedupe_key = ?2",
         )?;
-        for InsertRow { d, lease } in &rows {
+        for InsertRow { d, lease } in rows {
             let (owner, until) = match lease {
                 Some((o, u)) => (Some(o.as_str()), Some(*u)),
                 None => (None, None),
@@ -217,12 +414,11 @@ fn insert_deliveries(conn: &mut Connection, rows: Vec<InsertRow>) -> rusqlite::R
             }
         }
     }
-    tx.commit()?;
     Ok(out)
 }
 
 fn claim(
-    conn: &mut Connection,
+    conn: &Connection,
     owner: &str,
     now: i64,
     until: i64,
@@ -260,40 +456,39 @@ fn claim(
 type Activity<'a> = (&'a str, Option<&'a str>, &'a str, &'a str, &'a str, Value);
 
 fn apply(
-    conn: &mut Connection,
+    conn: &Connection,
     owner: &str,
-    items: Vec<ApplyItem>,
+    items: &[ApplyItem],
 ) -> rusqlite::Result<Vec<Applied>> {
     let now = now_micros();
     let now_s = rfc3339(now);
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::with_capacity(items.len());
     {
         // Under SQLite's single write lock no lease changes while we hold it, so checking the
         // lease first is as good as fencing the final UPDATE.
-        let mut held = tx.prepare_cached(
+        let mut held = conn.prepare_cached(
             "SELECT 1 FROM deliveries WHERE id = ?1 AND lease_owner = ?2 AND status = 'pending'",
         )?;
-        let mut insert_signal = tx.prepare_cached(
+        let mut insert_signal = conn.prepare_cached(
             "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
              source_metadata, status, created_at, updated_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'new', ?7, ?7) \
              ON CONFLICT (workspace_id, source, source_ref) DO NOTHING",
         )?;
-        let mut find_signal = tx.prepare_cached(
+        let mut find_signal = conn.prepare_cached(
             "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = ?1 \
              AND source = ?2 AND source_ref = ?3",
         )?;
-        let mut insert_activity = tx.prepare_cached(
+        let mut insert_activity = conn.prepare_cached(
             "INSERT INTO activity_logs (id, workspace_id, actor, action, target_type, target_id, \
              metadata, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
-        let mut finish = tx.prepare_cached(
+        let mut finish = conn.prepare_cached(
             "UPDATE deliveries SET status = ?2, signal_id = ?3, filter_reason = ?4, \
              last_error = ?5, processed_at = ?6, lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ?1",
         )?;
-        for item in &items {
+        for item in items {
             if !held.exists(params![item.id, owner])? {
                 out.push(Applied::LeaseLost);
                 continue;
@@ -334,7 +529,7 @@ fn apply(
                         if let Merged::Updated { verbatim, metadata } =
                             merge_into(&verbatim, &old_meta, signal, *merge, &now_s)
                         {
-                            tx.prepare_cached(
+                            conn.prepare_cached(
                                 "UPDATE signals SET verbatim = ?2, source_metadata = ?3, \
                                  updated_at = ?4 WHERE id = ?1",
                             )?
@@ -363,7 +558,7 @@ fn apply(
                         let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
                         if old_meta.get("deleted") != Some(&Value::Bool(true)) {
                             let new_meta = mark_deleted(&old_meta, metadata, &now_s);
-                            tx.prepare_cached(
+                            conn.prepare_cached(
                                 "UPDATE signals SET source_metadata = ?2, updated_at = ?3 \
                                  WHERE id = ?1",
                             )?
@@ -394,7 +589,7 @@ fn apply(
                 }
                 Effect::DeactivateIntegration { reason } => match &item.integration_id {
                     Some(int_id) => {
-                        let changed = tx
+                        let changed = conn
                             .prepare_cached(
                                 "UPDATE integrations SET is_active = 0, access_token_enc = NULL, \
                                  refresh_token_enc = NULL, token_expires_at = NULL, \
@@ -454,7 +649,6 @@ fn apply(
             });
         }
     }
-    tx.commit()?;
     Ok(out)
 }
 
