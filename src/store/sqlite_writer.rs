@@ -142,6 +142,8 @@ fn start_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
 #[derive(Clone)]
 pub(super) struct SqliteWriter {
     tx: mpsc::Sender<Msg>,
+    /// Transactions committed or attempted so far (one per cycle of queued jobs).
+    cycles: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for SqliteWriter {
@@ -193,11 +195,13 @@ impl SqliteWriter {
         conn.set_prepared_statement_cache_capacity(32);
         let checkpoints = start_checkpointer(path)?;
         let (tx, rx) = mpsc::channel::<Msg>();
+        let cycles: Arc<std::sync::atomic::AtomicU64> = Default::default();
+        let counted = cycles.clone();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || serve(conn, rx, turn, checkpoints))
+            .spawn(move || serve(conn, rx, turn, checkpoints, &counted))
             .map_err(|e| StoreError::Writer(format!("cannot start the SQLite writer: {e}")))?;
-        Ok(SqliteWriter { tx })
+        Ok(SqliteWriter { tx, cycles })
     }
 
     /// Runs `f` on the writer thread and returns its result.
@@ -259,6 +263,7 @@ fn serve(
     rx: mpsc::Receiver<Msg>,
     turn: Arc<tokio::sync::Mutex<()>>,
     checkpoints: mpsc::SyncSender<()>,
+    cycles: &std::sync::atomic::AtomicU64,
 ) {
     let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
     let mut closing = false;
@@ -283,6 +288,7 @@ fn serve(
         let started = std::time::Instant::now();
         let n = jobs.len();
         let committed = run_cycle(&conn, &mut jobs);
+        cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match committed {
             Ok(()) => {
                 // Full means a checkpoint is already due to run.
@@ -294,9 +300,13 @@ fn serve(
             Err(Failed::Job(_)) if n > 1 => {
                 // One job's failure must not fail the jobs that merely shared its transaction:
                 // run each again in a transaction of its own.
-                tracing::debug!(jobs = n, "a SQLite writer job failed; running its batch one by one");
+                tracing::debug!(
+                    jobs = n,
+                    "a SQLite writer job failed; running its batch one by one"
+                );
                 for mut job in jobs.drain(..) {
                     let alone = run_cycle(&conn, std::slice::from_mut(&mut job));
+                    cycles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     job.answer(alone.as_ref().map(|_| ()).map_err(Failed::error));
                 }
             }
@@ -455,11 +465,7 @@ fn claim(
 /// An activity-log row: workspace, actor, action, target type, target id, metadata.
 type Activity<'a> = (&'a str, Option<&'a str>, &'a str, &'a str, &'a str, Value);
 
-fn apply(
-    conn: &Connection,
-    owner: &str,
-    items: &[ApplyItem],
-) -> rusqlite::Result<Vec<Applied>> {
+fn apply(conn: &Connection, owner: &str, items: &[ApplyItem]) -> rusqlite::Result<Vec<Applied>> {
     let now = now_micros();
     let now_s = rfc3339(now);
     let mut out = Vec::with_capacity(items.len());
@@ -654,4 +660,91 @@ fn apply(
 
 fn row3(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String)> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn writer() -> (tempfile::TempDir, SqliteWriter, Arc<tokio::sync::Mutex<()>>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("w.db");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY);")
+            .expect("schema");
+        drop(conn);
+        let turn: Arc<tokio::sync::Mutex<()>> = Default::default();
+        let w = SqliteWriter::open(&path, "full", turn.clone()).expect("writer");
+        (dir, w, turn)
+    }
+
+    fn insert(w: &SqliteWriter, k: i64) -> impl Future<Output = Result<usize, StoreError>> + use<> {
+        let w = w.clone();
+        async move {
+            w.run(move |c| c.execute("INSERT INTO t (k) VALUES (?1)", params![k]))
+                .await
+        }
+    }
+
+    async fn keys(w: &SqliteWriter) -> Vec<i64> {
+        w.run(|c| {
+            let mut s = c.prepare("SELECT k FROM t ORDER BY k")?;
+            s.query_map([], |r| r.get(0))?.collect()
+        })
+        .await
+        .expect("read")
+    }
+
+    #[tokio::test]
+    async fn queued_jobs_share_a_commit_and_a_failing_one_fails_alone() {
+        let (_dir, w, turn) = writer();
+        insert(&w, 1).await.expect("first insert");
+        // Hold the write turn so the next jobs queue up behind one another.
+        let held = turn.lock().await;
+        let before = w.cycles.load(Ordering::Relaxed);
+        let jobs: Vec<_> = [2, 1, 3, 4]
+            .into_iter()
+            .map(|k| tokio::spawn(insert(&w, k)))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        let mut results = Vec::new();
+        for j in jobs {
+            results.push(j.await.expect("join"));
+        }
+        assert!(
+            results[0].is_ok() && results[2].is_ok() && results[3].is_ok(),
+            "{results:?}"
+        );
+        assert!(
+            matches!(results[1], Err(StoreError::Conflict)),
+            "a duplicate key is refused: {results:?}"
+        );
+        assert_eq!(
+            keys(&w).await,
+            vec![1, 2, 3, 4],
+            "the other jobs' rows committed"
+        );
+        // One shared attempt (at most two: the first job may have been taken alone before the
+        // others queued), then one transaction each after the failure.
+        let used = w.cycles.load(Ordering::Relaxed) - before;
+        assert!((5..=6).contains(&used), "{used} transactions");
+    }
+
+    #[tokio::test]
+    async fn jobs_queued_together_commit_once() {
+        let (_dir, w, turn) = writer();
+        let held = turn.lock().await;
+        let before = w.cycles.load(Ordering::Relaxed);
+        let jobs: Vec<_> = (10..20).map(|k| tokio::spawn(insert(&w, k))).collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(held);
+        for j in jobs {
+            assert_eq!(j.await.expect("join").expect("insert"), 1);
+        }
+        let used = w.cycles.load(Ordering::Relaxed) - before;
+        assert!(used <= 2, "ten queued jobs took {used} transactions");
+        assert_eq!(keys(&w).await, (10..20).collect::<Vec<_>>());
+    }
 }
