@@ -96,15 +96,17 @@ pub struct Envelope {
     pub enterprise_id: Option<String>,
     /// `minute_rate_limited` of an `app_rate_limited` envelope, as text.
     pub minute_rate_limited: Option<String>,
-    /// The whole parsed body (a JSON object); `Null` after [`peek_envelope`].
+    /// The parsed body (a JSON object) without any `blocks` member, which nothing reads (the
+    /// text is rendered from `text`); `Null` after [`peek_envelope`].
     pub raw: Value,
 }
 
 /// Parses the envelope of a (verified) Events API body. `Err(message)` when the body is not a
 /// JSON object. String fields that are absent, empty or not strings are `None`.
 pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
-    let raw: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let raw: Value = serde_json::from_slice::<pruned::Pruned>(body)
+        .map_err(|e| format!("body is not valid JSON: {e}"))?
+        .0;
     if !raw.is_object() {
         return Err("body is not a JSON object".to_string());
     }
@@ -135,6 +137,88 @@ fn minute_text(v: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         _ => None,
+    }
+}
+
+/// A JSON tree without `blocks` members: a message's Block Kit copy of its text is most of the
+/// nodes of a Slack envelope (every word of rich text is an object), and the worker spent more
+/// time building and dropping it than on everything else it does with the message. The skipped
+/// part is still parsed (a syntax error is still an error), just not kept.
+mod pruned {
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess};
+    use serde::de::{SeqAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    pub(super) struct Pruned(pub Value);
+
+    impl<'de> Deserialize<'de> for Pruned {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(V).map(Pruned)
+        }
+    }
+
+    struct V;
+
+    impl<'de> DeserializeSeed<'de> for V {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(V)
+        }
+    }
+
+    impl<'de> Visitor<'de> for V {
+        type Value = Value;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+            Ok(Value::Bool(v))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+            Ok(Value::from(v))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+            Ok(Value::String(v.to_owned()))
+        }
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+            Ok(Value::String(v))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            d.deserialize_any(V)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+            let mut out = Vec::with_capacity(a.size_hint().unwrap_or(0).min(64));
+            while let Some(v) = a.next_element_seed(V)? {
+                out.push(v);
+            }
+            Ok(Value::Array(out))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+            let mut out = Map::new();
+            while let Some(k) = a.next_key::<String>()? {
+                if k == "blocks" {
+                    a.next_value::<IgnoredAny>()?;
+                } else {
+                    let v = a.next_value_seed(V)?;
+                    out.insert(k, v);
+                }
+            }
+            Ok(Value::Object(out))
+        }
     }
 }
 
@@ -908,6 +992,28 @@ mod tests {
     const DOC_TS: i64 = 1_531_420_618;
     const DOC_BODY: &[u8] = b"token=xyzz0WbapA4vBCDEFasx0q6G&team_id=T1DC2JH3J&team_domain=testteamnow&channel_id=G8PSS9T3V&channel_name=foobar&user_id=U2CERLKJA&user_name=roadrunner&command=%2Fwebhook-collect&text=&response_url=https%3A%2F%2Fhooks.slack.com%2Fcommands%2FT1DC2JH3J%2F397700885554%2F96rGlfmibIGlgcZRskXaIFfN&trigger_id=398738663015.47445629121.803a0bc887a14d10d2c447fce8b6703c";
     const DOC_SIG: &str = "v0=a2114d57b48eac39b9ad189dd8316235a7b4a8d21a10bd27519666489c69b503";
+
+    #[test]
+    fn the_worker_parse_drops_blocks_and_keeps_everything_else() {
+        let body = br#"{"type":"event_callback","event_id":"Ev1","blocks":[1],"event":{"type":"message","text":"hi","ts":"1.2","n":-3,"f":1.5,"b":true,"z":null,"blocks":[{"type":"rich_text","elements":[{"type":"text","text":"hi"}]}],"message":{"text":"x","blocks":[]},"files":[{"id":"F1"}]}}"#;
+        let env = parse_envelope(body).expect("parses");
+        let mut expected: Value = serde_json::from_slice(body).expect("valid");
+        let Some(top) = expected.as_object_mut() else {
+            panic!("object")
+        };
+        top.remove("blocks");
+        let event = &mut expected["event"];
+        event.as_object_mut().expect("object").remove("blocks");
+        event["message"]
+            .as_object_mut()
+            .expect("object")
+            .remove("blocks");
+        assert_eq!(env.raw, expected);
+        assert_eq!(env.event_id.as_deref(), Some("Ev1"));
+        // What is skipped is still parsed: bad JSON there is still bad JSON.
+        let broken = br#"{"type":"event_callback","event":{"blocks":[{"type":}],"text":"hi"}}"#;
+        assert!(parse_envelope(broken).is_err());
+    }
 
     fn check(
         secrets: &[&[u8]],
