@@ -217,6 +217,13 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, Pr
     Ok(effect)
 }
 
+/// Conversions running at once: one per core. It is pure CPU work, so more would only queue
+/// in the kernel instead, and every extra blocking-pool thread keeps its own allocator heap
+/// (under load the pool grew to 80 threads and the server to 300 MiB).
+static CONVERSIONS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(4 * std::thread::available_parallelism().map_or(2, |n| n.get()))
+});
+
 /// Runs [`proto::normalize`] on the blocking pool: converting a ticket's HTML to text takes
 /// ~170 µs per 3 KB, which would otherwise hold a runtime thread that answers webhooks.
 async fn normalize_off_runtime(
@@ -224,6 +231,10 @@ async fn normalize_off_runtime(
     raw: Value,
     settings: proto::PylonSettings,
 ) -> Result<(Effect, proto::Parsed, Value, proto::PylonSettings), ProcessError> {
+    let _turn = CONVERSIONS
+        .acquire()
+        .await
+        .map_err(|_| ProcessError::retry("the conversion limiter is closed"))?;
     tokio::task::spawn_blocking(move || {
         let effect = proto::normalize(&parsed, &raw, &settings);
         (effect, parsed, raw, settings)
