@@ -176,7 +176,9 @@ impl SlackApi {
                 .headers()
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
+                .and_then(|v| {
+                    crate::protocol::retry_after_secs(v, crate::clock::now_micros() / 1_000_000)
+                })
                 .unwrap_or(30)
                 .min(3600);
             let d = Duration::from_secs(secs);

@@ -97,3 +97,48 @@ pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(Sha256::digest(data))
 }
+
+/// Seconds to wait according to a `Retry-After` header value, which is either delay-seconds or
+/// an HTTP-date (RFC 9110 §10.2.3; the IMF-fixdate form, e.g. `Wed, 21 Oct 2015 07:28:00 GMT`).
+/// A date already past is 0. `None` when the value is neither (callers pick their default).
+pub fn retry_after_secs(value: &str, now_unix: i64) -> Option<u64> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(secs);
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    Some(u64::try_from(when.timestamp().saturating_sub(now_unix)).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::retry_after_secs;
+
+    // RFC 9110's example date, as Unix time.
+    const DATE: &str = "Sun, 06 Nov 1994 08:49:37 GMT";
+    const DATE_UNIX: i64 = 784_111_777;
+
+    #[test]
+    fn delay_seconds() {
+        assert_eq!(retry_after_secs("120", 0), Some(120));
+        assert_eq!(retry_after_secs(" 0 ", 0), Some(0));
+    }
+
+    #[test]
+    fn an_http_date_is_the_time_left_until_it() {
+        assert_eq!(retry_after_secs(DATE, DATE_UNIX - 90), Some(90));
+        assert_eq!(retry_after_secs(DATE, DATE_UNIX), Some(0));
+        assert_eq!(
+            retry_after_secs(DATE, DATE_UNIX + 5),
+            Some(0),
+            "past dates wait 0"
+        );
+    }
+
+    #[test]
+    fn anything_else_is_none() {
+        for v in ["", "-5", "soon", "1.5", "Sun, 06 Nov 1994"] {
+            assert_eq!(retry_after_secs(v, DATE_UNIX), None, "{v:?}");
+        }
+    }
+}

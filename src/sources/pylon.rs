@@ -290,7 +290,9 @@ async fn fetch_issue(
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+            .and_then(|v| {
+                crate::protocol::retry_after_secs(v, crate::clock::now_micros() / 1_000_000)
+            })
             .unwrap_or(30);
         return Err(ProcessError {
             reason: format!("Pylon API rate limited (429), retry after {after}s"),

@@ -24,6 +24,7 @@ both_backends!(
     event_filter_records_why,
     thin_payloads_are_enriched_from_the_api,
     rate_limited_lookups_are_retried_without_blocking,
+    a_retry_after_date_is_honoured,
     required_shared_header_is_checked,
     html_bodies_become_tidy_text,
 );
@@ -913,6 +914,58 @@ impl Respond for Timed {
         self.at.lock().unwrap().push(Instant::now());
         self.template.clone()
     }
+}
+
+async fn a_retry_after_date_is_honoured(b: Backend) {
+    let mock = MockServer::start().await;
+    let at = Arc::new(Mutex::new(Vec::new()));
+    // An HTTP-date two seconds ahead (whole seconds, so 1–2 s from now).
+    let when = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let date = when.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+    Mock::given(method("GET"))
+        .and(path("/issues/iss_9"))
+        .respond_with(Timed {
+            template: ResponseTemplate::new(429).insert_header("Retry-After", date.as_str()),
+            at: at.clone(),
+        })
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&mock)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/issues/iss_9"))
+        .respond_with(Timed {
+            template: ResponseTemplate::new(200).set_body_json(json!({
+                "data": {"id": "iss_9", "title": "Dated", "body_html": "<p>Later</p>"}
+            })),
+            at: at.clone(),
+        })
+        .expect(1)
+        .mount(&mock)
+        .await;
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("pylon_api_base", mock.uri());
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let int = pylon_integration(&app, &ws, json!({"api_token": API_TOKEN})).await;
+    let thin = json!({"event": "issue_new", "issue_id": "iss_9"});
+    send_ok(&app, &int, &thin).await;
+    wait_for("the dated retry", || async {
+        signal_by_ref(&app, &ws, "pylon-iss_9").await.is_some()
+    })
+    .await;
+    let calls = at.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let gap = calls[1] - calls[0];
+    // Not retried at once, and not after the 30 s used when the header cannot be read.
+    assert!(
+        gap >= Duration::from_millis(500) && gap < Duration::from_secs(10),
+        "Retry-After: {date} gave a {gap:?} wait"
+    );
 }
 
 async fn rate_limited_lookups_are_retried_without_blocking(b: Backend) {
