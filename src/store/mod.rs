@@ -12,8 +12,11 @@
 //! - a delivery's outcome, its signal change and its activity entry commit together, and only if
 //!   the worker still holds the delivery's lease (fencing).
 
+mod finish;
 mod models;
 mod sqlite_writer;
+
+use finish::Finish;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -946,18 +949,6 @@ impl Store {
         let select_sql = "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
              AND source = $2 AND source_ref = $3 FOR UPDATE";
         let mut acts: Vec<[Option<String>; 7]> = Vec::new();
-        let mut act =
-            |ws: &str, actor: Option<&str>, action: &str, ttype: &str, tid: &str, meta: Value| {
-                acts.push([
-                    Some(new_id(prefix::ACTIVITY)),
-                    Some(ws.to_string()),
-                    actor.map(str::to_string),
-                    Some(action.to_string()),
-                    Some(ttype.to_string()),
-                    Some(tid.to_string()),
-                    Some(meta.to_string()),
-                ]);
-            };
         let mut fin: [Vec<Option<String>>; 5] = Default::default();
         let mut out = Vec::with_capacity(batch.len());
         for (i, (delivery, effect)) in batch.iter().enumerate() {
@@ -967,12 +958,7 @@ impl Store {
             }
             let source: &str = &delivery.source;
             let ws = delivery.workspace_id.clone().unwrap_or_default();
-            let mut status = DeliveryStatus::Processed;
-            let mut signal_id: Option<String> = None;
-            let mut action: Option<&'static str> = None;
-            let mut filter_reason: Option<String> = None;
-            let mut last_error: Option<String> = None;
-            match effect {
+            let (done, entry) = match effect {
                 Effect::Upsert { signal, merge } => {
                     let mut created = new_ids[i].take();
                     if created.is_none() && !first_upserts.contains(&i) {
@@ -998,18 +984,7 @@ impl Store {
                         }
                     }
                     if let Some(id) = created {
-                        act(
-                            &ws,
-                            None,
-                            "signal.created",
-                            "signal",
-                            &id,
-                            serde_json::json!({"source": source, "delivery_id": delivery.id,
-                                "source_ref": signal.source_ref,
-                                "verbatim_preview": preview(&signal.verbatim)}),
-                        );
-                        signal_id = Some(id);
-                        action = Some("signal.created");
+                        Finish::created(source, &delivery.id, id, signal)
                     } else {
                         // It exists: merge.
                         let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
@@ -1018,34 +993,28 @@ impl Store {
                             .bind(&signal.source_ref)
                             .fetch_optional(&mut *tx)
                             .await?;
-                        if let Some((id, verbatim, meta)) = existing {
-                            let old_meta: Value =
-                                serde_json::from_str(&meta).unwrap_or(Value::Null);
-                            if let Merged::Updated { verbatim, metadata } =
-                                merge_into(&verbatim, &old_meta, signal, *merge, &now_s)
-                            {
-                                sqlx::query(
-                                    "UPDATE signals SET verbatim = $2, source_metadata = $3, \
-                                     updated_at = $4 WHERE id = $1",
-                                )
-                                .bind(&id)
-                                .bind(&verbatim)
-                                .bind(metadata.to_string())
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
-                                act(
-                                    &ws,
-                                    None,
-                                    "signal.updated",
-                                    "signal",
-                                    &id,
-                                    serde_json::json!({"source": source, "delivery_id": delivery.id,
-                                        "verbatim_preview": preview(&verbatim)}),
-                                );
-                                action = Some("signal.updated");
+                        match existing {
+                            Some((id, verbatim, meta)) => {
+                                let old_meta: Value =
+                                    serde_json::from_str(&meta).unwrap_or(Value::Null);
+                                match merge_into(&verbatim, &old_meta, signal, *merge, &now_s) {
+                                    Merged::Updated { verbatim, metadata } => {
+                                        sqlx::query(
+                                            "UPDATE signals SET verbatim = $2, \
+                                             source_metadata = $3, updated_at = $4 WHERE id = $1",
+                                        )
+                                        .bind(&id)
+                                        .bind(&verbatim)
+                                        .bind(metadata.to_string())
+                                        .bind(now)
+                                        .execute(&mut *tx)
+                                        .await?;
+                                        Finish::updated(source, &delivery.id, id, &verbatim)
+                                    }
+                                    Merged::Unchanged => (Finish::on_signal(id), None),
+                                }
                             }
-                            signal_id = Some(id);
+                            None => (Finish::processed(), None),
                         }
                     }
                 }
@@ -1063,7 +1032,9 @@ impl Store {
                         Some((id, _, meta)) => {
                             let old_meta: Value =
                                 serde_json::from_str(&meta).unwrap_or(Value::Null);
-                            if old_meta.get("deleted") != Some(&Value::Bool(true)) {
+                            if old_meta.get("deleted") == Some(&Value::Bool(true)) {
+                                (Finish::on_signal(id), None)
+                            } else {
                                 let new_meta = mark_deleted(&old_meta, metadata, &now_s);
                                 sqlx::query(
                                     "UPDATE signals SET source_metadata = $2, updated_at = $3 \
@@ -1074,32 +1045,14 @@ impl Store {
                                 .bind(now)
                                 .execute(&mut *tx)
                                 .await?;
-                                act(
-                                    &ws,
-                                    None,
-                                    "signal.deleted",
-                                    "signal",
-                                    &id,
-                                    serde_json::json!({"source": source, "delivery_id": delivery.id}),
-                                );
-                                action = Some("signal.deleted");
+                                Finish::deleted(source, &delivery.id, id)
                             }
-                            signal_id = Some(id);
                         }
-                        None => {
-                            status = DeliveryStatus::Filtered;
-                            filter_reason = Some("deleted message was never seen".into());
-                        }
+                        None => (Finish::never_seen(), None),
                     }
                 }
-                Effect::Filter { reason } => {
-                    status = DeliveryStatus::Filtered;
-                    filter_reason = Some(reason.clone());
-                }
-                Effect::Reject { reason } => {
-                    status = DeliveryStatus::Failed;
-                    last_error = Some(reason.clone());
-                }
+                Effect::Filter { reason } => (Finish::filtered(reason.as_str()), None),
+                Effect::Reject { reason } => (Finish::failed(reason.as_str()), None),
                 Effect::DeactivateIntegration { reason } => match &delivery.integration_id {
                     Some(int_id) => {
                         let changed = sqlx::query(
@@ -1114,32 +1067,34 @@ impl Store {
                         .execute(&mut *tx)
                         .await?;
                         if changed.rows_affected() == 1 {
-                            act(
-                                &ws,
-                                Some(source),
-                                "integration.deactivated",
-                                "integration",
-                                int_id,
-                                serde_json::json!({"reason": reason, "delivery_id": delivery.id}),
-                            );
-                            action = Some("integration.deactivated");
+                            Finish::deactivated(source, int_id, reason, &delivery.id)
+                        } else {
+                            (Finish::processed(), None)
                         }
                     }
-                    None => {
-                        status = DeliveryStatus::Filtered;
-                        filter_reason = Some(format!("{reason}: no integration to deactivate"));
-                    }
+                    None => (Finish::no_integration(reason), None),
                 },
+            };
+            if let Some(e) = entry {
+                acts.push([
+                    Some(new_id(prefix::ACTIVITY)),
+                    Some(ws.clone()),
+                    e.actor,
+                    Some(e.action.to_string()),
+                    Some(e.target_type.to_string()),
+                    Some(e.target_id),
+                    Some(e.metadata.to_string()),
+                ]);
             }
             fin[0].push(Some(delivery.id.clone()));
-            fin[1].push(Some(status.as_str().to_string()));
-            fin[2].push(signal_id.clone());
-            fin[3].push(filter_reason);
-            fin[4].push(last_error);
+            fin[1].push(Some(done.status.as_str().to_string()));
+            fin[2].push(done.signal_id.clone());
+            fin[3].push(done.filter_reason);
+            fin[4].push(done.last_error);
             out.push(Applied::Done {
-                status,
-                signal_id,
-                action,
+                status: done.status,
+                signal_id: done.signal_id,
+                action: done.action,
             });
         }
         flush_activity(&mut *tx, acts, now).await?;
@@ -1287,11 +1242,6 @@ impl Store {
     pub async fn scalar_i64(&self, sql: &'static str) -> Result<i64> {
         Ok(on_pool!(self, p => sqlx::query(sql).fetch_one(p).await?.try_get::<i64, _>(0))?)
     }
-}
-
-/// Shortens a verbatim for activity metadata.
-fn preview(s: &str) -> String {
-    s.chars().take(100).collect()
 }
 
 /// An inbox batch as one array per column (PostgreSQL `UNNEST`).

@@ -23,7 +23,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::{Applied, ClaimedDelivery, DeliveryStatus, NewDelivery, StoreError, Stored, preview};
+use super::finish::Finish;
+use super::{Applied, ClaimedDelivery, DeliveryStatus, NewDelivery, StoreError, Stored};
 use crate::clock::{now_micros, rfc3339};
 use crate::ids::{new_id, prefix};
 use crate::protocol::effect::{Effect, Merged, mark_deleted, merge_into};
@@ -464,79 +465,63 @@ fn claim(
     Ok(rows)
 }
 
-/// An activity-log row: workspace, actor, action, target type, target id, metadata.
-type Activity<'a> = (&'a str, Option<&'a str>, &'a str, &'a str, &'a str, Value);
-
 fn apply(conn: &Connection, owner: &str, items: &[ApplyItem]) -> rusqlite::Result<Vec<Applied>> {
     let now = now_micros();
     let now_s = rfc3339(now);
     let mut out = Vec::with_capacity(items.len());
-    {
-        // Under SQLite's single write lock no lease changes while we hold it, so checking the
-        // lease first is as good as fencing the final UPDATE.
-        let mut held = conn.prepare_cached(
-            "SELECT 1 FROM deliveries WHERE id = ?1 AND lease_owner = ?2 AND status = 'pending'",
-        )?;
-        let mut insert_signal = conn.prepare_cached(
-            "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
-             source_metadata, status, created_at, updated_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'new', ?7, ?7) \
-             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING",
-        )?;
-        let mut find_signal = conn.prepare_cached(
-            "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = ?1 \
-             AND source = ?2 AND source_ref = ?3",
-        )?;
-        let mut insert_activity = conn.prepare_cached(
-            "INSERT INTO activity_logs (id, workspace_id, actor, action, target_type, target_id, \
-             metadata, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?;
-        let mut finish = conn.prepare_cached(
-            "UPDATE deliveries SET status = ?2, signal_id = ?3, filter_reason = ?4, \
-             last_error = ?5, processed_at = ?6, lease_owner = NULL, lease_expires_at = NULL \
-             WHERE id = ?1",
-        )?;
-        for item in items {
-            if !held.exists(params![item.id, owner])? {
-                out.push(Applied::LeaseLost);
-                continue;
-            }
-            let ws = item.workspace_id.as_deref().unwrap_or_default();
-            let source = item.source.as_str();
-            let mut status = DeliveryStatus::Processed;
-            let mut signal_id: Option<String> = None;
-            let mut action: Option<&'static str> = None;
-            let mut filter_reason: Option<String> = None;
-            let mut last_error: Option<String> = None;
-            let mut activity: Option<Activity> = None;
-            match &item.effect {
-                Effect::Upsert { signal, merge } => {
-                    // Insert first (the common case, a new signal); merge only on conflict.
-                    let id = new_id(prefix::SIGNAL);
-                    let n = insert_signal.execute(params![
-                        id,
-                        ws,
-                        signal.verbatim,
-                        source,
-                        signal.source_ref,
-                        signal.metadata.to_string(),
-                        now
-                    ])?;
-                    if n == 1 {
-                        let meta = serde_json::json!({"source": source, "delivery_id": item.id,
-                            "source_ref": signal.source_ref,
-                            "verbatim_preview": preview(&signal.verbatim)});
-                        activity = Some((ws, None, "signal.created", "signal", "", meta));
-                        action = Some("signal.created");
-                        signal_id = Some(id);
-                    } else if let Some((id, verbatim, meta)) = find_signal
-                        .query_row(params![ws, source, signal.source_ref], row3)
-                        .optional()?
-                    {
-                        let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
-                        if let Merged::Updated { verbatim, metadata } =
-                            merge_into(&verbatim, &old_meta, signal, *merge, &now_s)
-                        {
+    // Under SQLite's single write lock no lease changes while we hold it, so checking the lease
+    // first is as good as fencing the final UPDATE.
+    let mut held = conn.prepare_cached(
+        "SELECT 1 FROM deliveries WHERE id = ?1 AND lease_owner = ?2 AND status = 'pending'",
+    )?;
+    let mut insert_signal = conn.prepare_cached(
+        "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
+         source_metadata, status, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'new', ?7, ?7) \
+         ON CONFLICT (workspace_id, source, source_ref) DO NOTHING",
+    )?;
+    let mut find_signal = conn.prepare_cached(
+        "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = ?1 \
+         AND source = ?2 AND source_ref = ?3",
+    )?;
+    let mut insert_activity = conn.prepare_cached(
+        "INSERT INTO activity_logs (id, workspace_id, actor, action, target_type, target_id, \
+         metadata, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut finish = conn.prepare_cached(
+        "UPDATE deliveries SET status = ?2, signal_id = ?3, filter_reason = ?4, \
+         last_error = ?5, processed_at = ?6, lease_owner = NULL, lease_expires_at = NULL \
+         WHERE id = ?1",
+    )?;
+    for item in items {
+        if !held.exists(params![item.id, owner])? {
+            out.push(Applied::LeaseLost);
+            continue;
+        }
+        let ws = item.workspace_id.as_deref().unwrap_or_default();
+        let source = item.source.as_str();
+        let (done, entry) = match &item.effect {
+            Effect::Upsert { signal, merge } => {
+                // Insert first (the common case, a new signal); merge only on conflict.
+                let id = new_id(prefix::SIGNAL);
+                let n = insert_signal.execute(params![
+                    id,
+                    ws,
+                    signal.verbatim,
+                    source,
+                    signal.source_ref,
+                    signal.metadata.to_string(),
+                    now
+                ])?;
+                if n == 1 {
+                    Finish::created(source, &item.id, id, signal)
+                } else if let Some((id, verbatim, meta)) = find_signal
+                    .query_row(params![ws, source, signal.source_ref], row3)
+                    .optional()?
+                {
+                    let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                    match merge_into(&verbatim, &old_meta, signal, *merge, &now_s) {
+                        Merged::Updated { verbatim, metadata } => {
                             conn.prepare_cached(
                                 "UPDATE signals SET verbatim = ?2, source_metadata = ?3, \
                                  updated_at = ?4 WHERE id = ?1",
@@ -547,115 +532,87 @@ fn apply(conn: &Connection, owner: &str, items: &[ApplyItem]) -> rusqlite::Resul
                                 metadata.to_string(),
                                 now
                             ])?;
-                            let meta = serde_json::json!({"source": source,
-                                "delivery_id": item.id, "verbatim_preview": preview(&verbatim)});
-                            activity = Some((ws, None, "signal.updated", "signal", "", meta));
-                            action = Some("signal.updated");
+                            Finish::updated(source, &item.id, id, &verbatim)
                         }
-                        signal_id = Some(id);
+                        Merged::Unchanged => (Finish::on_signal(id), None),
                     }
+                } else {
+                    (Finish::processed(), None)
                 }
-                Effect::MarkDeleted {
-                    source_ref,
-                    metadata,
-                } => match find_signal
-                    .query_row(params![ws, source, source_ref], row3)
-                    .optional()?
-                {
-                    Some((id, _, meta)) => {
-                        let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
-                        if old_meta.get("deleted") != Some(&Value::Bool(true)) {
-                            let new_meta = mark_deleted(&old_meta, metadata, &now_s);
-                            conn.prepare_cached(
-                                "UPDATE signals SET source_metadata = ?2, updated_at = ?3 \
-                                 WHERE id = ?1",
-                            )?
-                            .execute(params![
-                                id,
-                                new_meta.to_string(),
-                                now
-                            ])?;
-                            let meta =
-                                serde_json::json!({"source": source, "delivery_id": item.id});
-                            activity = Some((ws, None, "signal.deleted", "signal", "", meta));
-                            action = Some("signal.deleted");
-                        }
-                        signal_id = Some(id);
-                    }
-                    None => {
-                        status = DeliveryStatus::Filtered;
-                        filter_reason = Some("deleted message was never seen".into());
-                    }
-                },
-                Effect::Filter { reason } => {
-                    status = DeliveryStatus::Filtered;
-                    filter_reason = Some(reason.clone());
-                }
-                Effect::Reject { reason } => {
-                    status = DeliveryStatus::Failed;
-                    last_error = Some(reason.clone());
-                }
-                Effect::DeactivateIntegration { reason } => match &item.integration_id {
-                    Some(int_id) => {
-                        let changed = conn
-                            .prepare_cached(
-                                "UPDATE integrations SET is_active = 0, access_token_enc = NULL, \
-                                 refresh_token_enc = NULL, token_expires_at = NULL, \
-                                 updated_at = ?2 WHERE id = ?1 \
-                                 AND (is_active = 1 OR access_token_enc IS NOT NULL)",
-                            )?
-                            .execute(params![int_id, now])?;
-                        if changed == 1 {
-                            let meta =
-                                serde_json::json!({"reason": reason, "delivery_id": item.id});
-                            activity = Some((
-                                ws,
-                                Some(source),
-                                "integration.deactivated",
-                                "integration",
-                                int_id,
-                                meta,
-                            ));
-                            action = Some("integration.deactivated");
-                        }
-                    }
-                    None => {
-                        status = DeliveryStatus::Filtered;
-                        filter_reason = Some(format!("{reason}: no integration to deactivate"));
-                    }
-                },
             }
-            if let Some((ws, actor, act, target_type, target_id, meta)) = activity {
-                // Signal activities point at the signal.
-                let target = signal_id
-                    .as_deref()
-                    .filter(|_| target_id.is_empty())
-                    .unwrap_or(target_id);
-                insert_activity.execute(params![
-                    new_id(prefix::ACTIVITY),
-                    ws,
-                    actor,
-                    act,
-                    target_type,
-                    target,
-                    meta.to_string(),
-                    now
-                ])?;
-            }
-            finish.execute(params![
-                item.id,
-                status.as_str(),
-                signal_id,
-                filter_reason,
-                last_error,
+            Effect::MarkDeleted {
+                source_ref,
+                metadata,
+            } => match find_signal
+                .query_row(params![ws, source, source_ref], row3)
+                .optional()?
+            {
+                Some((id, _, meta)) => {
+                    let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                    if old_meta.get("deleted") == Some(&Value::Bool(true)) {
+                        (Finish::on_signal(id), None)
+                    } else {
+                        let new_meta = mark_deleted(&old_meta, metadata, &now_s);
+                        conn.prepare_cached(
+                            "UPDATE signals SET source_metadata = ?2, updated_at = ?3 \
+                             WHERE id = ?1",
+                        )?
+                        .execute(params![
+                            id,
+                            new_meta.to_string(),
+                            now
+                        ])?;
+                        Finish::deleted(source, &item.id, id)
+                    }
+                }
+                None => (Finish::never_seen(), None),
+            },
+            Effect::Filter { reason } => (Finish::filtered(reason.as_str()), None),
+            Effect::Reject { reason } => (Finish::failed(reason.as_str()), None),
+            Effect::DeactivateIntegration { reason } => match &item.integration_id {
+                Some(int_id) => {
+                    let changed = conn
+                        .prepare_cached(
+                            "UPDATE integrations SET is_active = 0, access_token_enc = NULL, \
+                             refresh_token_enc = NULL, token_expires_at = NULL, \
+                             updated_at = ?2 WHERE id = ?1 \
+                             AND (is_active = 1 OR access_token_enc IS NOT NULL)",
+                        )?
+                        .execute(params![int_id, now])?;
+                    if changed == 1 {
+                        Finish::deactivated(source, int_id, reason, &item.id)
+                    } else {
+                        (Finish::processed(), None)
+                    }
+                }
+                None => (Finish::no_integration(reason), None),
+            },
+        };
+        if let Some(e) = entry {
+            insert_activity.execute(params![
+                new_id(prefix::ACTIVITY),
+                ws,
+                e.actor,
+                e.action,
+                e.target_type,
+                e.target_id,
+                e.metadata.to_string(),
                 now
             ])?;
-            out.push(Applied::Done {
-                status,
-                signal_id,
-                action,
-            });
         }
+        finish.execute(params![
+            item.id,
+            done.status.as_str(),
+            done.signal_id,
+            done.filter_reason,
+            done.last_error,
+            now
+        ])?;
+        out.push(Applied::Done {
+            status: done.status,
+            signal_id: done.signal_id,
+            action: done.action,
+        });
     }
     Ok(out)
 }

@@ -1,0 +1,259 @@
+//! What finishing a delivery records, written once for both backends: the delivery's final
+//! columns and the activity entry of each outcome. The backends differ only in how they ask the
+//! database what the outcome is (rusqlite on SQLite's writer thread, sqlx on PostgreSQL); what
+//! they then write, and the text and metadata users see, comes from here.
+
+use serde_json::{Value, json};
+
+use super::DeliveryStatus;
+use crate::protocol::effect::NewSignal;
+
+/// Longest verbatim excerpt kept in an activity entry, in characters.
+const PREVIEW_CHARS: usize = 100;
+
+/// The start of a verbatim, for activity metadata.
+pub(super) fn preview(s: &str) -> String {
+    s.chars().take(PREVIEW_CHARS).collect()
+}
+
+/// A finished delivery's columns.
+#[derive(Debug)]
+pub(super) struct Finish {
+    pub status: DeliveryStatus,
+    pub signal_id: Option<String>,
+    pub filter_reason: Option<String>,
+    pub last_error: Option<String>,
+    /// The action logged for it, if any (`signal.created`, …).
+    pub action: Option<&'static str>,
+}
+
+/// An activity-log entry of a finished delivery (its workspace is the delivery's).
+#[derive(Debug)]
+pub(super) struct Entry {
+    pub actor: Option<String>,
+    pub action: &'static str,
+    pub target_type: &'static str,
+    pub target_id: String,
+    pub metadata: Value,
+}
+
+impl Finish {
+    fn new(status: DeliveryStatus) -> Finish {
+        Finish {
+            status,
+            signal_id: None,
+            filter_reason: None,
+            last_error: None,
+            action: None,
+        }
+    }
+
+    fn logged(mut self, entry: Entry) -> (Finish, Option<Entry>) {
+        self.action = Some(entry.action);
+        (self, Some(entry))
+    }
+
+    /// A new signal was inserted.
+    pub fn created(
+        source: &str,
+        delivery_id: &str,
+        signal_id: String,
+        signal: &NewSignal,
+    ) -> (Finish, Option<Entry>) {
+        let entry = Entry {
+            actor: None,
+            action: "signal.created",
+            target_type: "signal",
+            target_id: signal_id.clone(),
+            metadata: json!({"source": source, "delivery_id": delivery_id,
+                "source_ref": signal.source_ref, "verbatim_preview": preview(&signal.verbatim)}),
+        };
+        Finish::on_signal(signal_id).logged(entry)
+    }
+
+    /// An existing signal took the delivery's changes.
+    pub fn updated(
+        source: &str,
+        delivery_id: &str,
+        signal_id: String,
+        verbatim: &str,
+    ) -> (Finish, Option<Entry>) {
+        let entry = Entry {
+            actor: None,
+            action: "signal.updated",
+            target_type: "signal",
+            target_id: signal_id.clone(),
+            metadata: json!({"source": source, "delivery_id": delivery_id,
+                "verbatim_preview": preview(verbatim)}),
+        };
+        Finish::on_signal(signal_id).logged(entry)
+    }
+
+    /// A signal was marked deleted.
+    pub fn deleted(source: &str, delivery_id: &str, signal_id: String) -> (Finish, Option<Entry>) {
+        let entry = Entry {
+            actor: None,
+            action: "signal.deleted",
+            target_type: "signal",
+            target_id: signal_id.clone(),
+            metadata: json!({"source": source, "delivery_id": delivery_id}),
+        };
+        Finish::on_signal(signal_id).logged(entry)
+    }
+
+    /// Processed against an existing signal that did not change (nothing logged).
+    pub fn on_signal(signal_id: String) -> Finish {
+        Finish {
+            signal_id: Some(signal_id),
+            ..Finish::new(DeliveryStatus::Processed)
+        }
+    }
+
+    /// Processed without touching a signal (nothing logged).
+    pub fn processed() -> Finish {
+        Finish::new(DeliveryStatus::Processed)
+    }
+
+    /// The integration was deactivated and its tokens wiped.
+    pub fn deactivated(
+        source: &str,
+        integration_id: &str,
+        reason: &str,
+        delivery_id: &str,
+    ) -> (Finish, Option<Entry>) {
+        let entry = Entry {
+            actor: Some(source.to_string()),
+            action: "integration.deactivated",
+            target_type: "integration",
+            target_id: integration_id.to_string(),
+            metadata: json!({"reason": reason, "delivery_id": delivery_id}),
+        };
+        Finish::processed().logged(entry)
+    }
+
+    /// Recorded as `filtered` with this reason.
+    pub fn filtered(reason: impl Into<String>) -> Finish {
+        Finish {
+            filter_reason: Some(reason.into()),
+            ..Finish::new(DeliveryStatus::Filtered)
+        }
+    }
+
+    /// A deletion of a message no signal was made from.
+    pub fn never_seen() -> Finish {
+        Finish::filtered("deleted message was never seen")
+    }
+
+    /// A deactivation for a delivery that names no integration.
+    pub fn no_integration(reason: &str) -> Finish {
+        Finish::filtered(format!("{reason}: no integration to deactivate"))
+    }
+
+    /// `failed` for good (the payload can never become a signal).
+    pub fn failed(reason: impl Into<String>) -> Finish {
+        Finish {
+            last_error: Some(reason.into()),
+            ..Finish::new(DeliveryStatus::Failed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(verbatim: &str) -> NewSignal {
+        NewSignal {
+            source_ref: "C1:1.2".into(),
+            verbatim: verbatim.into(),
+            metadata: json!({}),
+        }
+    }
+
+    #[test]
+    fn a_new_signal_is_logged_with_a_preview() {
+        let long = "é".repeat(150);
+        let (f, e) = Finish::created("slack", "dlv_1", "sig_1".into(), &signal(&long));
+        let e = e.expect("logged");
+        assert_eq!(f.status, DeliveryStatus::Processed);
+        assert_eq!(f.signal_id.as_deref(), Some("sig_1"));
+        assert_eq!(f.action, Some("signal.created"));
+        assert_eq!(
+            (e.action, e.target_type, e.target_id.as_str()),
+            ("signal.created", "signal", "sig_1")
+        );
+        assert_eq!(e.actor, None);
+        assert_eq!(e.metadata["source"], "slack");
+        assert_eq!(e.metadata["delivery_id"], "dlv_1");
+        assert_eq!(e.metadata["source_ref"], "C1:1.2");
+        assert_eq!(
+            e.metadata["verbatim_preview"],
+            "é".repeat(100),
+            "100 characters, not bytes"
+        );
+    }
+
+    #[test]
+    fn updates_deletes_and_deactivations_name_what_they_touched() {
+        let (f, e) = Finish::updated("pylon", "dlv_2", "sig_2".into(), "new text");
+        let e = e.expect("logged");
+        assert_eq!(
+            (f.action, e.target_id.as_str()),
+            (Some("signal.updated"), "sig_2")
+        );
+        assert_eq!(
+            e.metadata,
+            json!({"source": "pylon", "delivery_id": "dlv_2", "verbatim_preview": "new text"})
+        );
+
+        let (f, e) = Finish::deleted("slack", "dlv_3", "sig_3".into());
+        let e = e.expect("logged");
+        assert_eq!(
+            (f.signal_id.as_deref(), e.action),
+            (Some("sig_3"), "signal.deleted")
+        );
+        assert_eq!(
+            e.metadata,
+            json!({"source": "slack", "delivery_id": "dlv_3"})
+        );
+
+        let (f, e) = Finish::deactivated("slack", "int_1", "app_uninstalled", "dlv_4");
+        let e = e.expect("logged");
+        assert_eq!((f.status, f.signal_id), (DeliveryStatus::Processed, None));
+        assert_eq!(e.actor.as_deref(), Some("slack"));
+        assert_eq!(
+            (e.target_type, e.target_id.as_str()),
+            ("integration", "int_1")
+        );
+        assert_eq!(
+            e.metadata,
+            json!({"reason": "app_uninstalled", "delivery_id": "dlv_4"})
+        );
+    }
+
+    #[test]
+    fn unlogged_outcomes_say_why() {
+        let f = Finish::never_seen();
+        assert_eq!(f.status, DeliveryStatus::Filtered);
+        assert_eq!(
+            f.filter_reason.as_deref(),
+            Some("deleted message was never seen")
+        );
+        let f = Finish::no_integration("tokens_revoked");
+        assert_eq!(
+            f.filter_reason.as_deref(),
+            Some("tokens_revoked: no integration to deactivate")
+        );
+        let f = Finish::failed("not a ticket");
+        assert_eq!(
+            (f.status, f.last_error.as_deref()),
+            (DeliveryStatus::Failed, Some("not a ticket"))
+        );
+        assert_eq!(f.action, None);
+        let f = Finish::on_signal("sig_9".into());
+        assert_eq!(
+            (f.status, f.signal_id.as_deref(), f.action),
+            (DeliveryStatus::Processed, Some("sig_9"), None)
+        );
+    }
+}
