@@ -29,6 +29,17 @@ both_backends!(
     html_bodies_become_tidy_text,
 );
 
+/// An app whose Pylon API is `mock`, a workspace, and a Pylon integration with an API token.
+async fn app_with_pylon_api(b: Backend, mock: &MockServer) -> Option<(TestApp, String, String)> {
+    let app = spawn_app_with(b, |c| {
+        c.set("pylon_api_base", mock.uri());
+    })
+    .await?;
+    let ws = app.workspace("Acme").await;
+    let int = pylon_integration(&app, &ws, json!({"api_token": API_TOKEN})).await;
+    Some((app, ws, int))
+}
+
 /// Request headers as `post_raw` takes them.
 type Headers = Vec<(&'static str, String)>;
 
@@ -846,15 +857,9 @@ async fn thin_payloads_are_enriched_from_the_api(b: Backend) {
         .expect(1)
         .mount(&mock)
         .await;
-    let Some(app) = spawn_app_with(b, |c| {
-        c.set("pylon_api_base", mock.uri());
-    })
-    .await
-    else {
+    let Some((app, ws, int)) = app_with_pylon_api(b, &mock).await else {
         return;
     };
-    let ws = app.workspace("Acme").await;
-    let int = pylon_integration(&app, &ws, json!({"api_token": API_TOKEN})).await;
     let thin = json!({"event": "issue_new", "issue_id": "iss_1"});
     send_ok(&app, &int, &thin).await;
     app.drain().await;
@@ -943,15 +948,9 @@ async fn a_retry_after_date_is_honoured(b: Backend) {
         .expect(1)
         .mount(&mock)
         .await;
-    let Some(app) = spawn_app_with(b, |c| {
-        c.set("pylon_api_base", mock.uri());
-    })
-    .await
-    else {
+    let Some((app, ws, int)) = app_with_pylon_api(b, &mock).await else {
         return;
     };
-    let ws = app.workspace("Acme").await;
-    let int = pylon_integration(&app, &ws, json!({"api_token": API_TOKEN})).await;
     let thin = json!({"event": "issue_new", "issue_id": "iss_9"});
     send_ok(&app, &int, &thin).await;
     wait_for("the dated retry", || async {
