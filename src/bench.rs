@@ -179,6 +179,15 @@ pub struct Report {
     pub duplicates: u64,
     /// Measured-phase errors by HTTP status (or `io`, `timeout`, `connect`).
     pub errors_by_status: BTreeMap<String, u64>,
+    /// Server CPU time (user + system, all threads) per acknowledged delivery, µs: from the
+    /// start of the measured phase until the pipeline drained. Unlike the rates it hardly
+    /// depends on what else the machine is doing. Null with --url.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// The same for the baseline: server CPU per `GET /healthz`, µs.
+    pub baseline_cpu_us_per_request: Option<f64>,
+    /// The SQLite writer thread's share of `server_cpu_us_per_delivery`, µs (null on
+    /// PostgreSQL, whose work runs in its own processes).
+    pub writer_cpu_us_per_delivery: Option<f64>,
     #[serde(skip)]
     filtered: u64,
     #[serde(skip)]
@@ -218,8 +227,21 @@ impl Report {
         } else {
             String::new()
         };
+        let cpu = match (
+            self.server_cpu_us_per_delivery,
+            self.baseline_cpu_us_per_request,
+        ) {
+            (Some(d), Some(b)) => {
+                let writer = self
+                    .writer_cpu_us_per_delivery
+                    .map(|w| format!(", writer {w:.0}"))
+                    .unwrap_or_default();
+                format!(" | server cpu {d:.0} us/delivery{writer} (healthz {b:.0})")
+            }
+            _ => String::new(),
+        };
         format!(
-            "{:<8} {:<8} c={}{} acked {} at {:.0}/s = {:.2}x healthz {:.0}/s | ack p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} ms | errors {} | e2e {:.0} signals/s p99 {:.1} ms | rss {} | lost {} dup {}{} | {}",
+            "{:<8} {:<8} c={}{} acked {} at {:.0}/s = {:.2}x healthz {:.0}/s | ack p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} ms | errors {} | e2e {:.0} signals/s p99 {:.1} ms | rss {}{} | lost {} dup {}{} | {}",
             self.scenario,
             self.backend,
             self.connections,
@@ -236,6 +258,7 @@ impl Report {
             self.e2e_sps,
             self.e2e_p99_ms,
             rss,
+            cpu,
             self.lost,
             self.duplicates,
             filtered,
@@ -381,6 +404,8 @@ async fn drive_scenario(
         sc.name(),
         args.connections
     ));
+    let pid = server.and_then(|s| s.pid);
+    let base_cpu = CpuWatch::start(pid, warmup);
     let baseline = drive(
         target,
         Arc::new(Generator::healthz(target)),
@@ -393,6 +418,7 @@ async fn drive_scenario(
     )
     .await;
     let baseline_rps = baseline.rps();
+    let baseline_cpu = base_cpu.per(baseline.acked_measured).await;
 
     progress(&format!(
         "{}: load over {} connections{}",
@@ -402,6 +428,7 @@ async fn drive_scenario(
             .map(|r| format!(" at {r:.0}/s offered"))
             .unwrap_or_default()
     ));
+    let load_cpu = CpuWatch::start(pid, warmup);
     let load = drive(
         target,
         Arc::new(Generator::load(target, sc, prov.clone(), run_id.clone())),
@@ -432,6 +459,7 @@ async fn drive_scenario(
     let drained = probe
         .wait_drained(&prov.workspace, Duration::from_secs_f64(args.drain_timeout))
         .await?;
+    let delivery_cpu = load_cpu.per(load.acked_measured).await;
     let (rows, orphans) = probe.snapshot(&prov.workspace).await?;
     probe.close().await;
     let v = verify(&load, &rows, orphans);
@@ -474,6 +502,9 @@ async fn drive_scenario(
         lost: v.lost,
         duplicates: v.duplicates,
         errors_by_status: load.errors.clone(),
+        server_cpu_us_per_delivery: delivery_cpu.map(|c| round(c.process, 1)),
+        baseline_cpu_us_per_request: baseline_cpu.map(|c| round(c.process, 1)),
+        writer_cpu_us_per_delivery: delivery_cpu.and_then(|c| c.writer.map(|w| round(w, 1))),
         filtered: v.filtered,
         notes,
         offered: args.rate,
@@ -557,6 +588,83 @@ impl Target {
 }
 
 /// A `signalbox serve` child process on a fresh database.
+/// CPU time of the server process and of its SQLite writer thread, in clock ticks.
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    process: u64,
+    writer: Option<u64>,
+}
+
+/// Per-request CPU time, µs.
+#[derive(Debug, Clone, Copy)]
+struct CpuPer {
+    process: f64,
+    writer: Option<f64>,
+}
+
+/// `/proc` reports CPU time in USER_HZ ticks, which Linux fixes at 100 per second for
+/// user space on every architecture it supports.
+const TICK_US: f64 = 10_000.0;
+
+/// user + system ticks from a `/proc/…/stat` line (fields 14 and 15; the command name in
+/// field 2 may hold spaces, so count from its closing parenthesis).
+fn stat_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let user: u64 = f.get(11)?.parse().ok()?;
+    let system: u64 = f.get(12)?.parse().ok()?;
+    Some(user + system)
+}
+
+fn cpu_ticks(pid: u32) -> Option<CpuTicks> {
+    let process = stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
+    let writer = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.trim() == "sqlite-writer")
+        })
+        .and_then(|t| stat_ticks(&std::fs::read_to_string(t.path().join("stat")).ok()?));
+    Some(CpuTicks { process, writer })
+}
+
+/// Samples the server's CPU time when a phase's measured part starts (after its warm-up).
+struct CpuWatch(Option<(u32, tokio::task::JoinHandle<Option<CpuTicks>>)>);
+
+impl CpuWatch {
+    fn start(pid: Option<u32>, warmup: Duration) -> CpuWatch {
+        CpuWatch(pid.map(|pid| {
+            let at = tokio::time::Instant::now() + warmup;
+            (
+                pid,
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    cpu_ticks(pid)
+                }),
+            )
+        }))
+    }
+
+    /// CPU per request since the sample, over `requests` requests.
+    async fn per(self, requests: u64) -> Option<CpuPer> {
+        let (pid, first) = self.0?;
+        let a = first.await.ok()??;
+        let b = cpu_ticks(pid)?;
+        if requests == 0 {
+            return None;
+        }
+        let n = requests as f64;
+        Some(CpuPer {
+            process: b.process.saturating_sub(a.process) as f64 * TICK_US / n,
+            writer: match (a.writer, b.writer) {
+                (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 * TICK_US / n),
+                _ => None,
+            },
+        })
+    }
+}
+
 struct Server {
     child: tokio::process::Child,
     pid: Option<u32>,
@@ -1727,6 +1835,20 @@ fn verify(load: &Outcome, rows: &[Row], orphans: u64) -> Verification {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (tokio rt) worker)) S 1 4242 4242 0 -1 4194560 900 0 0 0 \
+                    1234 567 0 0 20 0 6 0 100 0 0";
+        assert_eq!(stat_ticks(stat), Some(1234 + 567));
+        assert_eq!(stat_ticks("4242 (x) S 1 2"), None, "too few fields");
+        assert_eq!(stat_ticks("no parenthesis"), None);
+        let me = cpu_ticks(std::process::id()).expect("this process's own stat");
+        assert_eq!(
+            me.writer, None,
+            "no thread of this test is named sqlite-writer"
+        );
+    }
 
     #[test]
     fn payloads_have_realistic_sizes_and_parse() {
