@@ -185,6 +185,11 @@ pub struct Report {
     pub server_cpu_us_per_delivery: Option<f64>,
     /// The same for the baseline: server CPU per `GET /healthz`, µs.
     pub baseline_cpu_us_per_request: Option<f64>,
+    /// CPU time of the whole machine per acknowledged delivery, µs, over the same span: the
+    /// server, the load generator, a local PostgreSQL and anything else running.
+    pub machine_cpu_us_per_delivery: Option<f64>,
+    /// The same for the baseline, per `GET /healthz`.
+    pub baseline_machine_cpu_us_per_request: Option<f64>,
     /// The SQLite writer thread's share of `server_cpu_us_per_delivery`, µs (null on
     /// PostgreSQL, whose work runs in its own processes).
     pub writer_cpu_us_per_delivery: Option<f64>,
@@ -236,7 +241,14 @@ impl Report {
                     .writer_cpu_us_per_delivery
                     .map(|w| format!(", writer {w:.0}"))
                     .unwrap_or_default();
-                format!(" | server cpu {d:.0} us/delivery{writer} (healthz {b:.0})")
+                let machine = match (
+                    self.machine_cpu_us_per_delivery,
+                    self.baseline_machine_cpu_us_per_request,
+                ) {
+                    (Some(d), Some(b)) => format!("; machine {d:.0} (healthz {b:.0})"),
+                    _ => String::new(),
+                };
+                format!(" | server cpu {d:.0} us/delivery{writer} (healthz {b:.0}){machine}")
             }
             _ => String::new(),
         };
@@ -504,6 +516,9 @@ async fn drive_scenario(
         errors_by_status: load.errors.clone(),
         server_cpu_us_per_delivery: delivery_cpu.map(|c| round(c.process, 1)),
         baseline_cpu_us_per_request: baseline_cpu.map(|c| round(c.process, 1)),
+        machine_cpu_us_per_delivery: delivery_cpu.and_then(|c| c.machine.map(|m| round(m, 1))),
+        baseline_machine_cpu_us_per_request: baseline_cpu
+            .and_then(|c| c.machine.map(|m| round(m, 1))),
         writer_cpu_us_per_delivery: delivery_cpu.and_then(|c| c.writer.map(|w| round(w, 1))),
         filtered: v.filtered,
         notes,
@@ -593,6 +608,9 @@ impl Target {
 struct CpuTicks {
     process: u64,
     writer: Option<u64>,
+    /// Busy time of the whole machine (every process, the load generator and a local
+    /// PostgreSQL included), summed over its CPUs.
+    machine: Option<u64>,
 }
 
 /// Per-request CPU time, µs.
@@ -600,6 +618,7 @@ struct CpuTicks {
 struct CpuPer {
     process: f64,
     writer: Option<f64>,
+    machine: Option<f64>,
 }
 
 /// `/proc` reports CPU time in USER_HZ ticks, which Linux fixes at 100 per second for
@@ -616,6 +635,18 @@ fn stat_ticks(stat: &str) -> Option<u64> {
     Some(user + system)
 }
 
+/// Busy ticks of all CPUs from `/proc/stat`'s first line: user, nice, system, irq and softirq
+/// (not idle, iowait or steal).
+fn machine_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?)
+}
+
 fn cpu_ticks(pid: u32) -> Option<CpuTicks> {
     let process = stat_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)?;
     let writer = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -626,7 +657,14 @@ fn cpu_ticks(pid: u32) -> Option<CpuTicks> {
                 .is_ok_and(|c| c.trim() == "sqlite-writer")
         })
         .and_then(|t| stat_ticks(&std::fs::read_to_string(t.path().join("stat")).ok()?));
-    Some(CpuTicks { process, writer })
+    let machine = std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| machine_ticks(&s));
+    Some(CpuTicks {
+        process,
+        writer,
+        machine,
+    })
 }
 
 /// Samples the server's CPU time when a phase's measured part starts (after its warm-up).
@@ -658,6 +696,10 @@ impl CpuWatch {
         Some(CpuPer {
             process: b.process.saturating_sub(a.process) as f64 * TICK_US / n,
             writer: match (a.writer, b.writer) {
+                (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 * TICK_US / n),
+                _ => None,
+            },
+            machine: match (a.machine, b.machine) {
                 (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 * TICK_US / n),
                 _ => None,
             },

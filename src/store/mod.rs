@@ -866,22 +866,56 @@ impl Store {
             }
             (Pool::Sqlite(_), None) => return Err(no_writer()),
         };
+        // Optimistic first: a worker nearly always still holds its leases, so skip locking the
+        // rows up front (a round trip, and a row-lock WAL record per delivery) and let the final
+        // UPDATE's fence check them. If any was lost, roll back and do it again pessimistically.
+        if let Some(out) = apply_effects_pg(p, owner, batch, Fence::AtTheEnd).await? {
+            return Ok(out);
+        }
+        tracing::debug!("a lease was lost during a batch; applying it again with row locks");
+        apply_effects_pg(p, owner, batch, Fence::LockFirst)
+            .await?
+            .ok_or_else(|| StoreError::Writer("deliveries changed under their row locks".into()))
+    }
+}
+
+/// How a PostgreSQL worker batch makes sure it still holds its deliveries' leases.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fence {
+    /// Assume it does; the final UPDATE checks, and a shortfall rolls everything back.
+    AtTheEnd,
+    /// Lock the rows still held first (`SELECT … FOR UPDATE`); the others are `LeaseLost`.
+    LockFirst,
+}
+
+/// One PostgreSQL worker batch in one transaction. `None` when `Fence::AtTheEnd` found a lost
+/// lease (nothing was written).
+async fn apply_effects_pg(
+    p: &PgPool,
+    owner: &str,
+    batch: &[(&ClaimedDelivery, &Effect)],
+    fence: Fence,
+) -> Result<Option<Vec<Applied>>> {
+    {
         let now = now_micros();
         let now_s = rfc3339(now);
         let mut tx = p.begin().await?;
-        // Fencing: lock the batch's rows that this owner still holds. Locked, their lease cannot
-        // change until we commit, so no per-delivery savepoint is needed.
         let ids: Vec<String> = batch.iter().map(|(d, _)| d.id.clone()).collect();
-        let held: std::collections::HashSet<String> = sqlx::query_scalar(
-            "SELECT id FROM deliveries WHERE id = ANY($1) AND lease_owner = $2 \
-             AND status = 'pending' FOR UPDATE",
-        )
-        .bind(&ids)
-        .bind(owner)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        let held: std::collections::HashSet<String> = match fence {
+            Fence::AtTheEnd => ids.iter().cloned().collect(),
+            // Locked, their lease cannot change until we commit, so no per-delivery savepoint
+            // is needed.
+            Fence::LockFirst => sqlx::query_scalar(
+                "SELECT id FROM deliveries WHERE id = ANY($1) AND lease_owner = $2 \
+                 AND status = 'pending' FOR UPDATE",
+            )
+            .bind(&ids)
+            .bind(owner)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect(),
+        };
         // New signals in one statement: each upsert that is the first item of the batch to touch
         // its signal. Later items on the same signal run after it, in order, below.
         let mut seen = std::collections::HashSet::new();
@@ -1099,14 +1133,16 @@ impl Store {
         }
         flush_activity(&mut *tx, acts, now).await?;
         if !fin[0].is_empty() {
+            let expected = fin[0].len() as u64;
             let [c0, c1, c2, c3, c4] = fin;
-            sqlx::query(
+            let finished = sqlx::query(
                 "UPDATE deliveries SET status = v.status, signal_id = v.signal_id, \
                  filter_reason = v.filter_reason, last_error = v.last_error, processed_at = $6, \
                  lease_owner = NULL, lease_expires_at = NULL \
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
                  AS v(id, status, signal_id, filter_reason, last_error) \
-                 WHERE deliveries.id = v.id",
+                 WHERE deliveries.id = v.id AND deliveries.lease_owner = $7 \
+                 AND deliveries.status = 'pending'",
             )
             .bind(c0)
             .bind(c1)
@@ -1114,13 +1150,22 @@ impl Store {
             .bind(c3)
             .bind(c4)
             .bind(now)
+            .bind(owner)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if finished != expected {
+                // Under Fence::LockFirst this cannot happen (the rows are locked and held).
+                tx.rollback().await?;
+                return Ok(None);
+            }
         }
         tx.commit().await?;
-        Ok(out)
+        Ok(Some(out))
     }
+}
 
+impl Store {
     /// Deliveries, newest first, filtered and paginated by id cursor.
     pub async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<Delivery>> {
         let sql = format!(
