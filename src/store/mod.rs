@@ -842,8 +842,8 @@ impl Store {
 
     /// Applies the effects of a batch of claimed deliveries in ONE transaction: for each, the
     /// signal change, the activity entry and the delivery's final status, fenced by the lease
-    /// (a delivery whose lease was lost is rolled back to its savepoint and reported
-    /// `LeaseLost`; the others still commit). One commit (one fsync) for the whole batch.
+    /// (a delivery whose lease was lost writes nothing and is reported `LeaseLost`; the others
+    /// still commit). One commit (one fsync) for the whole batch.
     pub async fn apply_effects(
         &self,
         owner: &str,
