@@ -896,273 +896,270 @@ async fn apply_effects_pg(
     batch: &[(&ClaimedDelivery, &Effect)],
     fence: Fence,
 ) -> Result<Option<Vec<Applied>>> {
-    {
-        let now = now_micros();
-        let now_s = rfc3339(now);
-        let mut tx = p.begin().await?;
-        let ids: Vec<String> = batch.iter().map(|(d, _)| d.id.clone()).collect();
-        let held: std::collections::HashSet<String> = match fence {
-            Fence::AtTheEnd => ids.iter().cloned().collect(),
-            // Locked, their lease cannot change until we commit, so no per-delivery savepoint
-            // is needed.
-            Fence::LockFirst => sqlx::query_scalar(
-                "SELECT id FROM deliveries WHERE id = ANY($1) AND lease_owner = $2 \
-                 AND status = 'pending' FOR UPDATE",
-            )
-            .bind(&ids)
-            .bind(owner)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect(),
+    let now = now_micros();
+    let now_s = rfc3339(now);
+    let mut tx = p.begin().await?;
+    let ids: Vec<String> = batch.iter().map(|(d, _)| d.id.clone()).collect();
+    let held: std::collections::HashSet<String> = match fence {
+        Fence::AtTheEnd => ids.iter().cloned().collect(),
+        // Locked, their lease cannot change until we commit, so no per-delivery savepoint
+        // is needed.
+        Fence::LockFirst => sqlx::query_scalar(
+            "SELECT id FROM deliveries WHERE id = ANY($1) AND lease_owner = $2 \
+             AND status = 'pending' FOR UPDATE",
+        )
+        .bind(&ids)
+        .bind(owner)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect(),
+    };
+    // New signals in one statement: each upsert that is the first item of the batch to touch
+    // its signal. Later items on the same signal run after it, in order, below.
+    let mut seen = std::collections::HashSet::new();
+    let mut first_upserts: Vec<usize> = Vec::new();
+    for (i, (d, e)) in batch.iter().enumerate() {
+        if !held.contains(&d.id) {
+            continue;
+        }
+        let source_ref = match e {
+            Effect::Upsert { signal, .. } => &signal.source_ref,
+            Effect::MarkDeleted { source_ref, .. } => source_ref,
+            _ => continue,
         };
-        // New signals in one statement: each upsert that is the first item of the batch to touch
-        // its signal. Later items on the same signal run after it, in order, below.
-        let mut seen = std::collections::HashSet::new();
-        let mut first_upserts: Vec<usize> = Vec::new();
-        for (i, (d, e)) in batch.iter().enumerate() {
-            if !held.contains(&d.id) {
-                continue;
-            }
-            let source_ref = match e {
-                Effect::Upsert { signal, .. } => &signal.source_ref,
-                Effect::MarkDeleted { source_ref, .. } => source_ref,
-                _ => continue,
-            };
-            let key = (
-                d.workspace_id.as_deref(),
-                d.source.as_str(),
-                source_ref.as_str(),
-            );
-            if seen.insert(key) && matches!(e, Effect::Upsert { .. }) {
-                first_upserts.push(i);
+        let key = (
+            d.workspace_id.as_deref(),
+            d.source.as_str(),
+            source_ref.as_str(),
+        );
+        if seen.insert(key) && matches!(e, Effect::Upsert { .. }) {
+            first_upserts.push(i);
+        }
+    }
+    let mut new_ids: Vec<Option<String>> = vec![None; batch.len()];
+    if !first_upserts.is_empty() {
+        let mut cols: [Vec<String>; 6] = Default::default();
+        for &i in &first_upserts {
+            let (d, e) = batch[i];
+            if let Effect::Upsert { signal, .. } = e {
+                let id = new_id(prefix::SIGNAL);
+                cols[0].push(id.clone());
+                cols[1].push(d.workspace_id.clone().unwrap_or_default());
+                cols[2].push(signal.verbatim.clone());
+                cols[3].push(d.source.clone());
+                cols[4].push(signal.source_ref.clone());
+                cols[5].push(signal.metadata.to_string());
+                new_ids[i] = Some(id);
             }
         }
-        let mut new_ids: Vec<Option<String>> = vec![None; batch.len()];
-        if !first_upserts.is_empty() {
-            let mut cols: [Vec<String>; 6] = Default::default();
-            for &i in &first_upserts {
-                let (d, e) = batch[i];
-                if let Effect::Upsert { signal, .. } = e {
+        let [c0, c1, c2, c3, c4, c5] = cols;
+        let created: std::collections::HashSet<String> = sqlx::query_scalar(
+            "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
+             source_metadata, status, created_at, updated_at) \
+             SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
+             $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[]) AS t(id, workspace_id, verbatim, source, source_ref, source_metadata) \
+             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
+        )
+        .bind(c0)
+        .bind(c1)
+        .bind(c2)
+        .bind(c3)
+        .bind(c4)
+        .bind(c5)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        for id in new_ids.iter_mut() {
+            if id.as_ref().is_some_and(|id| !created.contains(id)) {
+                *id = None; // it existed already: merged below
+            }
+        }
+    }
+    let select_sql = "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
+         AND source = $2 AND source_ref = $3 FOR UPDATE";
+    let mut acts: Vec<[Option<String>; 7]> = Vec::new();
+    let mut fin: [Vec<Option<String>>; 5] = Default::default();
+    let mut out = Vec::with_capacity(batch.len());
+    for (i, (delivery, effect)) in batch.iter().enumerate() {
+        if !held.contains(&delivery.id) {
+            out.push(Applied::LeaseLost);
+            continue;
+        }
+        let source: &str = &delivery.source;
+        let ws = delivery.workspace_id.clone().unwrap_or_default();
+        let (done, entry) = match effect {
+            Effect::Upsert { signal, merge } => {
+                let mut created = new_ids[i].take();
+                if created.is_none() && !first_upserts.contains(&i) {
+                    // Not in the bulk insert (an earlier item touched this signal): try now.
                     let id = new_id(prefix::SIGNAL);
-                    cols[0].push(id.clone());
-                    cols[1].push(d.workspace_id.clone().unwrap_or_default());
-                    cols[2].push(signal.verbatim.clone());
-                    cols[3].push(d.source.clone());
-                    cols[4].push(signal.source_ref.clone());
-                    cols[5].push(signal.metadata.to_string());
-                    new_ids[i] = Some(id);
-                }
-            }
-            let [c0, c1, c2, c3, c4, c5] = cols;
-            let created: std::collections::HashSet<String> = sqlx::query_scalar(
-                "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
-                 source_metadata, status, created_at, updated_at) \
-                 SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
-                 $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::text[]) AS t(id, workspace_id, verbatim, source, source_ref, source_metadata) \
-                 ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
-            )
-            .bind(c0)
-            .bind(c1)
-            .bind(c2)
-            .bind(c3)
-            .bind(c4)
-            .bind(c5)
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-            for id in new_ids.iter_mut() {
-                if id.as_ref().is_some_and(|id| !created.contains(id)) {
-                    *id = None; // it existed already: merged below
-                }
-            }
-        }
-        let select_sql = "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
-             AND source = $2 AND source_ref = $3 FOR UPDATE";
-        let mut acts: Vec<[Option<String>; 7]> = Vec::new();
-        let mut fin: [Vec<Option<String>>; 5] = Default::default();
-        let mut out = Vec::with_capacity(batch.len());
-        for (i, (delivery, effect)) in batch.iter().enumerate() {
-            if !held.contains(&delivery.id) {
-                out.push(Applied::LeaseLost);
-                continue;
-            }
-            let source: &str = &delivery.source;
-            let ws = delivery.workspace_id.clone().unwrap_or_default();
-            let (done, entry) = match effect {
-                Effect::Upsert { signal, merge } => {
-                    let mut created = new_ids[i].take();
-                    if created.is_none() && !first_upserts.contains(&i) {
-                        // Not in the bulk insert (an earlier item touched this signal): try now.
-                        let id = new_id(prefix::SIGNAL);
-                        let r = sqlx::query(
-                            "INSERT INTO signals (id, workspace_id, verbatim, source, \
-                             source_ref, source_metadata, status, created_at, updated_at) \
-                             VALUES ($1, $2, $3, $4, $5, $6, 'new', $7, $7) \
-                             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING",
-                        )
-                        .bind(&id)
-                        .bind(&ws)
-                        .bind(&signal.verbatim)
-                        .bind(source)
-                        .bind(&signal.source_ref)
-                        .bind(signal.metadata.to_string())
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                        if r.rows_affected() == 1 {
-                            created = Some(id);
-                        }
-                    }
-                    if let Some(id) = created {
-                        Finish::created(source, &delivery.id, id, signal)
-                    } else {
-                        // It exists: merge.
-                        let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
-                            .bind(&ws)
-                            .bind(source)
-                            .bind(&signal.source_ref)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                        match existing {
-                            Some((id, verbatim, meta)) => {
-                                let old_meta: Value =
-                                    serde_json::from_str(&meta).unwrap_or(Value::Null);
-                                match merge_into(&verbatim, &old_meta, signal, *merge, &now_s) {
-                                    Merged::Updated { verbatim, metadata } => {
-                                        sqlx::query(
-                                            "UPDATE signals SET verbatim = $2, \
-                                             source_metadata = $3, updated_at = $4 WHERE id = $1",
-                                        )
-                                        .bind(&id)
-                                        .bind(&verbatim)
-                                        .bind(metadata.to_string())
-                                        .bind(now)
-                                        .execute(&mut *tx)
-                                        .await?;
-                                        Finish::updated(source, &delivery.id, id, &verbatim)
-                                    }
-                                    Merged::Unchanged => (Finish::on_signal(id), None),
-                                }
-                            }
-                            None => (Finish::processed(), None),
-                        }
+                    let r = sqlx::query(
+                        "INSERT INTO signals (id, workspace_id, verbatim, source, \
+                         source_ref, source_metadata, status, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 'new', $7, $7) \
+                         ON CONFLICT (workspace_id, source, source_ref) DO NOTHING",
+                    )
+                    .bind(&id)
+                    .bind(&ws)
+                    .bind(&signal.verbatim)
+                    .bind(source)
+                    .bind(&signal.source_ref)
+                    .bind(signal.metadata.to_string())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    if r.rows_affected() == 1 {
+                        created = Some(id);
                     }
                 }
-                Effect::MarkDeleted {
-                    source_ref,
-                    metadata,
-                } => {
+                if let Some(id) = created {
+                    Finish::created(source, &delivery.id, id, signal)
+                } else {
+                    // It exists: merge.
                     let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
                         .bind(&ws)
                         .bind(source)
-                        .bind(source_ref)
+                        .bind(&signal.source_ref)
                         .fetch_optional(&mut *tx)
                         .await?;
                     match existing {
-                        Some((id, _, meta)) => {
+                        Some((id, verbatim, meta)) => {
                             let old_meta: Value =
                                 serde_json::from_str(&meta).unwrap_or(Value::Null);
-                            if old_meta.get("deleted") == Some(&Value::Bool(true)) {
-                                (Finish::on_signal(id), None)
-                            } else {
-                                let new_meta = mark_deleted(&old_meta, metadata, &now_s);
-                                sqlx::query(
-                                    "UPDATE signals SET source_metadata = $2, updated_at = $3 \
-                                     WHERE id = $1",
-                                )
-                                .bind(&id)
-                                .bind(new_meta.to_string())
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
-                                Finish::deleted(source, &delivery.id, id)
+                            match merge_into(&verbatim, &old_meta, signal, *merge, &now_s) {
+                                Merged::Updated { verbatim, metadata } => {
+                                    sqlx::query(
+                                        "UPDATE signals SET verbatim = $2, \
+                                         source_metadata = $3, updated_at = $4 WHERE id = $1",
+                                    )
+                                    .bind(&id)
+                                    .bind(&verbatim)
+                                    .bind(metadata.to_string())
+                                    .bind(now)
+                                    .execute(&mut *tx)
+                                    .await?;
+                                    Finish::updated(source, &delivery.id, id, &verbatim)
+                                }
+                                Merged::Unchanged => (Finish::on_signal(id), None),
                             }
                         }
-                        None => (Finish::never_seen(), None),
+                        None => (Finish::processed(), None),
                     }
                 }
-                Effect::Filter { reason } => (Finish::filtered(reason.as_str()), None),
-                Effect::Reject { reason } => (Finish::failed(reason.as_str()), None),
-                Effect::DeactivateIntegration { reason } => match &delivery.integration_id {
-                    Some(int_id) => {
-                        let changed = sqlx::query(
-                            "UPDATE integrations SET is_active = $2, access_token_enc = NULL, \
-                             refresh_token_enc = NULL, token_expires_at = NULL, updated_at = $3 \
-                             WHERE id = $1 AND (is_active = $4 OR access_token_enc IS NOT NULL)",
-                        )
-                        .bind(int_id)
-                        .bind(false)
-                        .bind(now)
-                        .bind(true)
-                        .execute(&mut *tx)
-                        .await?;
-                        if changed.rows_affected() == 1 {
-                            Finish::deactivated(source, int_id, reason, &delivery.id)
+            }
+            Effect::MarkDeleted {
+                source_ref,
+                metadata,
+            } => {
+                let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
+                    .bind(&ws)
+                    .bind(source)
+                    .bind(source_ref)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match existing {
+                    Some((id, _, meta)) => {
+                        let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
+                        if old_meta.get("deleted") == Some(&Value::Bool(true)) {
+                            (Finish::on_signal(id), None)
                         } else {
-                            (Finish::processed(), None)
+                            let new_meta = mark_deleted(&old_meta, metadata, &now_s);
+                            sqlx::query(
+                                "UPDATE signals SET source_metadata = $2, updated_at = $3 \
+                                 WHERE id = $1",
+                            )
+                            .bind(&id)
+                            .bind(new_meta.to_string())
+                            .bind(now)
+                            .execute(&mut *tx)
+                            .await?;
+                            Finish::deleted(source, &delivery.id, id)
                         }
                     }
-                    None => (Finish::no_integration(reason), None),
-                },
-            };
-            if let Some(e) = entry {
-                acts.push([
-                    Some(new_id(prefix::ACTIVITY)),
-                    Some(ws.clone()),
-                    e.actor,
-                    Some(e.action.to_string()),
-                    Some(e.target_type.to_string()),
-                    Some(e.target_id),
-                    Some(e.metadata.to_string()),
-                ]);
+                    None => (Finish::never_seen(), None),
+                }
             }
-            fin[0].push(Some(delivery.id.clone()));
-            fin[1].push(Some(done.status.as_str().to_string()));
-            fin[2].push(done.signal_id.clone());
-            fin[3].push(done.filter_reason);
-            fin[4].push(done.last_error);
-            out.push(Applied::Done {
-                status: done.status,
-                signal_id: done.signal_id,
-                action: done.action,
-            });
+            Effect::Filter { reason } => (Finish::filtered(reason.as_str()), None),
+            Effect::Reject { reason } => (Finish::failed(reason.as_str()), None),
+            Effect::DeactivateIntegration { reason } => match &delivery.integration_id {
+                Some(int_id) => {
+                    let changed = sqlx::query(
+                        "UPDATE integrations SET is_active = $2, access_token_enc = NULL, \
+                         refresh_token_enc = NULL, token_expires_at = NULL, updated_at = $3 \
+                         WHERE id = $1 AND (is_active = $4 OR access_token_enc IS NOT NULL)",
+                    )
+                    .bind(int_id)
+                    .bind(false)
+                    .bind(now)
+                    .bind(true)
+                    .execute(&mut *tx)
+                    .await?;
+                    if changed.rows_affected() == 1 {
+                        Finish::deactivated(source, int_id, reason, &delivery.id)
+                    } else {
+                        (Finish::processed(), None)
+                    }
+                }
+                None => (Finish::no_integration(reason), None),
+            },
+        };
+        if let Some(e) = entry {
+            acts.push([
+                Some(new_id(prefix::ACTIVITY)),
+                Some(ws.clone()),
+                e.actor,
+                Some(e.action.to_string()),
+                Some(e.target_type.to_string()),
+                Some(e.target_id),
+                Some(e.metadata.to_string()),
+            ]);
         }
-        flush_activity(&mut *tx, acts, now).await?;
-        if !fin[0].is_empty() {
-            let expected = fin[0].len() as u64;
-            let [c0, c1, c2, c3, c4] = fin;
-            let finished = sqlx::query(
-                "UPDATE deliveries SET status = v.status, signal_id = v.signal_id, \
-                 filter_reason = v.filter_reason, last_error = v.last_error, processed_at = $6, \
-                 lease_owner = NULL, lease_expires_at = NULL \
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                 AS v(id, status, signal_id, filter_reason, last_error) \
-                 WHERE deliveries.id = v.id AND deliveries.lease_owner = $7 \
-                 AND deliveries.status = 'pending'",
-            )
-            .bind(c0)
-            .bind(c1)
-            .bind(c2)
-            .bind(c3)
-            .bind(c4)
-            .bind(now)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if finished != expected {
-                // Under Fence::LockFirst this cannot happen (the rows are locked and held).
-                tx.rollback().await?;
-                return Ok(None);
-            }
-        }
-        tx.commit().await?;
-        Ok(Some(out))
+        fin[0].push(Some(delivery.id.clone()));
+        fin[1].push(Some(done.status.as_str().to_string()));
+        fin[2].push(done.signal_id.clone());
+        fin[3].push(done.filter_reason);
+        fin[4].push(done.last_error);
+        out.push(Applied::Done {
+            status: done.status,
+            signal_id: done.signal_id,
+            action: done.action,
+        });
     }
+    flush_activity(&mut *tx, acts, now).await?;
+    if !fin[0].is_empty() {
+        let expected = fin[0].len() as u64;
+        let [c0, c1, c2, c3, c4] = fin;
+        let finished = sqlx::query(
+            "UPDATE deliveries SET status = v.status, signal_id = v.signal_id, \
+             filter_reason = v.filter_reason, last_error = v.last_error, processed_at = $6, \
+             lease_owner = NULL, lease_expires_at = NULL \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+             AS v(id, status, signal_id, filter_reason, last_error) \
+             WHERE deliveries.id = v.id AND deliveries.lease_owner = $7 \
+             AND deliveries.status = 'pending'",
+        )
+        .bind(c0)
+        .bind(c1)
+        .bind(c2)
+        .bind(c3)
+        .bind(c4)
+        .bind(now)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if finished != expected {
+            // Under Fence::LockFirst this cannot happen (the rows are locked and held).
+            tx.rollback().await?;
+            return Ok(None);
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(out))
 }
 
 impl Store {
