@@ -153,7 +153,7 @@ async fn rejected_requests_write_nothing(b: Backend) {
         ),
         (
             "future",
-            generic_headers(&secret, "m1", now + 301, &body),
+            generic_headers(&secret, "m1", now + 600, &body),
             body.clone(),
             path.clone(),
             "stale_timestamp",

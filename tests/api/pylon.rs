@@ -277,7 +277,7 @@ async fn signatures_are_verified_over_http(b: Backend) {
         (
             "timestamped: future",
             url(&auto),
-            timestamped(SECRET, now + 301, &body),
+            timestamped(SECRET, now + 600, &body),
             body.clone(),
             "stale_timestamp",
         ),

@@ -1287,7 +1287,7 @@ async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
         ("per-integration", url_for(&integ)),
         ("team lookup", EVENTS.into()),
     ] {
-        for offset in [-301, 301] {
+        for offset in [-600, 600] {
             let res = send_bytes(&app, &path, secret, now() + offset, body.clone(), &[]).await;
             assert_rejected(
                 res,
@@ -1341,7 +1341,7 @@ async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
     )
     .to_string()
     .into_bytes();
-    for offset in [-301, 301] {
+    for offset in [-600, 600] {
         let res = send_bytes(&app, EVENTS, APP_SECRET, now() + offset, body.clone(), &[]).await;
         assert_rejected(
             res,
