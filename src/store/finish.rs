@@ -3,7 +3,7 @@
 //! database what the outcome is (rusqlite on SQLite's writer thread, sqlx on PostgreSQL); what
 //! they then write, and the text and metadata users see, comes from here.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::DeliveryStatus;
 use crate::protocol::effect::NewSignal;
@@ -14,6 +14,14 @@ const PREVIEW_CHARS: usize = 100;
 /// The start of a verbatim, for activity metadata.
 pub(super) fn preview(s: &str) -> String {
     s.chars().take(PREVIEW_CHARS).collect()
+}
+
+/// The metadata of the `signal.created` entry for `signal` (JSON text). It depends only on the
+/// delivery, so callers serialise it before taking the write lock.
+pub(super) fn created_metadata(source: &str, delivery_id: &str, signal: &NewSignal) -> String {
+    json!({"source": source, "delivery_id": delivery_id,
+        "source_ref": signal.source_ref, "verbatim_preview": preview(&signal.verbatim)})
+    .to_string()
 }
 
 /// A finished delivery's columns.
@@ -34,7 +42,8 @@ pub(super) struct Entry {
     pub action: &'static str,
     pub target_type: &'static str,
     pub target_id: String,
-    pub metadata: Value,
+    /// The entry's metadata, already serialised (JSON text).
+    pub metadata: String,
 }
 
 impl Finish {
@@ -53,20 +62,14 @@ impl Finish {
         (self, Some(entry))
     }
 
-    /// A new signal was inserted.
-    pub fn created(
-        source: &str,
-        delivery_id: &str,
-        signal_id: String,
-        signal: &NewSignal,
-    ) -> (Finish, Option<Entry>) {
+    /// A new signal was inserted; `metadata` is [`created_metadata`] of it.
+    pub fn created(signal_id: String, metadata: String) -> (Finish, Option<Entry>) {
         let entry = Entry {
             actor: None,
             action: "signal.created",
             target_type: "signal",
             target_id: signal_id.clone(),
-            metadata: json!({"source": source, "delivery_id": delivery_id,
-                "source_ref": signal.source_ref, "verbatim_preview": preview(&signal.verbatim)}),
+            metadata,
         };
         Finish::on_signal(signal_id).logged(entry)
     }
@@ -84,7 +87,8 @@ impl Finish {
             target_type: "signal",
             target_id: signal_id.clone(),
             metadata: json!({"source": source, "delivery_id": delivery_id,
-                "verbatim_preview": preview(verbatim)}),
+                "verbatim_preview": preview(verbatim)})
+            .to_string(),
         };
         Finish::on_signal(signal_id).logged(entry)
     }
@@ -96,7 +100,7 @@ impl Finish {
             action: "signal.deleted",
             target_type: "signal",
             target_id: signal_id.clone(),
-            metadata: json!({"source": source, "delivery_id": delivery_id}),
+            metadata: json!({"source": source, "delivery_id": delivery_id}).to_string(),
         };
         Finish::on_signal(signal_id).logged(entry)
     }
@@ -126,7 +130,7 @@ impl Finish {
             action: "integration.deactivated",
             target_type: "integration",
             target_id: integration_id.to_string(),
-            metadata: json!({"reason": reason, "delivery_id": delivery_id}),
+            metadata: json!({"reason": reason, "delivery_id": delivery_id}).to_string(),
         };
         Finish::processed().logged(entry)
     }
@@ -161,6 +165,11 @@ impl Finish {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    fn json(text: &str) -> Value {
+        serde_json::from_str(text).expect("metadata is JSON")
+    }
 
     fn signal(verbatim: &str) -> NewSignal {
         NewSignal {
@@ -173,8 +182,10 @@ mod tests {
     #[test]
     fn a_new_signal_is_logged_with_a_preview() {
         let long = "é".repeat(150);
-        let (f, e) = Finish::created("slack", "dlv_1", "sig_1".into(), &signal(&long));
+        let metadata = created_metadata("slack", "dlv_1", &signal(&long));
+        let (f, e) = Finish::created("sig_1".into(), metadata);
         let e = e.expect("logged");
+        let meta: Value = serde_json::from_str(&e.metadata).expect("JSON");
         assert_eq!(f.status, DeliveryStatus::Processed);
         assert_eq!(f.signal_id.as_deref(), Some("sig_1"));
         assert_eq!(f.action, Some("signal.created"));
@@ -183,11 +194,11 @@ mod tests {
             ("signal.created", "signal", "sig_1")
         );
         assert_eq!(e.actor, None);
-        assert_eq!(e.metadata["source"], "slack");
-        assert_eq!(e.metadata["delivery_id"], "dlv_1");
-        assert_eq!(e.metadata["source_ref"], "C1:1.2");
+        assert_eq!(meta["source"], "slack");
+        assert_eq!(meta["delivery_id"], "dlv_1");
+        assert_eq!(meta["source_ref"], "C1:1.2");
         assert_eq!(
-            e.metadata["verbatim_preview"],
+            meta["verbatim_preview"],
             "é".repeat(100),
             "100 characters, not bytes"
         );
@@ -202,7 +213,7 @@ mod tests {
             (Some("signal.updated"), "sig_2")
         );
         assert_eq!(
-            e.metadata,
+            json(&e.metadata),
             json!({"source": "pylon", "delivery_id": "dlv_2", "verbatim_preview": "new text"})
         );
 
@@ -213,7 +224,7 @@ mod tests {
             (Some("sig_3"), "signal.deleted")
         );
         assert_eq!(
-            e.metadata,
+            json(&e.metadata),
             json!({"source": "slack", "delivery_id": "dlv_3"})
         );
 
@@ -226,7 +237,7 @@ mod tests {
             ("integration", "int_1")
         );
         assert_eq!(
-            e.metadata,
+            json(&e.metadata),
             json!({"reason": "app_uninstalled", "delivery_id": "dlv_4"})
         );
     }

@@ -854,13 +854,7 @@ impl Store {
             (Pool::Sqlite(_), Some(w)) => {
                 let items = batch
                     .iter()
-                    .map(|(d, e)| sqlite_writer::ApplyItem {
-                        id: d.id.clone(),
-                        workspace_id: d.workspace_id.clone(),
-                        integration_id: d.integration_id.clone(),
-                        source: d.source.clone(),
-                        effect: (*e).clone(),
-                    })
+                    .map(|(d, e)| sqlite_writer::ApplyItem::new(d, e))
                     .collect();
                 return w.apply(owner.to_string(), items).await;
             }
@@ -1017,7 +1011,7 @@ async fn apply_effects_pg(
                     }
                 }
                 if let Some(id) = created {
-                    Finish::created(source, &delivery.id, id, signal)
+                    Finish::created(id, finish::created_metadata(source, &delivery.id, signal))
                 } else {
                     // It exists: merge.
                     let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
@@ -1115,7 +1109,7 @@ async fn apply_effects_pg(
                 Some(e.action.to_string()),
                 Some(e.target_type.to_string()),
                 Some(e.target_id),
-                Some(e.metadata.to_string()),
+                Some(e.metadata),
             ]);
         }
         fin[0].push(Some(delivery.id.clone()));
