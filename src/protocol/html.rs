@@ -267,7 +267,7 @@ impl Text {
             if open.as_str() == name {
                 if start {
                     *depth += 1;
-                } else if !start {
+                } else {
                     *depth -= 1;
                     if *depth == 0 {
                         self.dropping = None;
@@ -299,11 +299,10 @@ impl Text {
                 }
             }
             "pre" | "listing" | "textarea" | "xmp" | "plaintext" => {
+                // A self-closing flag is ignored here too (`<pre/>` opens a `pre`).
                 self.breaks(if kind(name) == Kind::Paragraph { 2 } else { 1 });
-                if !tag.self_closing || name == "plaintext" {
-                    self.pre += 1;
-                    self.skip_newline = matches!(name, "pre" | "listing" | "textarea");
-                }
+                self.pre += 1;
+                self.skip_newline = matches!(name, "pre" | "listing" | "textarea");
                 return raw_state(name);
             }
             _ => self.open_or_close(name),
@@ -673,6 +672,8 @@ mod tests {
             html_to_text("<p>log:</p><pre>\nline  1\n    line 2\n</pre><p>end</p>"),
             "log:\n\nline  1\n    line 2\n\nend"
         );
+        // As in browsers, a self-closing flag does not close a `pre`.
+        assert_eq!(html_to_text("<pre/>a  b</pre>c"), "a  b\n\nc");
     }
 
     #[test]

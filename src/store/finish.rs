@@ -185,7 +185,7 @@ mod tests {
         let metadata = created_metadata("slack", "dlv_1", &signal(&long));
         let (f, e) = Finish::created("sig_1".into(), metadata);
         let e = e.expect("logged");
-        let meta: Value = serde_json::from_str(&e.metadata).expect("JSON");
+        let meta = json(&e.metadata);
         assert_eq!(f.status, DeliveryStatus::Processed);
         assert_eq!(f.signal_id.as_deref(), Some("sig_1"));
         assert_eq!(f.action, Some("signal.created"));
