@@ -186,18 +186,18 @@ pub async fn handle_batch(state: &AppState, owner: &str, claimed: Vec<ClaimedDel
     if ready.is_empty() {
         return;
     }
-    let refs: Vec<(&ClaimedDelivery, &Effect)> = ready.iter().map(|(d, e)| (*d, e)).collect();
+    let done: Vec<&ClaimedDelivery> = ready.iter().map(|(d, _)| *d).collect();
     let started = std::time::Instant::now();
-    match state.store.apply_effects(owner, &refs).await {
+    match state.store.apply_effects(owner, ready).await {
         Ok(applied) => {
             let us = started.elapsed().as_micros() as u64;
-            tracing::trace!(n = refs.len(), us, "apply");
-            for ((d, _), outcome) in ready.iter().zip(applied) {
+            tracing::trace!(n = done.len(), us, "apply");
+            for (d, outcome) in done.iter().zip(applied) {
                 record(state, d, outcome).await;
             }
         }
         Err(e) => {
-            for (d, _) in &ready {
+            for d in done {
                 let reason = format!("storing the outcome: {e}");
                 schedule_retry(state, owner, d, ProcessError::retry(reason), &span_of(d)).await;
             }

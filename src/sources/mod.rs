@@ -14,6 +14,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::routing::post;
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
@@ -70,7 +71,7 @@ pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
     source: &str,
-) -> ApiResult<Vec<u8>> {
+) -> ApiResult<Bytes> {
     let limit = state.cfg.max_body_bytes;
     let declared = headers
         .get(axum::http::header::CONTENT_LENGTH)
@@ -81,7 +82,7 @@ pub async fn read_body(
         return Err(ApiError::PayloadTooLarge(limit));
     }
     match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes().to_vec()),
+        Ok(c) => Ok(c.to_bytes()),
         Err(e) => {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()
@@ -102,17 +103,18 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The headers worth keeping with a delivery (never signatures or authorisation).
+/// A JSON object of at most 256 characters per value, keys sorted, built without a `Value` tree
+/// (this runs for every delivery).
 pub fn kept_headers(headers: &HeaderMap, names: &[&str]) -> String {
-    let mut m = serde_json::Map::new();
+    let mut m = std::collections::BTreeMap::<&str, &str>::new();
     for n in names {
         if let Some(v) = header(headers, n) {
-            m.insert(
-                (*n).to_string(),
-                Value::String(v.chars().take(256).collect()),
-            );
+            let end = v.char_indices().nth(256).map_or(v.len(), |(i, _)| i);
+            m.insert(n, &v[..end]);
         }
     }
-    Value::Object(m).to_string()
+    // A map of strings always serialises.
+    serde_json::to_string(&m).unwrap_or_else(|_| "{}".to_string())
 }
 
 /// Counts a rejection and returns the error.
@@ -183,3 +185,39 @@ pub type State = axum::extract::State<AppState>;
 
 /// An `Arc`'d cached integration.
 pub type IntegrationRef = Arc<crate::credentials::CachedIntegration>;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic on unexpected results
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+    use serde_json::{Value, json};
+
+    use super::kept_headers;
+
+    #[test]
+    fn kept_headers_keeps_only_the_named_ones_escaped_and_capped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "user-agent",
+            HeaderValue::from_static("Slackbot 1.0 \"quoted\""),
+        );
+        h.insert("x-slack-signature", HeaderValue::from_static("v0=secret"));
+        let long = "é".repeat(300);
+        h.insert("x-long", HeaderValue::from_bytes(long.as_bytes()).unwrap());
+        let text = kept_headers(&h, &["x-long", "user-agent", "x-missing"]);
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["user-agent"], json!("Slackbot 1.0 \"quoted\""));
+        // Header values that are not visible ASCII are not kept (as before: `to_str` refuses them).
+        assert!(v.get("x-long").is_none());
+        assert!(v.get("x-missing").is_none());
+        assert!(
+            v.get("x-slack-signature").is_none(),
+            "not asked for, never kept"
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-long", HeaderValue::from_str(&"a".repeat(300)).unwrap());
+        let v: Value = serde_json::from_str(&kept_headers(&h, &["x-long"])).unwrap();
+        assert_eq!(v["x-long"].as_str().map(str::len), Some(256));
+        assert_eq!(kept_headers(&HeaderMap::new(), &["x"]), "{}");
+    }
+}

@@ -834,9 +834,9 @@ impl Store {
         &self,
         delivery: &ClaimedDelivery,
         owner: &str,
-        effect: &Effect,
+        effect: Effect,
     ) -> Result<Applied> {
-        let mut out = self.apply_effects(owner, &[(delivery, effect)]).await?;
+        let mut out = self.apply_effects(owner, vec![(delivery, effect)]).await?;
         Ok(out.pop().unwrap_or(Applied::LeaseLost))
     }
 
@@ -847,19 +847,21 @@ impl Store {
     pub async fn apply_effects(
         &self,
         owner: &str,
-        batch: &[(&ClaimedDelivery, &Effect)],
+        batch: Vec<(&ClaimedDelivery, Effect)>,
     ) -> Result<Vec<Applied>> {
         let p = match (&self.pool, &self.sqlite) {
             (Pool::Postgres(p), _) => p,
             (Pool::Sqlite(_), Some(w)) => {
                 let items = batch
-                    .iter()
+                    .into_iter()
                     .map(|(d, e)| sqlite_writer::ApplyItem::new(d, e))
                     .collect();
                 return w.apply(owner.to_string(), items).await;
             }
             (Pool::Sqlite(_), None) => return Err(no_writer()),
         };
+        let batch: Vec<(&ClaimedDelivery, &Effect)> = batch.iter().map(|(d, e)| (*d, e)).collect();
+        let batch = &batch[..];
         // Optimistic first: a worker nearly always still holds its leases, so skip locking the
         // rows up front (a round trip, and a row-lock WAL record per delivery) and let the final
         // UPDATE's fence check them. If any was lost, roll back and do it again pessimistically.
@@ -1280,28 +1282,28 @@ impl Store {
     }
 }
 
-/// An inbox batch as one array per column (PostgreSQL `UNNEST`).
+/// An inbox batch as one array per column (PostgreSQL `UNNEST`), borrowed from the batch.
 #[derive(Default)]
-struct PgDeliveryColumns {
-    id: Vec<String>,
-    workspace_id: Vec<Option<String>>,
-    integration_id: Vec<Option<String>>,
-    webhook_key_id: Vec<Option<String>>,
-    source: Vec<String>,
-    dedupe_scope: Vec<String>,
-    dedupe_key: Vec<String>,
-    body: Vec<Vec<u8>>,
-    headers: Vec<String>,
+struct PgDeliveryColumns<'a> {
+    id: Vec<&'a str>,
+    workspace_id: Vec<Option<&'a str>>,
+    integration_id: Vec<Option<&'a str>>,
+    webhook_key_id: Vec<Option<&'a str>>,
+    source: Vec<&'a str>,
+    dedupe_scope: Vec<&'a str>,
+    dedupe_key: Vec<&'a str>,
+    body: Vec<&'a [u8]>,
+    headers: Vec<&'a str>,
     status: Vec<&'static str>,
     attempts: Vec<i32>,
-    filter_reason: Vec<Option<String>>,
+    filter_reason: Vec<Option<&'a str>>,
     received_at: Vec<i64>,
     processed_at: Vec<Option<i64>>,
-    lease_owner: Vec<Option<String>>,
+    lease_owner: Vec<Option<&'a str>>,
     lease_expires_at: Vec<Option<i64>>,
 }
 
-impl PgDeliveryColumns {
+impl<'a> PgDeliveryColumns<'a> {
     fn with_capacity(n: usize) -> Self {
         PgDeliveryColumns {
             id: Vec::with_capacity(n),
@@ -1310,23 +1312,29 @@ impl PgDeliveryColumns {
         }
     }
 
-    fn push(&mut self, d: &NewDelivery, owner: Option<&str>, until: Option<i64>, attempts: i32) {
-        self.id.push(d.id.clone());
-        self.workspace_id.push(d.workspace_id.clone());
-        self.integration_id.push(d.integration_id.clone());
-        self.webhook_key_id.push(d.webhook_key_id.clone());
-        self.source.push(d.source.clone());
-        self.dedupe_scope.push(d.dedupe_scope.clone());
-        self.dedupe_key.push(d.dedupe_key.clone());
-        self.body.push(d.body.clone());
-        self.headers.push(d.headers.clone());
+    fn push(
+        &mut self,
+        d: &'a NewDelivery,
+        owner: Option<&'a str>,
+        until: Option<i64>,
+        attempts: i32,
+    ) {
+        self.id.push(&d.id);
+        self.workspace_id.push(d.workspace_id.as_deref());
+        self.integration_id.push(d.integration_id.as_deref());
+        self.webhook_key_id.push(d.webhook_key_id.as_deref());
+        self.source.push(&d.source);
+        self.dedupe_scope.push(&d.dedupe_scope);
+        self.dedupe_key.push(&d.dedupe_key);
+        self.body.push(&d.body);
+        self.headers.push(&d.headers);
         self.status.push(d.status.as_str());
         self.attempts.push(attempts);
-        self.filter_reason.push(d.filter_reason.clone());
+        self.filter_reason.push(d.filter_reason.as_deref());
         self.received_at.push(d.received_at);
         self.processed_at
             .push((d.status != DeliveryStatus::Pending).then_some(d.received_at));
-        self.lease_owner.push(owner.map(str::to_string));
+        self.lease_owner.push(owner);
         self.lease_expires_at.push(until);
     }
 }

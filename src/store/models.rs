@@ -1,5 +1,7 @@
 //! Row types, shared by both backends (`FromRow` is derived generically over the row type).
 
+use bytes::Bytes;
+
 /// A tenant: owns integrations, webhook keys, deliveries and signals.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Workspace {
@@ -190,8 +192,8 @@ pub struct NewDelivery {
     pub dedupe_scope: String,
     /// The sender's idempotency key.
     pub dedupe_key: String,
-    /// The raw body, exactly as signed.
-    pub body: Vec<u8>,
+    /// The raw body, exactly as signed (shared with the request's buffer, not copied).
+    pub body: Bytes,
     /// The headers that matter (JSON object text, never signatures).
     pub headers: String,
     /// `Pending`, or `Filtered` when decided at the edge.
@@ -249,7 +251,8 @@ pub struct ClaimedDelivery {
     /// Dedupe key.
     pub dedupe_key: String,
     /// Raw body.
-    pub body: Vec<u8>,
+    #[sqlx(try_from = "Vec<u8>")]
+    pub body: Bytes,
     /// Stored headers (JSON text).
     pub headers: String,
     /// Attempts including this one.

@@ -23,7 +23,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::finish::{self, Finish};
+use super::finish::{self, Finish, json_text};
 use super::{Applied, ClaimedDelivery, DeliveryStatus, NewDelivery, StoreError, Stored};
 use crate::clock::{now_micros, rfc3339};
 use crate::ids::{new_id, prefix};
@@ -194,10 +194,10 @@ pub(super) struct ApplyItem {
 
 impl ApplyItem {
     /// The item for `d` and its effect, with its JSON serialised on the calling thread.
-    pub fn new(d: &ClaimedDelivery, effect: &Effect) -> ApplyItem {
-        let upsert_json = match effect {
+    pub fn new(d: &ClaimedDelivery, effect: Effect) -> ApplyItem {
+        let upsert_json = match &effect {
             Effect::Upsert { signal, .. } => Some((
-                signal.metadata.to_string(),
+                json_text(&signal.metadata),
                 finish::created_metadata(&d.source, &d.id, signal),
             )),
             _ => None,
@@ -207,7 +207,7 @@ impl ApplyItem {
             workspace_id: d.workspace_id.clone(),
             integration_id: d.integration_id.clone(),
             source: d.source.clone(),
-            effect: effect.clone(),
+            effect,
             upsert_json,
         }
     }
@@ -493,7 +493,7 @@ fn insert_deliveries(conn: &Connection, rows: &[InsertRow]) -> rusqlite::Result<
                 d.source,
                 d.dedupe_scope,
                 d.dedupe_key,
-                d.body,
+                &d.body[..],
                 d.headers,
                 d.status.as_str(),
                 d.received_at,
@@ -539,7 +539,7 @@ fn claim(
                 webhook_key_id: r.get(3)?,
                 source: r.get(4)?,
                 dedupe_key: r.get(5)?,
-                body: r.get(6)?,
+                body: r.get::<_, Vec<u8>>(6)?.into(),
                 headers: r.get(7)?,
                 attempts: r.get(8)?,
                 received_at: r.get(9)?,

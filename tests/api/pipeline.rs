@@ -73,10 +73,7 @@ async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(
         },
         merge: Merge::Keep,
     };
-    let late = store
-        .apply_effect(&a[0], "worker-a", &effect)
-        .await
-        .unwrap();
+    let late = store.apply_effect(&a[0], "worker-a", effect).await.unwrap();
     assert_eq!(late, Applied::LeaseLost);
     assert_eq!(app.count("SELECT COUNT(*) FROM signals").await, 1);
     assert_eq!(
@@ -436,12 +433,8 @@ async fn one_batch_applies_its_items_in_order(b: Backend) {
         upsert("Y", "why", Merge::Keep),
         upsert("Z", "not mine", Merge::Keep),
     ];
-    let batch: Vec<_> = mine
-        .iter()
-        .chain(theirs.iter())
-        .zip(effects.iter())
-        .collect();
-    let out = store.apply_effects("worker-a", &batch).await.unwrap();
+    let batch: Vec<_> = mine.iter().chain(theirs.iter()).zip(effects).collect();
+    let out = store.apply_effects("worker-a", batch).await.unwrap();
     let summary: Vec<_> = out
         .iter()
         .map(|a| match a {
