@@ -269,6 +269,7 @@ fn claimed(d: NewDelivery) -> ClaimedDelivery {
         headers: d.headers,
         attempts: 1,
         received_at: d.received_at,
+        parsed: d.parsed,
     }
 }
 

@@ -97,7 +97,7 @@ pub struct Envelope {
     /// `minute_rate_limited` of an `app_rate_limited` envelope, as text.
     pub minute_rate_limited: Option<String>,
     /// The parsed body (a JSON object) without any `blocks` member, which nothing reads (the
-    /// text is rendered from `text`); `Null` after [`peek_envelope`].
+    /// text is rendered from `text`).
     pub raw: Value,
 }
 
@@ -218,278 +218,6 @@ mod pruned {
                 }
             }
             Ok(Value::Object(out))
-        }
-    }
-}
-
-/// Like [`parse_envelope`] (same fields, same errors) but without building the JSON tree: the
-/// receiver only needs the routing and dedupe fields, and building then dropping a `Value` of
-/// a 1.5 KB envelope was most of its CPU time. `raw` is `Null`.
-pub fn peek_envelope(body: &[u8]) -> Result<Envelope, String> {
-    let head: peek::Head =
-        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
-    let Some(h) = head.0 else {
-        return Err("body is not a JSON object".to_string());
-    };
-    Ok(Envelope {
-        kind: h.kind.unwrap_or_default(),
-        challenge: h.challenge.filter(|s| !s.is_empty()),
-        event_id: h.event_id.filter(|s| !s.is_empty()),
-        api_app_id: h.api_app_id.filter(|s| !s.is_empty()),
-        team_id: h.team_id.filter(|s| !s.is_empty()),
-        event_type: h.event_type.filter(|s| !s.is_empty()),
-        authorization_team_id: h.authorization_team_id.filter(|s| !s.is_empty()),
-        context_team_id: h.context_team_id.filter(|s| !s.is_empty()),
-        enterprise_id: h.enterprise_id.filter(|s| !s.is_empty()),
-        minute_rate_limited: h.minute_rate_limited.as_ref().and_then(minute_text),
-        raw: Value::Null,
-    })
-}
-
-/// Streaming visitors for [`peek_envelope`]: only the wanted keys are kept, everything else is
-/// skipped without allocating. Lenient like `str_field`: a field of the wrong type is `None`.
-mod peek {
-    use std::borrow::Cow;
-    use std::fmt;
-
-    use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-    use serde_json::Value;
-
-    /// The envelope's fields; `None` when the body is valid JSON but not an object.
-    pub(super) struct Head(pub Option<Fields>);
-
-    #[derive(Default)]
-    pub(super) struct Fields {
-        pub kind: Option<String>,
-        pub challenge: Option<String>,
-        pub event_id: Option<String>,
-        pub api_app_id: Option<String>,
-        pub team_id: Option<String>,
-        pub event_type: Option<String>,
-        pub authorization_team_id: Option<String>,
-        pub context_team_id: Option<String>,
-        pub enterprise_id: Option<String>,
-        pub minute_rate_limited: Option<Value>,
-    }
-
-    /// Visitor methods for every JSON scalar (strings too, unless `@except_str`), each giving
-    /// `$v`: the value is skipped.
-    macro_rules! scalars_are {
-        ($t:ty, $v:expr) => {
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<$t, E> {
-                Ok($v)
-            }
-            scalars_are!(@except_str $t, $v);
-        };
-        (@except_str $t:ty, $v:expr) => {
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<$t, E> {
-                Ok($v)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<$t, E> {
-                Ok($v)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<$t, E> {
-                Ok($v)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<$t, E> {
-                Ok($v)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<$t, E> {
-                Ok($v)
-            }
-        };
-    }
-
-    /// Skips any value without allocating. Unlike `serde::de::IgnoredAny` it goes through
-    /// `deserialize_any`, so serde_json's nesting limit (128) applies exactly as when the worker
-    /// builds the full `Value`: what the receiver accepts, the worker can parse.
-    struct Skip;
-
-    impl<'de> Deserialize<'de> for Skip {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Skip;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("any JSON value")
-                }
-                scalars_are!(Skip, Skip);
-                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Skip, A::Error> {
-                    while a.next_element::<Skip>()?.is_some() {}
-                    Ok(Skip)
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Skip, A::Error> {
-                    while a.next_entry::<Key, Skip>()?.is_some() {}
-                    Ok(Skip)
-                }
-            }
-            d.deserialize_any(V)
-        }
-    }
-
-    /// A map key, borrowed when it has no escapes.
-    struct Key<'de>(Cow<'de, str>);
-
-    impl<'de> Deserialize<'de> for Key<'de> {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Key<'de>;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a string key")
-                }
-                fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
-                    Ok(Key(Cow::Borrowed(v)))
-                }
-                fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
-                    Ok(Key(Cow::Owned(v.to_string())))
-                }
-            }
-            d.deserialize_str(V)
-        }
-    }
-
-    /// A string, or `None` for any other JSON value (which is skipped).
-    struct Lenient(Option<String>);
-
-    impl<'de> Deserialize<'de> for Lenient {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Lenient;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("any JSON value")
-                }
-                fn visit_str<E: de::Error>(self, v: &str) -> Result<Lenient, E> {
-                    Ok(Lenient(Some(v.to_string())))
-                }
-                scalars_are!(@except_str Lenient, Lenient(None));
-                fn visit_none<E: de::Error>(self) -> Result<Lenient, E> {
-                    Ok(Lenient(None))
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Lenient, A::Error> {
-                    while a.next_element::<Skip>()?.is_some() {}
-                    Ok(Lenient(None))
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Lenient, A::Error> {
-                    while a.next_entry::<Skip, Skip>()?.is_some() {}
-                    Ok(Lenient(None))
-                }
-            }
-            d.deserialize_any(V)
-        }
-    }
-
-    /// `{"team_id": …}` inside an object, `None` for anything else.
-    struct TeamOf(Option<String>);
-
-    impl<'de> Deserialize<'de> for TeamOf {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            Ok(TeamOf(d.deserialize_any(FieldOf("team_id"))?))
-        }
-    }
-
-    /// Reads one string field of an object (last occurrence wins); any other value gives `None`.
-    struct FieldOf(&'static str);
-
-    impl<'de> Visitor<'de> for FieldOf {
-        type Value = Option<String>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("any JSON value")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-            let mut out = None;
-            while let Some(k) = a.next_key::<Key>()? {
-                if k.0 == self.0 {
-                    out = a.next_value::<Lenient>()?.0;
-                } else {
-                    a.next_value::<Skip>()?;
-                }
-            }
-            Ok(out)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-            while a.next_element::<Skip>()?.is_some() {}
-            Ok(None)
-        }
-        scalars_are!(Self::Value, None);
-    }
-
-    /// `event`: its `type` when it is an object.
-    struct EventType(Option<String>);
-
-    impl<'de> Deserialize<'de> for EventType {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            Ok(EventType(d.deserialize_any(FieldOf("type"))?))
-        }
-    }
-
-    /// `authorizations`: the first element's `team_id` when it is an array.
-    struct FirstTeam(Option<String>);
-
-    impl<'de> Deserialize<'de> for FirstTeam {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = FirstTeam;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("any JSON value")
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<FirstTeam, A::Error> {
-                    let first = a.next_element::<TeamOf>()?.and_then(|t| t.0);
-                    while a.next_element::<Skip>()?.is_some() {}
-                    Ok(FirstTeam(first))
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<FirstTeam, A::Error> {
-                    while a.next_entry::<Skip, Skip>()?.is_some() {}
-                    Ok(FirstTeam(None))
-                }
-                scalars_are!(FirstTeam, FirstTeam(None));
-            }
-            d.deserialize_any(V)
-        }
-    }
-
-    impl<'de> Deserialize<'de> for Head {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Head;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a JSON value")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Head, A::Error> {
-                    let mut h = Fields::default();
-                    while let Some(k) = a.next_key::<Key>()? {
-                        match k.0.as_ref() {
-                            "type" => h.kind = a.next_value::<Lenient>()?.0,
-                            "challenge" => h.challenge = a.next_value::<Lenient>()?.0,
-                            "event_id" => h.event_id = a.next_value::<Lenient>()?.0,
-                            "api_app_id" => h.api_app_id = a.next_value::<Lenient>()?.0,
-                            "team_id" => h.team_id = a.next_value::<Lenient>()?.0,
-                            "context_team_id" => h.context_team_id = a.next_value::<Lenient>()?.0,
-                            "enterprise_id" => h.enterprise_id = a.next_value::<Lenient>()?.0,
-                            "event" => h.event_type = a.next_value::<EventType>()?.0,
-                            "authorizations" => {
-                                h.authorization_team_id = a.next_value::<FirstTeam>()?.0
-                            }
-                            "minute_rate_limited" => {
-                                h.minute_rate_limited = Some(a.next_value::<Value>()?)
-                            }
-                            _ => {
-                                a.next_value::<Skip>()?;
-                            }
-                        }
-                    }
-                    Ok(Head(Some(h)))
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Head, A::Error> {
-                    while a.next_element::<Skip>()?.is_some() {}
-                    Ok(Head(None))
-                }
-                scalars_are!(Head, Head(None));
-            }
-            d.deserialize_any(V)
         }
     }
 }
@@ -1231,31 +959,22 @@ mod tests {
     }
 
     #[test]
-    fn peek_refuses_what_the_full_parse_refuses_deep_nesting_included() {
+    fn parse_envelope_refuses_deep_nesting_and_trailing_junk() {
         let deep = format!(
             "{{\"type\":\"event_callback\",\"x\":{}1{}}}",
             "[".repeat(200),
             "]".repeat(200)
         );
         assert!(parse_envelope(deep.as_bytes()).is_err());
-        assert!(peek_envelope(deep.as_bytes()).is_err());
         let ok = format!(
             "{{\"type\":\"event_callback\",\"x\":{}1{}}}",
             "[".repeat(100),
             "]".repeat(100)
         );
         assert!(parse_envelope(ok.as_bytes()).is_ok());
-        assert!(peek_envelope(ok.as_bytes()).is_ok());
-        for bad in [
-            &b""[..],
-            b"[1,2]",
-            b"\"x\"",
-            b"token=abc",
-            b"{} x",
-            b"{\"a\":1,}",
-        ] {
+        for bad in [&b"{} x"[..], b"{\"a\":1,}"] {
             assert!(
-                peek_envelope(bad).is_err(),
+                parse_envelope(bad).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );

@@ -4,6 +4,7 @@
 //! timestamped `Pylon-Webhook-Signature` scheme, per integration config; an optional shared
 //! header adds defence in depth. Identical replays are duplicates (the dedupe key hashes the body).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -25,7 +26,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::pylon::{self as proto, PylonSettings, Scheme, SignatureHeaders};
 use crate::protocol::{Effect, SignatureError, ct_eq};
-use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery};
+use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, Parsed};
 
 /// Source name stored with deliveries and signals.
 pub const SOURCE: &str = "pylon";
@@ -91,7 +92,7 @@ async fn handle(
         return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
     };
     verify(&state, &integ, &headers, &body).map_err(|e| reject(&state, SOURCE, e.into()))?;
-    parse_json_object(&body).map_err(|e| reject(&state, SOURCE, e))?;
+    let value = parse_json_object(&body).map_err(|e| reject(&state, SOURCE, e))?;
     state
         .creds
         .mark_used(LastUsedTable::Integrations, &integ.row.id);
@@ -108,6 +109,7 @@ async fn handle(
         status: DeliveryStatus::Pending,
         filter_reason: None,
         received_at: now_micros(),
+        parsed: Parsed::new(value),
     };
     store_and_ack(&state, d, started).await
 }
@@ -178,8 +180,12 @@ pub fn settings(integ: &IntegrationRef) -> PylonSettings {
 
 /// Worker step: parse flexibly, enrich thin payloads from the Pylon API, normalise.
 pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, ProcessError> {
-    let Ok(raw) = serde_json::from_slice::<Value>(&d.body) else {
-        return Ok(Effect::reject("stored body is not JSON"));
+    let raw = match d.parsed.shared::<Value>() {
+        Some(v) => v,
+        None => match serde_json::from_slice::<Value>(&d.body) {
+            Ok(v) => Arc::new(v),
+            Err(_) => return Ok(Effect::reject("stored body is not JSON")),
+        },
     };
     let parsed = match proto::parse(&raw) {
         Ok(p) => p,
@@ -229,9 +235,9 @@ static CONVERSIONS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::Laz
 /// runtime thread that answers webhooks.
 async fn normalize_off_runtime(
     parsed: proto::Parsed,
-    raw: Value,
+    raw: Arc<Value>,
     settings: proto::PylonSettings,
-) -> Result<(Effect, proto::Parsed, Value, proto::PylonSettings), ProcessError> {
+) -> Result<(Effect, proto::Parsed, Arc<Value>, proto::PylonSettings), ProcessError> {
     let _turn = CONVERSIONS
         .acquire()
         .await

@@ -25,7 +25,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::slack::{self as proto, Envelope, NoNames, SlackSettings};
 use crate::protocol::{Effect, SignatureError};
-use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery};
+use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, Parsed};
 
 /// Source name stored with deliveries and signals.
 pub const SOURCE: &str = "slack";
@@ -44,8 +44,10 @@ const KEPT: &[&str] = &[
     "content-type",
 ];
 
+/// The whole envelope (as the worker needs it, so it travels with the delivery; see
+/// [`Parsed`]), not just a peek at its routing fields.
 fn parse(state: &AppState, body: &[u8]) -> ApiResult<Envelope> {
-    proto::peek_envelope(body).map_err(|m| reject(state, SOURCE, ApiError::InvalidJson(m)))
+    proto::parse_envelope(body).map_err(|m| reject(state, SOURCE, ApiError::InvalidJson(m)))
 }
 
 /// `POST /api/webhooks/slack/events`
@@ -164,6 +166,7 @@ pub async fn receive(
             .mark_used(LastUsedTable::Integrations, &i.row.id);
     }
     let app = env.api_app_id.clone().unwrap_or_else(|| "app".into());
+    let dedupe_key = env.dedupe_key(&body);
     let d = NewDelivery {
         id: new_id(prefix::DELIVERY),
         workspace_id: integration.as_ref().map(|i| i.row.workspace_id.clone()),
@@ -171,12 +174,13 @@ pub async fn receive(
         webhook_key_id: None,
         source: SOURCE.into(),
         dedupe_scope: format!("slack:{app}"),
-        dedupe_key: env.dedupe_key(&body),
+        dedupe_key,
         body,
         headers: kept_headers(&headers, KEPT),
         status,
         filter_reason,
         received_at: now_micros(),
+        parsed: Parsed::new(env),
     };
     store_and_ack(&state, d, started).await
 }
@@ -250,9 +254,16 @@ pub fn settings(integ: &IntegrationRef) -> SlackSettings {
 
 /// Worker step.
 pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
-    let env = match proto::parse_envelope(&d.body) {
-        Ok(e) => e,
-        Err(e) => return Ok(Effect::reject(format!("stored body: {e}"))),
+    let stored;
+    let env = match d.parsed.get::<Envelope>() {
+        Some(env) => env,
+        None => match proto::parse_envelope(&d.body) {
+            Ok(e) => {
+                stored = e;
+                &stored
+            }
+            Err(e) => return Ok(Effect::reject(format!("stored body: {e}"))),
+        },
     };
     let Some(int_id) = &d.integration_id else {
         return Ok(Effect::filter("no integration"));
@@ -266,7 +277,7 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
         return Ok(Effect::filter("integration no longer exists"));
     };
     let settings = settings(&integ);
-    let effect = proto::normalize(&env, &settings, &NoNames);
+    let effect = proto::normalize(env, &settings, &NoNames);
     if !integ.row.is_active && !matches!(effect, Effect::DeactivateIntegration { .. }) {
         return Ok(Effect::filter("integration is inactive"));
     }
@@ -278,13 +289,13 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
     let mut extra = serde_json::Map::new();
     let outcome = tokio::time::timeout(
         ENRICH_DEADLINE,
-        enrich(state, &integ, &env, &mut names, &mut extra),
+        enrich(state, &integ, env, &mut names, &mut extra),
     )
     .await;
     if outcome.is_err() {
         names.errors.push("enrichment timed out".into());
     }
-    let mut effect = proto::normalize(&env, &settings, &names);
+    let mut effect = proto::normalize(env, &settings, &names);
     if let Effect::Upsert { signal, .. } = &mut effect
         && let Some(meta) = signal.metadata.as_object_mut()
     {

@@ -18,7 +18,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::standard_webhooks::{self, Headers};
 use crate::protocol::{Effect, Merge, NewSignal};
-use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery};
+use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, Parsed};
 
 /// Source name stored with deliveries and signals.
 pub const SOURCE: &str = "webhook";
@@ -147,16 +147,25 @@ pub async fn receive(
         status: DeliveryStatus::Pending,
         filter_reason: None,
         received_at: now_micros(),
+        parsed: Parsed::new(value),
     };
     store_and_ack(&state, d, started).await
 }
 
 /// Worker step: the stored payload becomes one signal (re-sends keep the first).
 pub fn process(d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
-    let Ok(value) = serde_json::from_slice::<Value>(&d.body) else {
-        return Ok(Effect::reject("stored body is not JSON"));
+    let stored;
+    let value = match d.parsed.get::<Value>() {
+        Some(v) => v,
+        None => match serde_json::from_slice::<Value>(&d.body) {
+            Ok(v) => {
+                stored = v;
+                &stored
+            }
+            Err(_) => return Ok(Effect::reject("stored body is not JSON")),
+        },
     };
-    let p = match validate(&value) {
+    let p = match validate(value) {
         Ok(p) => p,
         Err(e) => return Ok(Effect::reject(e)),
     };

@@ -661,7 +661,11 @@ impl Store {
                     .map(|(i, d)| {
                         let (owner, until, _) = leased(i);
                         sqlite_writer::InsertRow {
-                            d: (*d).clone(),
+                            // The writer thread needs the columns, not the receiver's parse.
+                            d: NewDelivery {
+                                parsed: Parsed::default(),
+                                ..(*d).clone()
+                            },
                             lease: owner.zip(until).map(|(o, u)| (o.to_string(), u)),
                         }
                     })

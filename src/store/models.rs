@@ -1,6 +1,43 @@
 //! Row types, shared by both backends (`FromRow` is derived generically over the row type).
 
+use std::any::Any;
+use std::sync::Arc;
+
 use bytes::Bytes;
+
+/// What the receiver already parsed of a delivery's body, carried with it in memory to a local
+/// worker so that the body is not parsed twice (for Slack, the envelope; for Pylon and generic
+/// webhooks, the JSON value). Never stored: a delivery claimed from the database has none, and
+/// its source parses the stored body with the same function the receiver used.
+#[derive(Clone, Default)]
+pub struct Parsed(Option<Arc<dyn Any + Send + Sync>>);
+
+impl Parsed {
+    /// Carries `value`.
+    pub fn new<T: Any + Send + Sync>(value: T) -> Parsed {
+        Parsed(Some(Arc::new(value)))
+    }
+
+    /// The carried value, if there is one of type `T`.
+    pub fn get<T: Any>(&self) -> Option<&T> {
+        self.0.as_deref().and_then(|v| v.downcast_ref::<T>())
+    }
+
+    /// The carried value as a shared pointer (to move it to another thread).
+    pub fn shared<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        self.0.clone().and_then(|v| v.downcast::<T>().ok())
+    }
+}
+
+impl std::fmt::Debug for Parsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Parsed(..)"
+        } else {
+            "Parsed(none)"
+        })
+    }
+}
 
 /// A tenant: owns integrations, webhook keys, deliveries and signals.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -202,6 +239,8 @@ pub struct NewDelivery {
     pub filter_reason: Option<String>,
     /// Unix µs.
     pub received_at: i64,
+    /// The receiver's parse of `body`, for a local worker (see [`Parsed`]).
+    pub parsed: Parsed,
 }
 
 /// A delivery as listed by the API (no body).
@@ -259,6 +298,9 @@ pub struct ClaimedDelivery {
     pub attempts: i32,
     /// Unix µs.
     pub received_at: i64,
+    /// The receiver's parse of `body` when it was handed over in memory; none when claimed.
+    #[sqlx(skip)]
+    pub parsed: Parsed,
 }
 
 /// A signal.

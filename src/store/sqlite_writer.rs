@@ -543,6 +543,7 @@ fn claim(
                 headers: r.get(7)?,
                 attempts: r.get(8)?,
                 received_at: r.get(9)?,
+                parsed: Default::default(),
             })
         })?
         .collect::<rusqlite::Result<_>>()?;

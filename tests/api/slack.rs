@@ -14,6 +14,7 @@ use crate::helpers::*;
 both_backends!(
     url_verification_is_verified_in_every_mode,
     per_integration_message_becomes_a_readable_signal,
+    a_claimed_delivery_is_processed_like_a_handed_over_one,
     app_level_secret_routes_by_team,
     team_lookup_verifies_with_the_teams_own_secret,
     retry_storm_makes_one_delivery_and_one_signal,
@@ -445,6 +446,72 @@ async fn per_integration_message_becomes_a_readable_signal(b: Backend) {
     );
     assert!(!f.to_string().contains("files.slack.com"), "{f}");
     app.stop().await;
+}
+
+/// A local worker gets the receiver's parse of the envelope with the delivery; a worker that
+/// claims it from the database (another node, a restart, a retry) parses the stored body. Both
+/// must come to the same effect.
+async fn a_claimed_delivery_is_processed_like_a_handed_over_one(b: Backend) {
+    // No workers: the delivery stays in the inbox for the test to claim.
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("worker_concurrency", "0");
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let secret = "acme-signing-secret";
+    let integ = slack_integration(&app, &ws, "T0ACME", json!({"signing_secret": secret})).await;
+    let body = message(
+        "T0ACME",
+        "C0GENERAL",
+        "U1",
+        "exports fail with a 502 &amp; <https://x.test|docs>",
+        "1700000000.000200",
+        "Ev02CLAIMED",
+        json!({"thread_ts": "1700000000.000100"}),
+    );
+    send_ok(&app, &url_for(&integ), secret, &body).await;
+    let store = &app.state.store;
+    let mut claimed = store
+        .claim_deliveries("worker-t", 10, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let from_db = claimed.remove(0);
+    assert!(from_db.parsed.get::<slack::Envelope>().is_none());
+    let mut handed = from_db.clone();
+    handed.parsed = signalbox::store::Parsed::new(slack::parse_envelope(&from_db.body).unwrap());
+    let effect = signalbox::sources::process(&app.state, &from_db)
+        .await
+        .unwrap();
+    let effect_handed = signalbox::sources::process(&app.state, &handed)
+        .await
+        .unwrap();
+    assert_eq!(effect, effect_handed);
+    let signalbox::protocol::Effect::Upsert { signal, .. } = &effect else {
+        panic!("expected a signal, got {effect:?}");
+    };
+    assert_eq!(
+        signal.verbatim,
+        "exports fail with a 502 & docs (https://x.test)"
+    );
+    assert_eq!(signal.metadata["thread_ts"], "1700000000.000100");
+    let applied = store
+        .apply_effect(&from_db, "worker-t", effect)
+        .await
+        .unwrap();
+    assert!(
+        matches!(applied, signalbox::store::Applied::Done { .. }),
+        "{applied:?}"
+    );
+    let signals = app.signals(&ws).await;
+    assert_eq!(signals.len(), 1, "{signals:#?}");
+    assert_eq!(
+        signals[0]["verbatim"],
+        "exports fail with a 502 & docs (https://x.test)"
+    );
 }
 
 async fn app_level_secret_routes_by_team(b: Backend) {
