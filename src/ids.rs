@@ -33,7 +33,16 @@ pub fn new_id(prefix: &str) -> String {
         // The generator only fails when 2^80 ids are made in one millisecond.
         g.generate().unwrap_or_else(|_| ulid::Ulid::new())
     };
-    format!("{prefix}_{}", ulid.to_string().to_lowercase())
+    // Encoded into a stack buffer and lower-cased in place: one allocation per id (ids are made
+    // for every delivery, signal and activity entry, two of them on the SQLite writer thread).
+    let mut buf = [0u8; ulid::ULID_LEN];
+    let encoded = ulid.array_to_str(&mut buf);
+    encoded.make_ascii_lowercase();
+    let mut id = String::with_capacity(prefix.len() + 1 + ulid::ULID_LEN);
+    id.push_str(prefix);
+    id.push('_');
+    id.push_str(encoded);
+    id
 }
 
 /// True when `id` looks like one of ours with `prefix` (cheap shape check before a lookup).
@@ -59,5 +68,19 @@ mod tests {
         assert!(looks_like(&a, prefix::SIGNAL));
         assert!(!looks_like(&a, prefix::WORKSPACE));
         assert!(!looks_like("sig_' OR 1=1 --", prefix::SIGNAL));
+    }
+
+    #[test]
+    fn the_id_is_the_lower_case_ulid_text() {
+        let id = new_id(prefix::DELIVERY);
+        let (p, rest) = id.split_once('_').expect("prefixed");
+        assert_eq!(p, "dlv");
+        assert_eq!(rest.len(), 26);
+        assert!(
+            rest.bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+        );
+        let ulid = ulid::Ulid::from_string(&rest.to_uppercase()).expect("a ULID");
+        assert_eq!(ulid.to_string().to_lowercase(), rest);
     }
 }
