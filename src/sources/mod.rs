@@ -102,9 +102,9 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The headers worth keeping with a delivery (never signatures or authorisation).
-/// A JSON object of at most 256 characters per value, keys sorted, built without a `Value` tree
-/// (this runs for every delivery).
+/// The headers worth keeping with a delivery (never signatures or authorisation), as a JSON
+/// object with keys sorted and at most 256 characters per value. Built without a `Value` tree:
+/// this runs for every delivery.
 pub fn kept_headers(headers: &HeaderMap, names: &[&str]) -> String {
     let mut m = std::collections::BTreeMap::<&str, &str>::new();
     for n in names {

@@ -180,12 +180,8 @@ pub fn settings(integ: &IntegrationRef) -> PylonSettings {
 
 /// Worker step: parse flexibly, enrich thin payloads from the Pylon API, normalise.
 pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, ProcessError> {
-    let raw = match d.parsed.shared::<Value>() {
-        Some(v) => v,
-        None => match serde_json::from_slice::<Value>(&d.body) {
-            Ok(v) => Arc::new(v),
-            Err(_) => return Ok(Effect::reject("stored body is not JSON")),
-        },
+    let Ok(raw) = d.parsed_or(|b| serde_json::from_slice::<Value>(b)) else {
+        return Ok(Effect::reject("stored body is not JSON"));
     };
     let parsed = match proto::parse(&raw) {
         Ok(p) => p,

@@ -254,16 +254,9 @@ pub fn settings(integ: &IntegrationRef) -> SlackSettings {
 
 /// Worker step.
 pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
-    let stored;
-    let env = match d.parsed.get::<Envelope>() {
-        Some(env) => env,
-        None => match proto::parse_envelope(&d.body) {
-            Ok(e) => {
-                stored = e;
-                &stored
-            }
-            Err(e) => return Ok(Effect::reject(format!("stored body: {e}"))),
-        },
+    let env = match d.parsed_or(proto::parse_envelope) {
+        Ok(env) => env,
+        Err(e) => return Ok(Effect::reject(format!("stored body: {e}"))),
     };
     let Some(int_id) = &d.integration_id else {
         return Ok(Effect::filter("no integration"));
@@ -277,7 +270,7 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
         return Ok(Effect::filter("integration no longer exists"));
     };
     let settings = settings(&integ);
-    let effect = proto::normalize(env, &settings, &NoNames);
+    let effect = proto::normalize(&env, &settings, &NoNames);
     if !integ.row.is_active && !matches!(effect, Effect::DeactivateIntegration { .. }) {
         return Ok(Effect::filter("integration is inactive"));
     }
@@ -289,13 +282,13 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
     let mut extra = serde_json::Map::new();
     let outcome = tokio::time::timeout(
         ENRICH_DEADLINE,
-        enrich(state, &integ, env, &mut names, &mut extra),
+        enrich(state, &integ, &env, &mut names, &mut extra),
     )
     .await;
     if outcome.is_err() {
         names.errors.push("enrichment timed out".into());
     }
-    let mut effect = proto::normalize(env, &settings, &names);
+    let mut effect = proto::normalize(&env, &settings, &names);
     if let Effect::Upsert { signal, .. } = &mut effect
         && let Some(meta) = signal.metadata.as_object_mut()
     {

@@ -154,18 +154,10 @@ pub async fn receive(
 
 /// Worker step: the stored payload becomes one signal (re-sends keep the first).
 pub fn process(d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
-    let stored;
-    let value = match d.parsed.get::<Value>() {
-        Some(v) => v,
-        None => match serde_json::from_slice::<Value>(&d.body) {
-            Ok(v) => {
-                stored = v;
-                &stored
-            }
-            Err(_) => return Ok(Effect::reject("stored body is not JSON")),
-        },
+    let Ok(value) = d.parsed_or(|b| serde_json::from_slice::<Value>(b)) else {
+        return Ok(Effect::reject("stored body is not JSON"));
     };
-    let p = match validate(value) {
+    let p = match validate(&value) {
         Ok(p) => p,
         Err(e) => return Ok(Effect::reject(e)),
     };

@@ -303,6 +303,20 @@ pub struct ClaimedDelivery {
     pub parsed: Parsed,
 }
 
+impl ClaimedDelivery {
+    /// The receiver's parse of the body when it came with the delivery, else `parse(body)`
+    /// (the function the receiver used, so both paths agree).
+    pub fn parsed_or<T: Any + Send + Sync, E>(
+        &self,
+        parse: impl FnOnce(&[u8]) -> Result<T, E>,
+    ) -> Result<Arc<T>, E> {
+        match self.parsed.shared::<T>() {
+            Some(v) => Ok(v),
+            None => parse(&self.body).map(Arc::new),
+        }
+    }
+}
+
 /// A signal.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Signal {
