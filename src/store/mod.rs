@@ -247,10 +247,10 @@ impl Store {
         Ok(())
     }
 
-    /// Closes the pool.
+    /// Closes the SQLite writer and the pool, returning once every connection is closed.
     pub async fn close(&self) {
         if let Some(w) = &self.sqlite {
-            w.close();
+            w.close().await;
         }
         on_pool!(self, p => p.close().await)
     }

@@ -86,7 +86,8 @@ fn copy_error(e: &rusqlite::Error) -> rusqlite::Error {
 
 enum Msg {
     Run(Box<dyn Job>, Priority),
-    Close,
+    /// Stop after the queued jobs; answered once both connections are closed.
+    Close(oneshot::Sender<()>),
 }
 
 /// Whether someone waits on a job to answer an HTTP request.
@@ -122,7 +123,7 @@ const WAL_BACKSTOP_PAGES: u32 = 4000;
 /// waiting for the database file's fsync, and every thousandth commit stalled. A passive
 /// checkpoint never blocks the writer (nor waits for it), so it can run on the other core. The
 /// returned sender is the writer's "I committed" signal; the thread ends when it is dropped.
-fn start_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
+fn start_checkpointer(path: &Path) -> Result<Checkpointer, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -131,7 +132,7 @@ fn start_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
     // this connection must not checkpoint on its own nor wait for locks.
     conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")?;
     let (tx, rx) = mpsc::sync_channel::<()>(1);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || {
             while rx.recv().is_ok() {
@@ -153,7 +154,14 @@ fn start_checkpointer(path: &Path) -> Result<mpsc::SyncSender<()>, StoreError> {
             }
         })
         .map_err(|e| StoreError::Writer(format!("cannot start the SQLite checkpointer: {e}")))?;
-    Ok(tx)
+    Ok(Checkpointer { tx, thread })
+}
+
+/// The checkpointer thread: `tx` is the writer's "I committed" signal; dropping it ends the
+/// thread, which `thread` then joins.
+struct Checkpointer {
+    tx: mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// Handle to the writer thread. Cheap to clone; the thread ends when [`SqliteWriter::close`] is
@@ -291,9 +299,14 @@ impl SqliteWriter {
         }
     }
 
-    /// Stops the thread after the jobs already queued (the connection closes).
-    pub fn close(&self) {
-        let _ = self.tx.send(Msg::Close);
+    /// Stops the thread after the jobs already queued and returns once the writer's and the
+    /// checkpointer's connections are closed (the last one to close checkpoints the WAL and
+    /// removes it, so nothing may still be doing that when the caller moves on).
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.tx.send(Msg::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
     }
 
     /// Inserts an inbox batch in one transaction (see `Store::insert_deliveries`).
@@ -332,20 +345,28 @@ fn serve(
     conn: Connection,
     rx: mpsc::Receiver<Msg>,
     turn: Arc<tokio::sync::Mutex<()>>,
-    checkpoints: mpsc::SyncSender<()>,
+    checkpointer: Checkpointer,
     cycles: &std::sync::atomic::AtomicU64,
     background_wait: Duration,
 ) {
+    let Checkpointer {
+        tx: checkpoints,
+        thread: checkpointer,
+    } = checkpointer;
     let mut jobs: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
-    let mut closing = false;
-    while !closing {
+    let mut closing = None;
+    while closing.is_none() {
         // Wait for one job, then take every job queued behind it: they share one commit.
         let mut ack = match rx.recv() {
             Ok(Msg::Run(job, p)) => {
                 jobs.push(job);
                 p == Priority::Ack
             }
-            Ok(Msg::Close) | Err(_) => break,
+            Ok(Msg::Close(done)) => {
+                closing = Some(done);
+                break;
+            }
+            Err(_) => break,
         };
         let mut wait_until = None;
         while jobs.len() < MAX_JOBS_PER_COMMIT {
@@ -364,8 +385,8 @@ fn serve(
                     jobs.push(job);
                     ack |= p == Priority::Ack;
                 }
-                Ok(Msg::Close) => {
-                    closing = true;
+                Ok(Msg::Close(done)) => {
+                    closing = Some(done);
                     break;
                 }
                 Err(()) => break,
@@ -410,6 +431,15 @@ fn serve(
             us = started.elapsed().as_micros() as u64,
             "sqlite writer commit"
         );
+    }
+    // Close the checkpointer's connection, then this one, then say so.
+    drop(checkpoints);
+    if checkpointer.join().is_err() {
+        tracing::warn!("the SQLite checkpointer thread panicked");
+    }
+    drop(conn);
+    if let Some(done) = closing {
+        let _ = done.send(());
     }
 }
 
@@ -793,6 +823,36 @@ mod tests {
         assert!(took >= Duration::from_millis(50), "{took:?}");
         assert!(took < Duration::from_secs(10), "{took:?}");
         assert_eq!(keys(&w).await, vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn close_returns_after_queued_jobs_commit_and_both_connections_close() {
+        let (dir, w, _turn) = writer();
+        let queued = tokio::spawn(insert(&w, 7));
+        // Let the job reach the queue, and the checkpointer run at least once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        w.close().await;
+        assert_eq!(queued.await.expect("join").expect("queued job"), 1);
+        // The last connection to close checkpoints the WAL into the file and removes it, so its
+        // absence right after close() shows no connection is still open (or still closing).
+        let wal = dir.path().join("w.db-wal");
+        assert!(
+            !wal.exists(),
+            "{} still exists after close()",
+            wal.display()
+        );
+        let conn = Connection::open(dir.path().join("w.db")).expect("reopen");
+        let k: i64 = conn
+            .query_row("SELECT k FROM t", [], |r| r.get(0))
+            .expect("the committed row");
+        assert_eq!(k, 7);
+        let after = insert(&w, 8).await;
+        assert!(
+            matches!(&after, Err(StoreError::Writer(m)) if m.contains("stopped")),
+            "{after:?}"
+        );
+        // Closing again is harmless.
+        w.close().await;
     }
 
     async fn keys(w: &SqliteWriter) -> Vec<i64> {
