@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_micros;
 use crate::metrics::Metrics;
+use crate::protocol::Effect;
 use crate::store::{
     ClaimedDelivery, DeliveryStatus, InsertLease, NewDelivery, Store, StoreError, Stored,
 };
@@ -101,6 +102,7 @@ impl Handoff {
 #[derive(Clone)]
 pub struct Inbox {
     tx: mpsc::Sender<(NewDelivery, Reply)>,
+    takes_outcomes: bool,
 }
 
 impl Inbox {
@@ -117,6 +119,7 @@ impl Inbox {
         handoff: Option<Handoff>,
     ) -> (Inbox, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
+        let takes_outcomes = handoff.is_some() && store.finishes_at_insert();
         let w = Writer {
             store,
             batch_max,
@@ -125,7 +128,14 @@ impl Inbox {
             handoff,
         };
         let handle = tokio::spawn(writer(w, rx, stop));
-        (Inbox { tx }, handle)
+        (Inbox { tx, takes_outcomes }, handle)
+    }
+
+    /// Whether a receiver's outcome ([`NewDelivery::outcome`]) is committed with its row: on a
+    /// backend that can (SQLite) in a node with local workers. Otherwise receivers need not
+    /// decide one (the inbox would drop it and a worker decide again).
+    pub fn takes_outcomes(&self) -> bool {
+        self.takes_outcomes
     }
 
     /// Stores one delivery; returns once it is committed (or known to be a duplicate).
@@ -170,50 +180,103 @@ async fn writer(w: Writer, mut rx: mpsc::Receiver<(NewDelivery, Reply)>, stop: C
 async fn commit_batch(w: &Writer, batch: &mut Vec<(NewDelivery, Reply)>) {
     let started = Instant::now();
     let n = batch.len();
-    // Take places in the hand-off budget for the pending deliveries (as many as are free).
-    let mut leased = vec![false; n];
+    // Outcomes the receivers decided are committed with their rows, leased to the hand-off
+    // owner for the length of that transaction (with local workers on a backend that can).
+    let finish = w.handoff.is_some() && w.store.finishes_at_insert();
+    let mut outcomes: Vec<Option<Effect>> = batch
+        .iter_mut()
+        .map(|(d, _)| d.outcome.take().filter(|_| finish))
+        .collect();
+    // Take places in the hand-off budget for the other pending deliveries (as many as are free).
+    let mut handing = vec![false; n];
     let mut granted = 0usize;
     let mut permit = None;
     if let Some(h) = &w.handoff {
+        let to_hand = |d: &NewDelivery, o: &Option<Effect>| {
+            d.status == DeliveryStatus::Pending && o.is_none()
+        };
         let pending = batch
             .iter()
-            .filter(|(d, _)| d.status == DeliveryStatus::Pending)
+            .zip(&outcomes)
+            .filter(|((d, _), o)| to_hand(d, o))
             .count();
         let want = pending.min(h.budget.available_permits());
         if want > 0
             && let Ok(p) = h.budget.clone().try_acquire_many_owned(want as u32)
         {
             permit = Some(p);
-            for (slot, (d, _)) in leased.iter_mut().zip(batch.iter()) {
-                if granted < want && d.status == DeliveryStatus::Pending {
+            for ((slot, (d, _)), o) in handing.iter_mut().zip(batch.iter()).zip(&outcomes) {
+                if granted < want && to_hand(d, o) {
                     *slot = true;
                     granted += 1;
                 }
             }
         }
     }
-    let lease = w
+    let until = w
         .handoff
         .as_ref()
-        .filter(|_| granted > 0)
-        .map(|h| InsertLease {
+        .map(|h| now_micros() + h.lease.as_micros() as i64);
+    let lease = |rows| {
+        w.handoff.as_ref().zip(until).map(|(h, until)| InsertLease {
             owner: &h.owner,
-            until: now_micros() + h.lease.as_micros() as i64,
-            rows: &leased,
-        });
-    let result = {
-        let rows: Vec<&NewDelivery> = batch.iter().map(|(d, _)| d).collect();
-        w.store.insert_deliveries(&rows, lease).await
+            until,
+            rows,
+        })
     };
+    let rows: Vec<&NewDelivery> = batch.iter().map(|(d, _)| d).collect();
+    let plain = |stored: Vec<Stored>| stored.into_iter().map(|s| (s, None)).collect::<Vec<_>>();
+    let result = if outcomes.iter().any(Option::is_some) {
+        // Rows finishing now are leased too: the outcome commits under that lease.
+        let leased: Vec<bool> = handing
+            .iter()
+            .zip(&outcomes)
+            .map(|(h, o)| *h || o.is_some())
+            .collect();
+        let r = w
+            .store
+            .insert_and_finish(&rows, lease(&leased), std::mem::take(&mut outcomes))
+            .await;
+        if let Err(e) = &r {
+            // A receiver's outcome failed to commit with its row (it never should): store the
+            // batch without outcomes, so that nothing is lost and nobody gets a 503 for it. The
+            // workers claim those deliveries and decide them again (and retry as usual).
+            tracing::warn!(error = %short_store_error(e), n,
+                "committing outcomes with the inbox batch failed; storing it without them");
+            w.store
+                .insert_deliveries(&rows, lease(&handing))
+                .await
+                .map(plain)
+        } else {
+            r
+        }
+    } else {
+        w.store
+            .insert_deliveries(&rows, lease(&handing))
+            .await
+            .map(plain)
+    };
+    drop(rows);
     w.metrics.inbox_batch.observe(n as f64);
     match result {
-        Ok(outcomes) => {
+        Ok(stored) => {
             let mut handed = Vec::new();
             let mut others_pending = false;
-            for (((d, reply), outcome), leased) in batch.drain(..).zip(outcomes).zip(leased) {
+            for (((d, reply), (outcome, applied)), leased) in
+                batch.drain(..).zip(stored).zip(handing)
+            {
                 let new = matches!(outcome, Stored::New(_));
                 let _ = reply.send(Ok(outcome));
-                if new && leased {
+                if let Some(applied) = applied {
+                    crate::worker::note_outcome(
+                        &w.metrics,
+                        &d.source,
+                        &d.id,
+                        1,
+                        d.received_at,
+                        applied,
+                    );
+                } else if new && leased {
                     handed.push(claimed(d));
                 } else if new && d.status == DeliveryStatus::Pending {
                     others_pending = true;

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppState;
 use crate::clock::now_micros;
 use crate::ids::new_id;
+use crate::metrics::Metrics;
 use crate::protocol::Effect;
 use crate::sources::{self, ProcessError};
 use crate::store::{Applied, ClaimedDelivery};
@@ -206,24 +207,46 @@ pub async fn handle_batch(state: &AppState, owner: &str, claimed: Vec<ClaimedDel
 }
 
 async fn record(state: &AppState, d: &ClaimedDelivery, outcome: Applied) {
-    let span = span_of(d);
+    if let Applied::Done {
+        action: Some("integration.deactivated"),
+        ..
+    } = &outcome
+        && let Some(id) = &d.integration_id
+    {
+        state.creds.changed(id).await;
+    }
+    note_outcome(
+        &state.metrics,
+        &d.source,
+        &d.id,
+        d.attempts,
+        d.received_at,
+        outcome,
+    );
+}
+
+/// Counts and logs a committed outcome: a worker's, or one its receiver decided and the inbox
+/// committed with the row.
+pub fn note_outcome(
+    metrics: &Metrics,
+    source: &str,
+    id: &str,
+    attempt: i32,
+    received_at: i64,
+    outcome: Applied,
+) {
+    let span = tracing::info_span!("delivery", delivery_id = %id, source = %source, attempt);
     match outcome {
         Applied::Done {
             status,
             signal_id,
             action,
         } => {
-            state.metrics.delivery(&d.source, status.as_str());
-            state
-                .metrics
+            metrics.delivery(source, status.as_str());
+            metrics
                 .processing_latency
-                .get_or_create(&vec![("source", d.source.clone())])
-                .observe((now_micros() - d.received_at).max(0) as f64 / 1e6);
-            if action == Some("integration.deactivated")
-                && let Some(id) = &d.integration_id
-            {
-                state.creds.changed(id).await;
-            }
+                .get_or_create(&vec![("source", source.to_string())])
+                .observe((now_micros() - received_at).max(0) as f64 / 1e6);
             tracing::info!(parent: &span, status = status.as_str(), signal_id = ?signal_id, action = ?action, "delivery processed");
         }
         Applied::LeaseLost => {

@@ -110,6 +110,9 @@ async fn handle(
         filter_reason: None,
         received_at: now_micros(),
         parsed: Parsed::new(value),
+        // Converting a ticket's HTML is heavy CPU work that stays off the request path (see
+        // `normalize_off_runtime`); the worker decides Pylon outcomes.
+        outcome: None,
     };
     store_and_ack(&state, d, started).await
 }

@@ -165,6 +165,12 @@ pub async fn receive(
             .creds
             .mark_used(LastUsedTable::Integrations, &i.row.id);
     }
+    let outcome = match &integration {
+        Some(i) if status == DeliveryStatus::Pending && state.inbox.takes_outcomes() => {
+            outcome_at_the_edge(i, &env)
+        }
+        _ => None,
+    };
     let app = env.api_app_id.clone().unwrap_or_else(|| "app".into());
     let dedupe_key = env.dedupe_key(&body);
     let d = NewDelivery {
@@ -181,6 +187,7 @@ pub async fn receive(
         filter_reason,
         received_at: now_micros(),
         parsed: Parsed::new(env),
+        outcome,
     };
     store_and_ack(&state, d, started).await
 }
@@ -269,14 +276,10 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
     let Some(integ) = integ else {
         return Ok(Effect::filter("integration no longer exists"));
     };
-    let settings = settings(&integ);
-    let effect = proto::normalize(&env, &settings, &NoNames);
-    if !integ.row.is_active && !matches!(effect, Effect::DeactivateIntegration { .. }) {
-        return Ok(Effect::filter("integration is inactive"));
-    }
-    if !matches!(effect, Effect::Upsert { .. }) || integ.row.access_token_enc.is_none() {
-        return Ok(effect);
-    }
+    let settings = match decide(&integ, &env) {
+        Decision::Done(effect) => return Ok(effect),
+        Decision::Enrich(settings) => settings,
+    };
     // Enrichment is bounded: whatever is known after the deadline is used, the rest is recorded.
     let mut names = Names::default();
     let mut extra = serde_json::Map::new();
@@ -304,6 +307,36 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
         );
     }
     Ok(effect)
+}
+
+/// What the worker step does with an envelope, decided without I/O.
+enum Decision {
+    /// This is the outcome.
+    Done(Effect),
+    /// A new or changed message of an integration with a bot token: look up names first.
+    Enrich(SlackSettings),
+}
+
+fn decide(integ: &IntegrationRef, env: &Envelope) -> Decision {
+    let settings = settings(integ);
+    let effect = proto::normalize(env, &settings, &NoNames);
+    if !integ.row.is_active && !matches!(effect, Effect::DeactivateIntegration { .. }) {
+        return Decision::Done(Effect::filter("integration is inactive"));
+    }
+    if !matches!(effect, Effect::Upsert { .. }) || integ.row.access_token_enc.is_none() {
+        return Decision::Done(effect);
+    }
+    Decision::Enrich(settings)
+}
+
+/// The outcome the receiver can commit with the delivery: the worker step's, when it needs no
+/// I/O (no enrichment) and no follow-up (a deactivation refreshes the credential cache after
+/// its commit, which the worker does).
+fn outcome_at_the_edge(integ: &IntegrationRef, env: &Envelope) -> Option<Effect> {
+    match decide(integ, env) {
+        Decision::Done(Effect::DeactivateIntegration { .. }) | Decision::Enrich(_) => None,
+        Decision::Done(effect) => Some(effect),
+    }
 }
 
 /// Upper bound on the time enrichment may add to a delivery.

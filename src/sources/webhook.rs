@@ -126,6 +126,10 @@ pub async fn receive(
         ));
     }
     state.creds.mark_used(LastUsedTable::WebhookKeys, &key.id);
+    let outcome = state
+        .inbox
+        .takes_outcomes()
+        .then(|| effect_of(&value, &msg_id, Some(&key.id)));
     let d = NewDelivery {
         id: new_id(prefix::DELIVERY),
         workspace_id: Some(key.workspace_id.clone()),
@@ -148,6 +152,7 @@ pub async fn receive(
         filter_reason: None,
         received_at: now_micros(),
         parsed: Parsed::new(value),
+        outcome,
     };
     store_and_ack(&state, d, started).await
 }
@@ -157,15 +162,25 @@ pub fn process(d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
     let Ok(value) = d.parsed_or(|b| serde_json::from_slice::<Value>(b)) else {
         return Ok(Effect::reject("stored body is not JSON"));
     };
-    let p = match validate(&value) {
+    Ok(effect_of(
+        &value,
+        &d.dedupe_key,
+        d.webhook_key_id.as_deref(),
+    ))
+}
+
+/// The signal a payload makes (pure: the receiver commits it with the delivery; a worker
+/// reaches the same from the stored body).
+fn effect_of(value: &Value, dedupe_key: &str, webhook_key_id: Option<&str>) -> Effect {
+    let p = match validate(value) {
         Ok(p) => p,
-        Err(e) => return Ok(Effect::reject(e)),
+        Err(e) => return Effect::reject(e),
     };
     let s = |v: &Option<Value>| v.as_ref().and_then(Value::as_str).map(str::to_string);
-    let source_ref = s(&p.source_ref).unwrap_or_else(|| d.dedupe_key.clone());
+    let source_ref = s(&p.source_ref).unwrap_or_else(|| dedupe_key.to_string());
     let mut meta = Map::new();
-    meta.insert("webhook_id".into(), json!(d.dedupe_key));
-    meta.insert("webhook_key_id".into(), json!(d.webhook_key_id));
+    meta.insert("webhook_id".into(), json!(dedupe_key));
+    meta.insert("webhook_key_id".into(), json!(webhook_key_id));
     for (k, v) in [
         ("source_name", s(&p.source_name)),
         ("source_url", s(&p.source_url)),
@@ -178,14 +193,14 @@ pub fn process(d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
     if let Some(m @ Value::Object(_)) = p.metadata {
         meta.insert("metadata".into(), m);
     }
-    Ok(Effect::Upsert {
+    Effect::Upsert {
         signal: NewSignal {
             source_ref,
             verbatim: s(&p.verbatim).unwrap_or_default(),
             metadata: Value::Object(meta),
         },
         merge: Merge::Keep,
-    })
+    }
 }
 
 #[cfg(test)]

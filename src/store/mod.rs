@@ -67,8 +67,14 @@ impl StoreError {
     }
 
     fn from_rusqlite(e: rusqlite::Error) -> Self {
+        // Only a unique (or primary key) constraint is a conflict; a failed check, foreign key
+        // or trigger is an error like any other.
         if let rusqlite::Error::SqliteFailure(f, _) = &e
-            && f.code == rusqlite::ErrorCode::ConstraintViolation
+            && matches!(
+                f.extended_code,
+                rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            )
         {
             return StoreError::Conflict;
         }
@@ -644,6 +650,30 @@ impl Store {
         batch: &[&NewDelivery],
         lease: Option<InsertLease<'_>>,
     ) -> Result<Vec<Stored>> {
+        let out = self.insert_and_finish(batch, lease, Vec::new()).await?;
+        Ok(out.into_iter().map(|(stored, _)| stored).collect())
+    }
+
+    /// Whether [`Store::insert_and_finish`] commits outcomes with their rows on this backend
+    /// (SQLite; on PostgreSQL the inbox batch stays one autocommit statement).
+    pub fn finishes_at_insert(&self) -> bool {
+        self.sqlite.is_some()
+    }
+
+    /// [`Store::insert_deliveries`], and in the same transaction, for every *new* row whose
+    /// `outcomes` entry is set, what [`Store::apply_effects`] would commit for it (signal,
+    /// activity entry, final status). Such rows must be leased by `lease`: they are inserted
+    /// held, then finished under that lease, so one transaction writes a delivery and its outcome
+    /// instead of two. `outcomes` is parallel to `batch` (or empty); each new row with an
+    /// outcome gets its `Applied`. A duplicate's outcome is dropped (the unique index decides,
+    /// as ever). Backends that do not [`finish at insert`](Store::finishes_at_insert) ignore
+    /// `outcomes`.
+    pub async fn insert_and_finish(
+        &self,
+        batch: &[&NewDelivery],
+        lease: Option<InsertLease<'_>>,
+        mut outcomes: Vec<Option<Effect>>,
+    ) -> Result<Vec<(Stored, Option<Applied>)>> {
         let leased = |i: usize| -> (Option<&str>, Option<i64>, i32) {
             match &lease {
                 Some(l) if l.rows.get(i).copied().unwrap_or(false) => {
@@ -655,18 +685,25 @@ impl Store {
         let p = match (&self.pool, &self.sqlite) {
             (Pool::Postgres(p), _) => p,
             (Pool::Sqlite(_), Some(w)) => {
+                outcomes.resize_with(batch.len(), || None);
                 let rows = batch
                     .iter()
+                    .zip(outcomes)
                     .enumerate()
-                    .map(|(i, d)| {
+                    .map(|(i, (d, outcome))| {
                         let (owner, until, _) = leased(i);
+                        let lease = owner.zip(until).map(|(o, u)| (o.to_string(), u));
                         sqlite_writer::InsertRow {
+                            finish: outcome
+                                .filter(|_| lease.is_some())
+                                .map(|e| sqlite_writer::ApplyItem::for_new(d, e)),
                             // The writer thread needs the columns, not the receiver's parse.
                             d: NewDelivery {
                                 parsed: Parsed::default(),
+                                outcome: None,
                                 ..(*d).clone()
                             },
-                            lease: owner.zip(until).map(|(o, u)| (o.to_string(), u)),
+                            lease,
                         }
                     })
                     .collect();
@@ -728,7 +765,7 @@ impl Store {
             if inserted.contains(&d.id) {
                 // Leased rows go to a local worker: nobody else needs waking for them.
                 any_pending |= d.status == DeliveryStatus::Pending && leased(i).0.is_none();
-                out.push(Stored::New(d.id.clone()));
+                out.push((Stored::New(d.id.clone()), None));
             } else {
                 let existing: String = sqlx::query_scalar(
                     "SELECT id FROM deliveries WHERE dedupe_scope = $1 AND dedupe_key = $2",
@@ -737,7 +774,7 @@ impl Store {
                 .bind(&d.dedupe_key)
                 .fetch_one(&mut *conn)
                 .await?;
-                out.push(Stored::Duplicate(existing));
+                out.push((Stored::Duplicate(existing), None));
             }
         }
         if any_pending {

@@ -241,6 +241,10 @@ pub struct NewDelivery {
     pub received_at: i64,
     /// The receiver's parse of `body`, for a local worker (see [`Parsed`]).
     pub parsed: Parsed,
+    /// The delivery's outcome, when its receiver could decide it without any I/O (the source's
+    /// worker step would call no API). The inbox commits it in the same transaction as the row
+    /// (see `Store::insert_and_finish`), so no worker runs for it. Never stored as such.
+    pub outcome: Option<crate::protocol::Effect>,
 }
 
 /// A delivery as listed by the API (no body).

@@ -185,6 +185,8 @@ impl std::fmt::Debug for SqliteWriter {
 pub(super) struct InsertRow {
     pub d: NewDelivery,
     pub lease: Option<(String, i64)>,
+    /// The outcome to commit with the row when it is new (the row must be leased).
+    pub finish: Option<ApplyItem>,
 }
 
 /// One claimed delivery's outcome to commit.
@@ -203,18 +205,33 @@ pub(super) struct ApplyItem {
 impl ApplyItem {
     /// The item for `d` and its effect, with its JSON serialised on the calling thread.
     pub fn new(d: &ClaimedDelivery, effect: Effect) -> ApplyItem {
+        Self::of(&d.id, &d.workspace_id, &d.integration_id, &d.source, effect)
+    }
+
+    /// The item for a delivery not stored yet, finished in its insert's transaction.
+    pub fn for_new(d: &NewDelivery, effect: Effect) -> ApplyItem {
+        Self::of(&d.id, &d.workspace_id, &d.integration_id, &d.source, effect)
+    }
+
+    fn of(
+        id: &str,
+        workspace_id: &Option<String>,
+        integration_id: &Option<String>,
+        source: &str,
+        effect: Effect,
+    ) -> ApplyItem {
         let upsert_json = match &effect {
             Effect::Upsert { signal, .. } => Some((
                 json_text(&signal.metadata),
-                finish::created_metadata(&d.source, &d.id, signal),
+                finish::created_metadata(source, id, signal),
             )),
             _ => None,
         };
         ApplyItem {
-            id: d.id.clone(),
-            workspace_id: d.workspace_id.clone(),
-            integration_id: d.integration_id.clone(),
-            source: d.source.clone(),
+            id: id.to_string(),
+            workspace_id: workspace_id.clone(),
+            integration_id: integration_id.clone(),
+            source: source.to_string(),
             effect,
             upsert_json,
         }
@@ -309,8 +326,12 @@ impl SqliteWriter {
         }
     }
 
-    /// Inserts an inbox batch in one transaction (see `Store::insert_deliveries`).
-    pub async fn insert_deliveries(&self, rows: Vec<InsertRow>) -> Result<Vec<Stored>, StoreError> {
+    /// Inserts an inbox batch, and the outcomes of its new rows that carry one, in one
+    /// transaction (see `Store::insert_and_finish`).
+    pub async fn insert_deliveries(
+        &self,
+        rows: Vec<InsertRow>,
+    ) -> Result<Vec<(Stored, Option<Applied>)>, StoreError> {
         self.run(move |conn| insert_deliveries(conn, &rows)).await
     }
 
@@ -496,8 +517,15 @@ impl Failed {
     }
 }
 
-fn insert_deliveries(conn: &Connection, rows: &[InsertRow]) -> rusqlite::Result<Vec<Stored>> {
+fn insert_deliveries(
+    conn: &Connection,
+    rows: &[InsertRow],
+) -> rusqlite::Result<Vec<(Stored, Option<Applied>)>> {
     let mut out = Vec::with_capacity(rows.len());
+    // New rows to finish now (their index in `out`, the outcome), and their lease holder: all
+    // leased rows of a batch share one, the local hand-off owner.
+    let mut to_finish: Vec<(usize, &ApplyItem)> = Vec::new();
+    let mut holder = None;
     {
         let mut insert = conn.prepare_cached(
             "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, \
@@ -510,7 +538,7 @@ fn insert_deliveries(conn: &Connection, rows: &[InsertRow]) -> rusqlite::Result<
         let mut existing = conn.prepare_cached(
             "SELECT id FROM deliveries WHERE dedupe_scope = ?1 AND dedupe_key = ?2",
         )?;
-        for InsertRow { d, lease } in rows {
+        for InsertRow { d, lease, finish } in rows {
             let (owner, until) = match lease {
                 Some((o, u)) => (Some(o.as_str()), Some(*u)),
                 None => (None, None),
@@ -534,12 +562,23 @@ fn insert_deliveries(conn: &Connection, rows: &[InsertRow]) -> rusqlite::Result<
                 until,
             ])?;
             if n == 1 {
-                out.push(Stored::New(d.id.clone()));
+                if let (Some(item), Some(owner)) = (finish, owner) {
+                    to_finish.push((out.len(), item));
+                    holder = Some(owner);
+                }
+                out.push((Stored::New(d.id.clone()), None));
             } else {
                 let id: String =
                     existing.query_row(params![d.dedupe_scope, d.dedupe_key], |r| r.get(0))?;
-                out.push(Stored::Duplicate(id));
+                out.push((Stored::Duplicate(id), None));
             }
+        }
+    }
+    // In insert order, so that an edit finishes after the message it edits.
+    if let Some(owner) = holder {
+        let applied = apply(conn, owner, to_finish.iter().map(|(_, item)| *item))?;
+        for ((i, _), a) in to_finish.iter().zip(applied) {
+            out[*i].1 = Some(a);
         }
     }
     Ok(out)
@@ -581,10 +620,14 @@ fn claim(
     Ok(rows)
 }
 
-fn apply(conn: &Connection, owner: &str, items: &[ApplyItem]) -> rusqlite::Result<Vec<Applied>> {
+fn apply<'a>(
+    conn: &Connection,
+    owner: &str,
+    items: impl IntoIterator<Item = &'a ApplyItem>,
+) -> rusqlite::Result<Vec<Applied>> {
     let now = now_micros();
     let now_s = rfc3339(now);
-    let mut out = Vec::with_capacity(items.len());
+    let mut out = Vec::new();
     // Under SQLite's single write lock no lease changes while we hold it, so checking the lease
     // first is as good as fencing the final UPDATE.
     let mut held = conn.prepare_cached(

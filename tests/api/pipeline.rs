@@ -20,6 +20,8 @@ both_backends!(
     admin_api_requires_a_token,
     failing_deliveries_back_off_and_die,
     one_batch_applies_its_items_in_order,
+    an_outcome_decided_at_the_edge_commits_with_its_delivery,
+    an_outcome_that_cannot_commit_still_stores_its_delivery,
 );
 
 async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(b: Backend) {
@@ -495,4 +497,129 @@ async fn one_batch_applies_its_items_in_order(b: Backend) {
         4
     );
     app.stop().await;
+}
+
+/// A generic delivery's signal needs no I/O to decide: on SQLite the receiver's outcome commits
+/// in the inbox transaction, so the signal exists when the 200 arrives; on PostgreSQL a worker
+/// commits it moments later. Either way: one signal, the delivery processed on its first
+/// attempt, counted once, and a re-send is a duplicate that changes nothing.
+async fn an_outcome_decided_at_the_edge_commits_with_its_delivery(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    let body = json!({"verbatim": "Export is slow", "source_ref": "t-1"});
+    let (st, v) = app.send_generic(&key, &secret, "edge-1", &body).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    if b == Backend::Sqlite {
+        // No waiting: committed with the row.
+        let signals = app.signals(&ws).await;
+        assert_eq!(signals.len(), 1, "{signals:?}");
+        assert_eq!(signals[0]["verbatim"], "Export is slow");
+    }
+    app.drain().await;
+    wait_for("the signal", || async { app.signals(&ws).await.len() == 1 }).await;
+    let d = delivery_by_key(&app, "edge-1").await;
+    assert_eq!(d["status"], "processed", "{d}");
+    assert_eq!(d["attempts"], 1, "{d}");
+    assert_eq!(d["signal_id"], app.signals(&ws).await[0]["id"], "{d}");
+    let (st, v) = app.send_generic(&key, &secret, "edge-1", &body).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["duplicate"], true, "{v}");
+    app.drain().await;
+    assert_eq!(app.signals(&ws).await.len(), 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 1);
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("signalbox_deliveries_total{source=\"webhook\",outcome=\"processed\"} 1"),
+        "{metrics}"
+    );
+    app.stop().await;
+}
+
+/// If a receiver's outcome cannot be committed (here a trigger refuses one signal), the inbox
+/// stores the batch without outcomes: both senders get their 200, the other delivery of the
+/// same moment still becomes its signal, and the refused one waits, stored, for a worker to
+/// retry it with the error on record.
+async fn an_outcome_that_cannot_commit_still_stores_its_delivery(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("max_attempts", "2");
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    let refuse = match b {
+        Backend::Sqlite => {
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON signals WHEN NEW.verbatim = 'boom' \
+             BEGIN SELECT RAISE(ABORT, 'boom refused'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION refuse_boom() RETURNS trigger AS $$ BEGIN \
+             IF NEW.verbatim = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER refuse_boom BEFORE INSERT ON signals FOR EACH ROW \
+             EXECUTE FUNCTION refuse_boom();"
+        }
+    };
+    match app.state.store.pool() {
+        signalbox::store::Pool::Sqlite(p) => {
+            sqlx::raw_sql(refuse).execute(p).await.unwrap();
+        }
+        signalbox::store::Pool::Postgres(p) => {
+            sqlx::raw_sql(refuse).execute(p).await.unwrap();
+        }
+    }
+    let boom = json!({"verbatim": "boom", "source_ref": "b"});
+    let fine = json!({"verbatim": "fine", "source_ref": "f"});
+    let (a, c) = tokio::join!(
+        app.send_generic(&key, &secret, "boom-1", &boom),
+        app.send_generic(&key, &secret, "fine-1", &fine),
+    );
+    assert_eq!(a.0, StatusCode::OK, "{}", a.1);
+    assert_eq!(c.0, StatusCode::OK, "{}", c.1);
+    wait_for("the fine signal", || async {
+        app.signals(&ws).await.len() == 1
+    })
+    .await;
+    assert_eq!(app.signals(&ws).await[0]["verbatim"], "fine");
+    wait_for("the refused delivery to be retried and die", || async {
+        delivery_by_key(&app, "boom-1").await["status"] == "dead"
+    })
+    .await;
+    let d = delivery_by_key(&app, "boom-1").await;
+    assert!(
+        d["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("boom refused"),
+        "{d}"
+    );
+    assert_eq!(app.signals(&ws).await.len(), 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 2);
+    app.stop().await;
+}
+
+/// The delivery with this dedupe key, as the API lists it.
+async fn delivery_by_key(app: &TestApp, key: &str) -> serde_json::Value {
+    let (st, v) = app.api("GET", "/api/v1/deliveries?limit=500", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["dedupe_key"] == key)
+        .cloned()
+        .unwrap_or_else(|| panic!("no delivery {key} in {v}"))
 }
