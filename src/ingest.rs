@@ -119,7 +119,7 @@ impl Inbox {
         handoff: Option<Handoff>,
     ) -> (Inbox, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
-        let takes_outcomes = handoff.is_some() && store.finishes_at_insert();
+        let takes_outcomes = handoff.is_some();
         let w = Writer {
             store,
             batch_max,
@@ -131,9 +131,10 @@ impl Inbox {
         (Inbox { tx, takes_outcomes }, handle)
     }
 
-    /// Whether a receiver's outcome ([`NewDelivery::outcome`]) is committed with its row: on a
-    /// backend that can (SQLite) in a node with local workers. Otherwise receivers need not
-    /// decide one (the inbox would drop it and a worker decide again).
+    /// Whether a receiver's outcome ([`NewDelivery::outcome`]) may be committed with its row:
+    /// in a node with local workers (their hand-off lease covers the row while it finishes).
+    /// Otherwise receivers need not decide one (the inbox would drop it and a worker decide
+    /// again). Which outcomes a backend takes: `Store::finishes_at_insert`.
     pub fn takes_outcomes(&self) -> bool {
         self.takes_outcomes
     }
@@ -158,34 +159,50 @@ struct Writer {
 }
 
 async fn writer(w: Writer, mut rx: mpsc::Receiver<(NewDelivery, Reply)>, stop: CancellationToken) {
+    use futures::StreamExt;
     let batch_max = w.batch_max;
+    // Batches committing at once (see `Store::inbox_concurrency`): while one waits for its
+    // commit, the next is already on its way.
+    let max_inflight = w.store.inbox_concurrency().max(1);
+    let mut inflight = futures::stream::FuturesUnordered::new();
     let mut batch: Vec<(NewDelivery, Reply)> = Vec::with_capacity(batch_max);
+    let mut stopping = false;
     loop {
+        if inflight.len() >= max_inflight {
+            inflight.next().await;
+            continue;
+        }
         let n = tokio::select! {
             biased;
+            Some(()) = inflight.next(), if !inflight.is_empty() => continue,
             n = rx.recv_many(&mut batch, batch_max) => n,
-            _ = stop.cancelled() => {
+            _ = stop.cancelled(), if !stopping => {
                 // Refuse new work, then commit whatever is still queued.
+                stopping = true;
                 rx.close();
-                rx.recv_many(&mut batch, batch_max).await
+                continue;
             }
         };
         if n == 0 {
             break; // closed and drained
         }
-        commit_batch(&w, &mut batch).await;
+        let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_max));
+        inflight.push(commit_batch(&w, full));
     }
+    while inflight.next().await.is_some() {}
 }
 
-async fn commit_batch(w: &Writer, batch: &mut Vec<(NewDelivery, Reply)>) {
+async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
     let started = Instant::now();
     let n = batch.len();
     // Outcomes the receivers decided are committed with their rows, leased to the hand-off
     // owner for the length of that transaction (with local workers on a backend that can).
-    let finish = w.handoff.is_some() && w.store.finishes_at_insert();
     let mut outcomes: Vec<Option<Effect>> = batch
         .iter_mut()
-        .map(|(d, _)| d.outcome.take().filter(|_| finish))
+        .map(|(d, _)| {
+            let o = d.outcome.take();
+            o.filter(|e| w.handoff.is_some() && w.store.finishes_at_insert(e))
+        })
         .collect();
     // Take places in the hand-off budget for the other pending deliveries (as many as are free).
     let mut handing = vec![false; n];

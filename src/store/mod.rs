@@ -654,10 +654,19 @@ impl Store {
         Ok(out.into_iter().map(|(stored, _)| stored).collect())
     }
 
-    /// Whether [`Store::insert_and_finish`] commits outcomes with their rows on this backend
-    /// (SQLite; on PostgreSQL the inbox batch stays one autocommit statement).
-    pub fn finishes_at_insert(&self) -> bool {
-        self.sqlite.is_some()
+    /// How many inbox batches may commit at once. SQLite: one (its writer thread already
+    /// merges whatever is queued into one transaction). PostgreSQL: a few, so that a batch's
+    /// round trips and commit overlap with the next batch's instead of the inbox waiting for
+    /// each in turn (PostgreSQL merges concurrent commits' WAL flushes itself).
+    pub fn inbox_concurrency(&self) -> usize {
+        if self.sqlite.is_some() { 1 } else { 3 }
+    }
+
+    /// Whether [`Store::insert_and_finish`] commits `effect` with its row: on SQLite every
+    /// effect; on PostgreSQL those whose final columns are known before the insert (a new
+    /// signal, a filter, a rejection), so that the row is written once.
+    pub fn finishes_at_insert(&self, effect: &Effect) -> bool {
+        self.sqlite.is_some() || pg_finishes_at_insert(effect)
     }
 
     /// [`Store::insert_deliveries`], and in the same transaction, for every *new* row whose
@@ -711,77 +720,45 @@ impl Store {
             }
             (Pool::Sqlite(_), None) => return Err(no_writer()),
         };
-        // PostgreSQL: one statement for the whole batch, of the same shape whatever its size
-        // (arrays through UNNEST), so it is prepared once and planned once. Rows the unique index
-        // refused are duplicates.
-        let n = batch.len();
-        let mut cols = PgDeliveryColumns::with_capacity(n);
-        for (i, d) in batch.iter().enumerate() {
-            let (owner, until, attempts) = leased(i);
-            cols.push(d, owner, until, attempts);
+        // PostgreSQL. Outcomes it can write with the row are decided first (final columns,
+        // signal id, activity entry); see `finishes_at_insert`.
+        outcomes.resize_with(batch.len(), || None);
+        let now = now_micros();
+        let finishes: Vec<Option<PgFinish>> = batch
+            .iter()
+            .zip(outcomes)
+            .enumerate()
+            .map(|(i, (d, o))| {
+                let e = o.filter(|e| leased(i).0.is_some() && pg_finishes_at_insert(e))?;
+                let (finish, entry, signal_id) = match &e {
+                    Effect::Upsert { signal, .. } => {
+                        let sid = new_id(prefix::SIGNAL);
+                        let meta = finish::created_metadata(&d.source, &d.id, signal);
+                        let (f, entry) = Finish::created(sid.clone(), meta);
+                        (f, entry, Some(sid))
+                    }
+                    Effect::Filter { reason } => (Finish::filtered(reason.as_str()), None, None),
+                    Effect::Reject { reason } => (Finish::failed(reason.as_str()), None, None),
+                    _ => return None,
+                };
+                Some(PgFinish {
+                    effect: e,
+                    finish,
+                    entry,
+                    signal_id,
+                })
+            })
+            .collect();
+        if finishes.iter().all(Option::is_none) {
+            // No BEGIN/COMMIT: one statement is atomic on its own, and the two extra round trips
+            // were a third of the inbox commit's time (the ack waits for it). What follows only
+            // reads committed rows or sends a wake-up.
+            let mut conn = p.acquire().await?;
+            return insert_deliveries_pg(&mut conn, batch, &leased, &finishes, now).await;
         }
-        // No BEGIN/COMMIT around it: one statement is atomic on its own, and the two extra
-        // round trips were a third of the inbox commit's time (the ack waits for it). What follows
-        // only reads committed rows or sends a wake-up.
-        let mut conn = p.acquire().await?;
-        let inserted: std::collections::HashSet<String> = sqlx::query_scalar(
-            "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, source, \
-             dedupe_scope, dedupe_key, body, headers, status, attempts, next_attempt_at, \
-             filter_reason, received_at, processed_at, lease_owner, lease_expires_at) \
-             SELECT id, workspace_id, integration_id, webhook_key_id, source, dedupe_scope, \
-             dedupe_key, body, headers, status, attempts, received_at, filter_reason, \
-             received_at, processed_at, lease_owner, lease_expires_at \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-             $7::text[], $8::bytea[], $9::text[], $10::text[], $11::int4[], $12::text[], \
-             $13::int8[], $14::int8[], $15::text[], $16::int8[]) AS t(id, workspace_id, \
-             integration_id, webhook_key_id, source, dedupe_scope, dedupe_key, body, headers, \
-             status, attempts, filter_reason, received_at, processed_at, lease_owner, \
-             lease_expires_at) \
-             ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING RETURNING id",
-        )
-        .bind(cols.id)
-        .bind(cols.workspace_id)
-        .bind(cols.integration_id)
-        .bind(cols.webhook_key_id)
-        .bind(cols.source)
-        .bind(cols.dedupe_scope)
-        .bind(cols.dedupe_key)
-        .bind(cols.body)
-        .bind(cols.headers)
-        .bind(cols.status)
-        .bind(cols.attempts)
-        .bind(cols.filter_reason)
-        .bind(cols.received_at)
-        .bind(cols.processed_at)
-        .bind(cols.lease_owner)
-        .bind(cols.lease_expires_at)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .collect();
-        let mut out = Vec::with_capacity(batch.len());
-        let mut any_pending = false;
-        for (i, d) in batch.iter().enumerate() {
-            if inserted.contains(&d.id) {
-                // Leased rows go to a local worker: nobody else needs waking for them.
-                any_pending |= d.status == DeliveryStatus::Pending && leased(i).0.is_none();
-                out.push((Stored::New(d.id.clone()), None));
-            } else {
-                let existing: String = sqlx::query_scalar(
-                    "SELECT id FROM deliveries WHERE dedupe_scope = $1 AND dedupe_key = $2",
-                )
-                .bind(&d.dedupe_scope)
-                .bind(&d.dedupe_key)
-                .fetch_one(&mut *conn)
-                .await?;
-                out.push((Stored::Duplicate(existing), None));
-            }
-        }
-        if any_pending {
-            sqlx::query("SELECT pg_notify('signalbox_deliveries', '')")
-                .execute(&mut *conn)
-                .await?;
-        }
+        let mut tx = p.begin().await?;
+        let out = insert_deliveries_pg(&mut tx, batch, &leased, &finishes, now).await?;
+        tx.commit().await?;
         Ok(out)
     }
 
@@ -933,9 +910,29 @@ async fn apply_effects_pg(
     batch: &[(&ClaimedDelivery, &Effect)],
     fence: Fence,
 ) -> Result<Option<Vec<Applied>>> {
+    let mut tx = p.begin().await?;
+    match apply_effects_pg_in(&mut tx, owner, batch, fence).await? {
+        Some(out) => {
+            tx.commit().await?;
+            Ok(Some(out))
+        }
+        None => {
+            tx.rollback().await?;
+            Ok(None)
+        }
+    }
+}
+
+/// [`apply_effects_pg`] inside the caller's transaction; `None` means a lease was lost and the
+/// caller must roll back.
+async fn apply_effects_pg_in(
+    tx: &mut sqlx::PgConnection,
+    owner: &str,
+    batch: &[(&ClaimedDelivery, &Effect)],
+    fence: Fence,
+) -> Result<Option<Vec<Applied>>> {
     let now = now_micros();
     let now_s = rfc3339(now);
-    let mut tx = p.begin().await?;
     let ids: Vec<String> = batch.iter().map(|(d, _)| d.id.clone()).collect();
     let held: std::collections::HashSet<String> = match fence {
         Fence::AtTheEnd => ids.iter().cloned().collect(),
@@ -1191,11 +1188,9 @@ async fn apply_effects_pg(
         .rows_affected();
         if finished != expected {
             // Under Fence::LockFirst this cannot happen (the rows are locked and held).
-            tx.rollback().await?;
             return Ok(None);
         }
     }
-    tx.commit().await?;
     Ok(Some(out))
 }
 
@@ -1323,6 +1318,234 @@ impl Store {
     }
 }
 
+/// Which receiver outcomes the PostgreSQL inbox writes with their row: those whose final
+/// columns are known before the insert (a new signal, a filter, a rejection). Others (a
+/// deletion, a deactivation) depend on what is stored, and go through a worker.
+fn pg_finishes_at_insert(e: &Effect) -> bool {
+    matches!(
+        e,
+        Effect::Upsert { .. } | Effect::Filter { .. } | Effect::Reject { .. }
+    )
+}
+
+/// A receiver's outcome as the PostgreSQL inbox writes it with the row.
+struct PgFinish {
+    effect: Effect,
+    /// The row's final columns (for an upsert: as if the signal is new).
+    finish: Finish,
+    entry: Option<finish::Entry>,
+    /// The new signal's id, for an upsert.
+    signal_id: Option<String>,
+}
+
+/// The PostgreSQL inbox batch on `c` (a transaction when `finishes` has any outcome): one
+/// statement for the whole batch, of the same shape whatever its size (arrays through UNNEST),
+/// so it is prepared once and planned once. Rows the unique index refused are duplicates.
+///
+/// A new row with a [`PgFinish`] is inserted already finished (one heap tuple and one set of
+/// index entries instead of a pending row and its update), then its new signal and activity
+/// entry are inserted. If the signal already existed (an edit, a re-sent message), the row is
+/// put back to pending under its lease and finished by the worker's own code
+/// ([`apply_effects_pg_in`]), which merges, in the same transaction.
+async fn insert_deliveries_pg<'l>(
+    c: &mut sqlx::PgConnection,
+    batch: &[&NewDelivery],
+    leased: &(dyn Fn(usize) -> (Option<&'l str>, Option<i64>, i32) + Sync),
+    finishes: &[Option<PgFinish>],
+    now: i64,
+) -> Result<Vec<(Stored, Option<Applied>)>> {
+    let n = batch.len();
+    let mut cols = PgDeliveryColumns::with_capacity(n);
+    for (i, (d, f)) in batch.iter().zip(finishes).enumerate() {
+        match f {
+            Some(f) => cols.push_finished(d, &f.finish, now),
+            None => {
+                let (owner, until, attempts) = leased(i);
+                cols.push(d, owner, until, attempts);
+            }
+        }
+    }
+    let inserted: std::collections::HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO deliveries (id, workspace_id, integration_id, webhook_key_id, source, \
+         dedupe_scope, dedupe_key, body, headers, status, attempts, next_attempt_at, \
+         filter_reason, received_at, processed_at, lease_owner, lease_expires_at, signal_id, \
+         last_error) \
+         SELECT id, workspace_id, integration_id, webhook_key_id, source, dedupe_scope, \
+         dedupe_key, body, headers, status, attempts, received_at, filter_reason, \
+         received_at, processed_at, lease_owner, lease_expires_at, signal_id, last_error \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+         $7::text[], $8::bytea[], $9::text[], $10::text[], $11::int4[], $12::text[], \
+         $13::int8[], $14::int8[], $15::text[], $16::int8[], $17::text[], $18::text[]) \
+         AS t(id, workspace_id, integration_id, webhook_key_id, source, dedupe_scope, \
+         dedupe_key, body, headers, status, attempts, filter_reason, received_at, \
+         processed_at, lease_owner, lease_expires_at, signal_id, last_error) \
+         ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING RETURNING id",
+    )
+    .bind(cols.id)
+    .bind(cols.workspace_id)
+    .bind(cols.integration_id)
+    .bind(cols.webhook_key_id)
+    .bind(cols.source)
+    .bind(cols.dedupe_scope)
+    .bind(cols.dedupe_key)
+    .bind(cols.body)
+    .bind(cols.headers)
+    .bind(cols.status)
+    .bind(cols.attempts)
+    .bind(cols.filter_reason)
+    .bind(cols.received_at)
+    .bind(cols.processed_at)
+    .bind(cols.lease_owner)
+    .bind(cols.lease_expires_at)
+    .bind(cols.signal_id)
+    .bind(cols.last_error)
+    .fetch_all(&mut *c)
+    .await?
+    .into_iter()
+    .collect();
+    let mut out = Vec::with_capacity(n);
+    let mut any_pending = false;
+    for (i, d) in batch.iter().enumerate() {
+        if inserted.contains(&d.id) {
+            // Leased rows go to a local worker: nobody else needs waking for them.
+            any_pending |= d.status == DeliveryStatus::Pending
+                && leased(i).0.is_none()
+                && finishes[i].is_none();
+            out.push((Stored::New(d.id.clone()), None));
+        } else {
+            let existing: String = sqlx::query_scalar(
+                "SELECT id FROM deliveries WHERE dedupe_scope = $1 AND dedupe_key = $2",
+            )
+            .bind(&d.dedupe_scope)
+            .bind(&d.dedupe_key)
+            .fetch_one(&mut *c)
+            .await?;
+            out.push((Stored::Duplicate(existing), None));
+        }
+    }
+    // The new rows' signals, in one statement, in batch order: where two rows make the same
+    // signal, the first inserts it and the second finds it existing (and merges, below).
+    let new_finished: Vec<bool> = out
+        .iter()
+        .zip(finishes)
+        .map(|((stored, _), f)| matches!(stored, Stored::New(_)) && f.is_some())
+        .collect();
+    let mut sig: [Vec<&str>; 6] = Default::default();
+    let mut sig_meta: Vec<String> = Vec::new();
+    for (i, (d, f)) in batch.iter().zip(finishes).enumerate() {
+        if let Some(PgFinish {
+            effect: Effect::Upsert { signal, .. },
+            signal_id: Some(sid),
+            ..
+        }) = f
+            && new_finished[i]
+        {
+            sig[0].push(sid);
+            sig[1].push(d.workspace_id.as_deref().unwrap_or_default());
+            sig[2].push(&signal.verbatim);
+            sig[3].push(&d.source);
+            sig[4].push(&signal.source_ref);
+            sig_meta.push(finish::json_text(&signal.metadata));
+        }
+    }
+    let created: std::collections::HashSet<String> = if sig[0].is_empty() {
+        Default::default()
+    } else {
+        let [c0, c1, c2, c3, c4, _] = sig;
+        sqlx::query_scalar(
+            "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
+             source_metadata, status, created_at, updated_at) \
+             SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
+             $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[]) WITH ORDINALITY AS t(id, workspace_id, verbatim, source, source_ref, \
+             source_metadata, n) ORDER BY n \
+             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
+        )
+        .bind(c0)
+        .bind(c1)
+        .bind(c2)
+        .bind(c3)
+        .bind(c4)
+        .bind(sig_meta)
+        .bind(now)
+        .fetch_all(&mut *c)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    // Rows whose signal existed: back to pending under their lease, finished as a worker would.
+    let mut acts: Vec<[Option<String>; 7]> = Vec::new();
+    let mut merge: Vec<usize> = Vec::new();
+    for (i, (d, f)) in batch.iter().zip(finishes).enumerate() {
+        let Some(f) = f else { continue };
+        if !new_finished[i] {
+            continue;
+        }
+        if f.signal_id
+            .as_ref()
+            .is_some_and(|sid| !created.contains(sid))
+        {
+            merge.push(i);
+            continue;
+        }
+        if let Some(e) = &f.entry {
+            acts.push([
+                Some(new_id(prefix::ACTIVITY)),
+                Some(d.workspace_id.clone().unwrap_or_default()),
+                e.actor.clone(),
+                Some(e.action.to_string()),
+                Some(e.target_type.to_string()),
+                Some(e.target_id.clone()),
+                Some(e.metadata.clone()),
+            ]);
+        }
+        out[i].1 = Some(Applied::Done {
+            status: f.finish.status,
+            signal_id: f.finish.signal_id.clone(),
+            action: f.finish.action,
+        });
+    }
+    flush_activity(&mut *c, acts, now).await?;
+    if let Some(&first) = merge.first() {
+        let (Some(owner), Some(until), _) = leased(first) else {
+            return Err(StoreError::Writer("an outcome without a lease".into()));
+        };
+        let ids: Vec<&str> = merge.iter().map(|&i| batch[i].id.as_str()).collect();
+        sqlx::query(
+            "UPDATE deliveries SET status = 'pending', signal_id = NULL, processed_at = NULL, \
+             lease_owner = $2, lease_expires_at = $3 WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .bind(owner)
+        .bind(until)
+        .execute(&mut *c)
+        .await?;
+        let claimed: Vec<ClaimedDelivery> = merge
+            .iter()
+            .map(|&i| ClaimedDelivery::first_attempt_of(batch[i]))
+            .collect();
+        let pairs: Vec<(&ClaimedDelivery, &Effect)> = claimed
+            .iter()
+            .zip(&merge)
+            .filter_map(|(d, &i)| finishes[i].as_ref().map(|f| (d, &f.effect)))
+            .collect();
+        let applied = apply_effects_pg_in(c, owner, &pairs, Fence::AtTheEnd)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Writer("a row leased in this transaction was lost".into())
+            })?;
+        for (&i, a) in merge.iter().zip(applied) {
+            out[i].1 = Some(a);
+        }
+    }
+    if any_pending {
+        sqlx::query("SELECT pg_notify('signalbox_deliveries', '')")
+            .execute(&mut *c)
+            .await?;
+    }
+    Ok(out)
+}
+
 /// An inbox batch as one array per column (PostgreSQL `UNNEST`), borrowed from the batch.
 #[derive(Default)]
 struct PgDeliveryColumns<'a> {
@@ -1342,6 +1565,8 @@ struct PgDeliveryColumns<'a> {
     processed_at: Vec<Option<i64>>,
     lease_owner: Vec<Option<&'a str>>,
     lease_expires_at: Vec<Option<i64>>,
+    signal_id: Vec<Option<&'a str>>,
+    last_error: Vec<Option<&'a str>>,
 }
 
 impl<'a> PgDeliveryColumns<'a> {
@@ -1377,6 +1602,19 @@ impl<'a> PgDeliveryColumns<'a> {
             .push((d.status != DeliveryStatus::Pending).then_some(d.received_at));
         self.lease_owner.push(owner);
         self.lease_expires_at.push(until);
+        self.signal_id.push(None);
+        self.last_error.push(None);
+    }
+
+    /// A row inserted already finished with `f` (first attempt, processed at `now`).
+    fn push_finished(&mut self, d: &'a NewDelivery, f: &'a Finish, now: i64) {
+        self.push(d, None, None, 1);
+        let last = self.id.len() - 1;
+        self.status[last] = f.status.as_str();
+        self.filter_reason[last] = f.filter_reason.as_deref();
+        self.processed_at[last] = Some(now);
+        self.signal_id[last] = f.signal_id.as_deref();
+        self.last_error[last] = f.last_error.as_deref();
     }
 }
 

@@ -308,6 +308,23 @@ pub struct ClaimedDelivery {
 }
 
 impl ClaimedDelivery {
+    /// `d` as a claim would return it on its first attempt (for a row leased at insert).
+    pub fn first_attempt_of(d: &NewDelivery) -> ClaimedDelivery {
+        ClaimedDelivery {
+            id: d.id.clone(),
+            workspace_id: d.workspace_id.clone(),
+            integration_id: d.integration_id.clone(),
+            webhook_key_id: d.webhook_key_id.clone(),
+            source: d.source.clone(),
+            dedupe_key: d.dedupe_key.clone(),
+            body: d.body.clone(),
+            headers: d.headers.clone(),
+            attempts: 1,
+            received_at: d.received_at,
+            parsed: d.parsed.clone(),
+        }
+    }
+
     /// The receiver's parse of the body when it came with the delivery, else `parse(body)`
     /// (the function the receiver used, so both paths agree).
     pub fn parsed_or<T: Any + Send + Sync, E>(

@@ -22,6 +22,7 @@ both_backends!(
     one_batch_applies_its_items_in_order,
     an_outcome_decided_at_the_edge_commits_with_its_delivery,
     an_outcome_that_cannot_commit_still_stores_its_delivery,
+    an_inbox_batch_finishes_its_outcomes_in_order,
 );
 
 async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(b: Backend) {
@@ -622,4 +623,182 @@ async fn delivery_by_key(app: &TestApp, key: &str) -> serde_json::Value {
         .find(|d| d["dedupe_key"] == key)
         .cloned()
         .unwrap_or_else(|| panic!("no delivery {key} in {v}"))
+}
+
+/// `insert_and_finish` on both backends: a batch's outcomes act in batch order with the
+/// worker's rules (a create, then an edit of it, which PostgreSQL finishes through its merge
+/// path), a duplicate's outcome is dropped, filters and rejections are final at once, a row
+/// without an outcome stays pending, and nothing stays leased.
+async fn an_inbox_batch_finishes_its_outcomes_in_order(b: Backend) {
+    use signalbox::store::{InsertLease, NewDelivery, Parsed, Stored};
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("worker_concurrency", "0");
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let store = &app.state.store;
+    let row = |key: &str, outcome: Option<Effect>| NewDelivery {
+        id: signalbox::ids::new_id("dlv"),
+        workspace_id: Some(ws.clone()),
+        integration_id: None,
+        webhook_key_id: None,
+        source: "webhook".into(),
+        dedupe_scope: "scope".into(),
+        dedupe_key: key.into(),
+        body: bytes::Bytes::from_static(b"{}"),
+        headers: "{}".into(),
+        status: DeliveryStatus::Pending,
+        filter_reason: None,
+        received_at: signalbox::clock::now_micros(),
+        parsed: Parsed::default(),
+        outcome,
+    };
+    let upsert = |r: &str, v: &str, merge| Effect::Upsert {
+        signal: NewSignal {
+            source_ref: r.into(),
+            verbatim: v.into(),
+            metadata: json!({"k": v}),
+        },
+        merge,
+    };
+    let until = signalbox::clock::now_micros() + 30_000_000;
+    // (new?, (status, action) of the outcome committed with it)
+    type Summary = Vec<(bool, Option<(DeliveryStatus, Option<&'static str>)>)>;
+    let summary = |out: &[(Stored, Option<Applied>)]| -> Summary {
+        out.iter()
+            .map(|(s, a)| {
+                (
+                    matches!(s, Stored::New(_)),
+                    a.as_ref().map(|a| match a {
+                        Applied::Done { status, action, .. } => (*status, *action),
+                        Applied::LeaseLost => panic!("lease lost in {out:?}"),
+                    }),
+                )
+            })
+            .collect()
+    };
+    // A signal that exists before the batch.
+    let first = [row("w", None)];
+    let first_refs: Vec<&NewDelivery> = first.iter().collect();
+    let out = store
+        .insert_and_finish(
+            &first_refs,
+            Some(InsertLease {
+                owner: "inbox",
+                until,
+                rows: &[true],
+            }),
+            vec![Some(upsert("W", "old", Merge::Keep))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        summary(&out),
+        vec![(
+            true,
+            Some((DeliveryStatus::Processed, Some("signal.created")))
+        )]
+    );
+    let outcomes = vec![
+        Some(upsert("X", "first", Merge::Keep)),
+        Some(upsert("X", "edited", Merge::Edit)),
+        Some(upsert("X", "re-sent copy", Merge::Edit)), // a duplicate delivery
+        Some(Effect::filter("from a bot")),
+        Some(Effect::reject("not a message")),
+        None,
+        Some(upsert("W", "old", Merge::Keep)), // the same signal again: nothing changes
+    ];
+    let rows = [
+        row("x1", None),
+        row("x2", None),
+        row("x1", None),
+        row("f", None),
+        row("r", None),
+        row("p", None),
+        row("w2", None),
+    ];
+    let refs: Vec<&NewDelivery> = rows.iter().collect();
+    let leased = [true, true, true, true, true, false, true];
+    let out = store
+        .insert_and_finish(
+            &refs,
+            Some(InsertLease {
+                owner: "inbox",
+                until,
+                rows: &leased,
+            }),
+            outcomes,
+        )
+        .await
+        .unwrap();
+    use DeliveryStatus::*;
+    assert_eq!(
+        summary(&out),
+        vec![
+            (true, Some((Processed, Some("signal.created")))),
+            (true, Some((Processed, Some("signal.updated")))),
+            (false, None),
+            (true, Some((Filtered, None))),
+            (true, Some((Failed, None))),
+            (true, None),
+            (true, Some((Processed, None))),
+        ]
+    );
+    assert!(matches!(&out[2].0, Stored::Duplicate(id) if *id == rows[0].id));
+    let signals = app.signals(&ws).await;
+    assert_eq!(signals.len(), 2, "{signals:?}");
+    let x = signals.iter().find(|s| s["source_ref"] == "X").unwrap();
+    assert_eq!(x["verbatim"], "edited");
+    let w = signals.iter().find(|s| s["source_ref"] == "W").unwrap();
+    assert_eq!(w["verbatim"], "old");
+    for (key, status) in [
+        ("x1", "processed"),
+        ("x2", "processed"),
+        ("f", "filtered"),
+        ("r", "failed"),
+        ("p", "pending"),
+        ("w2", "processed"),
+    ] {
+        let d = delivery_by_key(&app, key).await;
+        assert_eq!(d["status"], status, "{d}");
+        if status != "pending" {
+            assert_eq!(d["attempts"], 1, "{d}");
+            assert!(d["processed_at"].is_string(), "{d}");
+        }
+    }
+    assert_eq!(delivery_by_key(&app, "x2").await["signal_id"], x["id"]);
+    assert_eq!(delivery_by_key(&app, "w2").await["signal_id"], w["id"]);
+    assert_eq!(
+        delivery_by_key(&app, "f").await["filter_reason"],
+        "from a bot"
+    );
+    assert_eq!(
+        delivery_by_key(&app, "r").await["last_error"],
+        "not a message"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE lease_owner IS NOT NULL")
+            .await,
+        0
+    );
+    for (sql, n) in [
+        (
+            "SELECT COUNT(*) FROM activity_logs WHERE action = 'signal.created'",
+            2,
+        ),
+        (
+            "SELECT COUNT(*) FROM activity_logs WHERE action = 'signal.updated'",
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM activity_logs WHERE action LIKE 'signal.%'",
+            3,
+        ),
+    ] {
+        assert_eq!(app.count(sql).await, n, "{sql}");
+    }
+    app.stop().await;
 }
