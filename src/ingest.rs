@@ -254,10 +254,14 @@ async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
             .store
             .insert_and_finish(&rows, lease(&leased), std::mem::take(&mut outcomes))
             .await;
-        if let Err(e) = &r {
-            // A receiver's outcome failed to commit with its row (it never should): store the
-            // batch without outcomes, so that nothing is lost and nobody gets a 503 for it. The
-            // workers claim those deliveries and decide them again (and retry as usual).
+        if let Err(e) = &r
+            && e.is_refused_statement()
+        {
+            // The database refused an outcome (a constraint or trigger on signals, a deadlock
+            // between concurrent batches): store the batch without outcomes, so that nothing is
+            // lost and nobody gets a 503 for it. The workers claim those deliveries and decide
+            // them again (and retry as usual). An unreachable or busy database is a 503 as
+            // before: trying again at once would only make the sender wait longer.
             tracing::warn!(error = %short_store_error(e), n,
                 "committing outcomes with the inbox batch failed; storing it without them");
             w.store

@@ -329,9 +329,10 @@ fn decide(integ: &IntegrationRef, env: &Envelope) -> Decision {
     Decision::Enrich(settings)
 }
 
-/// The outcome the receiver can commit with the delivery: the worker step's, when it needs no
-/// I/O (no enrichment) and no follow-up (a deactivation refreshes the credential cache after
-/// its commit, which the worker does).
+/// The outcome the receiver can pass to the inbox: the worker step's, when it needs no I/O (no
+/// enrichment) and no follow-up (a deactivation refreshes the credential cache after its
+/// commit, which the worker does). The inbox commits only some kinds with the row
+/// (`Store::finishes_at_insert`: not a deletion, which must not overtake its message).
 fn outcome_at_the_edge(integ: &IntegrationRef, env: &Envelope) -> Option<Effect> {
     match decide(integ, env) {
         Decision::Done(Effect::DeactivateIntegration { .. }) | Decision::Enrich(_) => None,

@@ -57,6 +57,24 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when the database refused a statement (a constraint, a trigger, a deadlock), as
+    /// opposed to being unreachable, busy, out of space or out of connections: retrying the
+    /// same work another way can then succeed.
+    pub fn is_refused_statement(&self) -> bool {
+        match self {
+            StoreError::Conflict => true,
+            StoreError::Db(sqlx::Error::Database(_)) => true,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => matches!(
+                f.code,
+                rusqlite::ErrorCode::ConstraintViolation
+                    | rusqlite::ErrorCode::TypeMismatch
+                    | rusqlite::ErrorCode::TooBig
+                    | rusqlite::ErrorCode::Unknown
+            ),
+            _ => false,
+        }
+    }
+
     fn from_sqlx(e: sqlx::Error) -> Self {
         if let sqlx::Error::Database(db) = &e
             && db.is_unique_violation()
@@ -662,11 +680,14 @@ impl Store {
         if self.sqlite.is_some() { 1 } else { 3 }
     }
 
-    /// Whether [`Store::insert_and_finish`] commits `effect` with its row: on SQLite every
-    /// effect; on PostgreSQL those whose final columns are known before the insert (a new
-    /// signal, a filter, a rejection), so that the row is written once.
+    /// Whether the inbox commits `effect` with its row ([`Store::insert_and_finish`]), on
+    /// either backend: a new or changed signal, a filter, a rejection — outcomes whose final
+    /// columns are known before the insert, so PostgreSQL writes the row once. A deletion (it
+    /// must not overtake the message it deletes, which may be waiting for enrichment in a
+    /// worker) and a deactivation (the worker refreshes the credential cache after it) go
+    /// through a worker.
     pub fn finishes_at_insert(&self, effect: &Effect) -> bool {
-        self.sqlite.is_some() || pg_finishes_at_insert(effect)
+        finishes_at_insert(effect)
     }
 
     /// [`Store::insert_deliveries`], and in the same transaction, for every *new* row whose
@@ -704,7 +725,7 @@ impl Store {
                         let lease = owner.zip(until).map(|(o, u)| (o.to_string(), u));
                         sqlite_writer::InsertRow {
                             finish: outcome
-                                .filter(|_| lease.is_some())
+                                .filter(|e| lease.is_some() && finishes_at_insert(e))
                                 .map(|e| sqlite_writer::ApplyItem::for_new(d, e)),
                             // The writer thread needs the columns, not the receiver's parse.
                             d: NewDelivery {
@@ -729,7 +750,7 @@ impl Store {
             .zip(outcomes)
             .enumerate()
             .map(|(i, (d, o))| {
-                let e = o.filter(|e| leased(i).0.is_some() && pg_finishes_at_insert(e))?;
+                let e = o.filter(|e| leased(i).0.is_some() && finishes_at_insert(e))?;
                 let (finish, entry, signal_id) = match &e {
                     Effect::Upsert { signal, .. } => {
                         let sid = new_id(prefix::SIGNAL);
@@ -1318,10 +1339,8 @@ impl Store {
     }
 }
 
-/// Which receiver outcomes the PostgreSQL inbox writes with their row: those whose final
-/// columns are known before the insert (a new signal, a filter, a rejection). Others (a
-/// deletion, a deactivation) depend on what is stored, and go through a worker.
-fn pg_finishes_at_insert(e: &Effect) -> bool {
+/// See [`Store::finishes_at_insert`].
+fn finishes_at_insert(e: &Effect) -> bool {
     matches!(
         e,
         Effect::Upsert { .. } | Effect::Filter { .. } | Effect::Reject { .. }
@@ -1376,9 +1395,10 @@ async fn insert_deliveries_pg<'l>(
          FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
          $7::text[], $8::bytea[], $9::text[], $10::text[], $11::int4[], $12::text[], \
          $13::int8[], $14::int8[], $15::text[], $16::int8[], $17::text[], $18::text[]) \
-         AS t(id, workspace_id, integration_id, webhook_key_id, source, dedupe_scope, \
-         dedupe_key, body, headers, status, attempts, filter_reason, received_at, \
-         processed_at, lease_owner, lease_expires_at, signal_id, last_error) \
+         WITH ORDINALITY AS t(id, workspace_id, integration_id, webhook_key_id, source, \
+         dedupe_scope, dedupe_key, body, headers, status, attempts, filter_reason, \
+         received_at, processed_at, lease_owner, lease_expires_at, signal_id, last_error, n) \
+         ORDER BY dedupe_scope, dedupe_key, n \
          ON CONFLICT (dedupe_scope, dedupe_key) DO NOTHING RETURNING id",
     )
     .bind(cols.id)
@@ -1423,8 +1443,10 @@ async fn insert_deliveries_pg<'l>(
             out.push((Stored::Duplicate(existing), None));
         }
     }
-    // The new rows' signals, in one statement, in batch order: where two rows make the same
-    // signal, the first inserts it and the second finds it existing (and merges, below).
+    // The new rows' signals, in one statement: where two rows make the same signal, the first
+    // in batch order inserts it and the second finds it existing (and merges, below). Rows (here
+    // and in the insert above) go in key order, so that inbox batches committing at once take
+    // their unique-index locks in the same order and cannot deadlock on each other.
     let new_finished: Vec<bool> = out
         .iter()
         .zip(finishes)
@@ -1458,7 +1480,7 @@ async fn insert_deliveries_pg<'l>(
              SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
              $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
              $6::text[]) WITH ORDINALITY AS t(id, workspace_id, verbatim, source, source_ref, \
-             source_metadata, n) ORDER BY n \
+             source_metadata, n) ORDER BY workspace_id, source, source_ref, n \
              ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
         )
         .bind(c0)
