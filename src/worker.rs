@@ -178,6 +178,10 @@ async fn prepare(state: &AppState, owner: &str, d: &ClaimedDelivery) -> Option<E
 /// Processes a claimed batch: every delivery's effect is computed concurrently (sources may call
 /// APIs), then all effects commit in one transaction (group commit on the worker side).
 pub async fn handle_batch(state: &AppState, owner: &str, claimed: Vec<ClaimedDelivery>) {
+    Box::pin(handle_batch_inner(state, owner, claimed)).await
+}
+
+async fn handle_batch_inner(state: &AppState, owner: &str, claimed: Vec<ClaimedDelivery>) {
     let effects = futures::future::join_all(claimed.iter().map(|d| prepare(state, owner, d))).await;
     let ready: Vec<(&ClaimedDelivery, Effect)> = claimed
         .iter()
@@ -195,6 +199,15 @@ pub async fn handle_batch(state: &AppState, owner: &str, claimed: Vec<ClaimedDel
             tracing::trace!(n = done.len(), us, "apply");
             for (d, outcome) in done.iter().zip(applied) {
                 record(state, d, outcome).await;
+            }
+        }
+        Err(e) if done.len() > 1 && e.is_refused_statement() => {
+            // One delivery's outcome was refused (a constraint, a trigger) and its transaction
+            // took the whole batch with it: each delivery again on its own, so that only the
+            // one that fails is retried.
+            tracing::debug!(error = %e, n = done.len(), "a batch's outcomes were refused; applying them one by one");
+            for d in done {
+                handle_batch(state, owner, vec![d.clone()]).await;
             }
         }
         Err(e) => {

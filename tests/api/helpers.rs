@@ -85,6 +85,30 @@ pub async fn fresh_postgres_url() -> Option<String> {
     Some(format!("{base}/{name}"))
 }
 
+/// Drops the test database behind `url` (a finished test's; a failed test keeps its database
+/// for inspection).
+pub async fn drop_postgres_database(url: &str) {
+    let Some((_, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    if !name.starts_with("sbx_test_") {
+        return;
+    }
+    let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&postgres_admin_url())
+        .await
+    else {
+        return;
+    };
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&pool)
+    .await;
+    pool.close().await;
+}
+
 /// A fresh database URL for `backend` (and the temp dir holding it, for SQLite).
 pub async fn fresh_database(backend: Backend) -> Option<(String, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
@@ -177,7 +201,11 @@ pub async fn start(
 impl TestApp {
     /// Stops the app gracefully and waits for it.
     pub async fn stop(self) {
+        let (backend, url) = (self.backend, self.db_url.clone());
         self.stop_keep_dir().await;
+        if backend == Backend::Postgres {
+            drop_postgres_database(&url).await;
+        }
     }
 
     /// Stops the app and hands back its temp dir (so a restart can reuse a SQLite file).

@@ -23,6 +23,7 @@ both_backends!(
     an_outcome_decided_at_the_edge_commits_with_its_delivery,
     an_outcome_that_cannot_commit_still_stores_its_delivery,
     an_inbox_batch_finishes_its_outcomes_in_order,
+    a_refused_outcome_does_not_fail_its_batch_mates,
 );
 
 async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(b: Backend) {
@@ -561,27 +562,7 @@ async fn an_outcome_that_cannot_commit_still_stores_its_delivery(b: Backend) {
     };
     let ws = app.workspace("Acme").await;
     let (key, secret) = app.webhook_key(&ws).await;
-    let refuse = match b {
-        Backend::Sqlite => {
-            "CREATE TRIGGER refuse_boom BEFORE INSERT ON signals WHEN NEW.verbatim = 'boom' \
-             BEGIN SELECT RAISE(ABORT, 'boom refused'); END;"
-        }
-        Backend::Postgres => {
-            "CREATE FUNCTION refuse_boom() RETURNS trigger AS $$ BEGIN \
-             IF NEW.verbatim = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF; \
-             RETURN NEW; END $$ LANGUAGE plpgsql; \
-             CREATE TRIGGER refuse_boom BEFORE INSERT ON signals FOR EACH ROW \
-             EXECUTE FUNCTION refuse_boom();"
-        }
-    };
-    match app.state.store.pool() {
-        signalbox::store::Pool::Sqlite(p) => {
-            sqlx::raw_sql(refuse).execute(p).await.unwrap();
-        }
-        signalbox::store::Pool::Postgres(p) => {
-            sqlx::raw_sql(refuse).execute(p).await.unwrap();
-        }
-    }
+    refuse_boom_signals(&app).await;
     let boom = json!({"verbatim": "boom", "source_ref": "b"});
     let fine = json!({"verbatim": "fine", "source_ref": "f"});
     let (a, c) = tokio::join!(
@@ -800,5 +781,86 @@ async fn an_inbox_batch_finishes_its_outcomes_in_order(b: Backend) {
     ] {
         assert_eq!(app.count(sql).await, n, "{sql}");
     }
+    app.stop().await;
+}
+
+/// Installs a trigger that refuses any signal whose verbatim is `boom`.
+async fn refuse_boom_signals(app: &TestApp) {
+    let refuse = match app.backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON signals WHEN NEW.verbatim = 'boom' \
+             BEGIN SELECT RAISE(ABORT, 'boom refused'); END;"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION refuse_boom() RETURNS trigger AS $$ BEGIN \
+             IF NEW.verbatim = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER refuse_boom BEFORE INSERT ON signals FOR EACH ROW \
+             EXECUTE FUNCTION refuse_boom();"
+        }
+    };
+    match app.state.store.pool() {
+        signalbox::store::Pool::Sqlite(p) => {
+            sqlx::raw_sql(refuse).execute(p).await.unwrap();
+        }
+        signalbox::store::Pool::Postgres(p) => {
+            sqlx::raw_sql(refuse).execute(p).await.unwrap();
+        }
+    }
+}
+
+/// A worker batch commits in one transaction; when the database refuses one delivery's
+/// outcome, the others of its batch still commit and only that one is retried.
+async fn a_refused_outcome_does_not_fail_its_batch_mates(b: Backend) {
+    // No local workers: nothing is decided at the edge and the test drives the worker itself.
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("worker_concurrency", "0");
+    })
+    .await
+    else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    refuse_boom_signals(&app).await;
+    for (id, text) in [("a", "fine one"), ("boom", "boom"), ("c", "fine two")] {
+        let (st, v) = app
+            .send_generic(
+                &key,
+                &secret,
+                id,
+                &json!({"verbatim": text, "source_ref": id}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+    }
+    let claimed = app
+        .state
+        .store
+        .claim_deliveries("w", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    signalbox::worker::handle_batch(&app.state, "w", claimed).await;
+    let mut texts: Vec<String> = app
+        .signals(&ws)
+        .await
+        .iter()
+        .map(|s| s["verbatim"].as_str().unwrap().to_string())
+        .collect();
+    texts.sort();
+    assert_eq!(texts, ["fine one", "fine two"]);
+    assert_eq!(delivery_by_key(&app, "a").await["status"], "processed");
+    assert_eq!(delivery_by_key(&app, "c").await["status"], "processed");
+    let d = delivery_by_key(&app, "boom").await;
+    assert_eq!(d["status"], "pending", "{d}");
+    assert_eq!(d["attempts"], 1, "{d}");
+    assert!(
+        d["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("boom refused"),
+        "{d}"
+    );
     app.stop().await;
 }
