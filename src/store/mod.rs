@@ -675,9 +675,13 @@ impl Store {
     /// How many inbox batches may commit at once. SQLite: one (its writer thread already
     /// merges whatever is queued into one transaction). PostgreSQL: a few, so that a batch's
     /// round trips and commit overlap with the next batch's instead of the inbox waiting for
-    /// each in turn (PostgreSQL merges concurrent commits' WAL flushes itself).
+    /// each in turn (PostgreSQL merges concurrent commits' WAL flushes itself). At most a third
+    /// of the pool, so that workers and the API keep connections.
     pub fn inbox_concurrency(&self) -> usize {
-        if self.sqlite.is_some() { 1 } else { 3 }
+        match &self.pool {
+            Pool::Sqlite(_) => 1,
+            Pool::Postgres(p) => (p.options().get_max_connections() as usize / 3).clamp(1, 3),
+        }
     }
 
     /// Whether the inbox commits `effect` with its row ([`Store::insert_and_finish`]), on

@@ -144,7 +144,7 @@ pub fn test_config(db_url: &str, master_keys: &str) -> RawConfig {
         .set("retry_max_delay_secs", "1")
         .set("worker_concurrency", "2")
         .set("shutdown_timeout_secs", "5")
-        .set("db_max_connections", "5");
+        .set("db_max_connections", "9");
     raw
 }
 
