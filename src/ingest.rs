@@ -298,7 +298,7 @@ async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
                         applied,
                     );
                 } else if new && leased {
-                    handed.push(claimed(d));
+                    handed.push(ClaimedDelivery::first_attempt(d));
                 } else if new && d.status == DeliveryStatus::Pending {
                     others_pending = true;
                 }
@@ -337,23 +337,6 @@ async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
                 let _ = reply.send(Err(InboxError::Store(msg.clone())));
             }
         }
-    }
-}
-
-/// The in-memory delivery as a claim would have returned it (first attempt).
-fn claimed(d: NewDelivery) -> ClaimedDelivery {
-    ClaimedDelivery {
-        id: d.id,
-        workspace_id: d.workspace_id,
-        integration_id: d.integration_id,
-        webhook_key_id: d.webhook_key_id,
-        source: d.source,
-        dedupe_key: d.dedupe_key,
-        body: d.body,
-        headers: d.headers,
-        attempts: 1,
-        received_at: d.received_at,
-        parsed: d.parsed,
     }
 }
 

@@ -1013,25 +1013,7 @@ async fn apply_effects_pg_in(
             }
         }
         let [c0, c1, c2, c3, c4, c5] = cols;
-        let created: std::collections::HashSet<String> = sqlx::query_scalar(
-            "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
-             source_metadata, status, created_at, updated_at) \
-             SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
-             $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[]) AS t(id, workspace_id, verbatim, source, source_ref, source_metadata) \
-             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
-        )
-        .bind(c0)
-        .bind(c1)
-        .bind(c2)
-        .bind(c3)
-        .bind(c4)
-        .bind(c5)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        let created = insert_new_signals_pg(&mut *tx, [c0, c1, c2, c3, c4], c5, now).await?;
         for id in new_ids.iter_mut() {
             if id.as_ref().is_some_and(|id| !created.contains(id)) {
                 *id = None; // it existed already: merged below
@@ -1343,6 +1325,43 @@ impl Store {
     }
 }
 
+/// Inserts new signals in one statement (columns: id, workspace id, verbatim, source, source
+/// ref; then the metadata JSON), skipping those that exist; returns the ids it inserted. Rows
+/// go in key order (ties in the given order), so that concurrent transactions take the unique
+/// index's locks alike.
+async fn insert_new_signals_pg<T>(
+    c: &mut sqlx::PgConnection,
+    cols: [Vec<T>; 5],
+    metadata: Vec<String>,
+    now: i64,
+) -> Result<std::collections::HashSet<String>>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+    Vec<T>: for<'q> sqlx::Encode<'q, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send,
+{
+    let [c0, c1, c2, c3, c4] = cols;
+    Ok(sqlx::query_scalar(
+        "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
+         source_metadata, status, created_at, updated_at) \
+         SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
+         $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+         $6::text[]) WITH ORDINALITY AS t(id, workspace_id, verbatim, source, source_ref, \
+         source_metadata, n) ORDER BY workspace_id, source, source_ref, n \
+         ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
+    )
+    .bind(c0)
+    .bind(c1)
+    .bind(c2)
+    .bind(c3)
+    .bind(c4)
+    .bind(metadata)
+    .bind(now)
+    .fetch_all(&mut *c)
+    .await?
+    .into_iter()
+    .collect())
+}
+
 /// See [`Store::finishes_at_insert`].
 fn finishes_at_insert(e: &Effect) -> bool {
     matches!(
@@ -1456,7 +1475,7 @@ async fn insert_deliveries_pg<'l>(
         .zip(finishes)
         .map(|((stored, _), f)| matches!(stored, Stored::New(_)) && f.is_some())
         .collect();
-    let mut sig: [Vec<&str>; 6] = Default::default();
+    let mut sig: [Vec<&str>; 5] = Default::default();
     let mut sig_meta: Vec<String> = Vec::new();
     for (i, (d, f)) in batch.iter().zip(finishes).enumerate() {
         if let Some(PgFinish {
@@ -1477,27 +1496,7 @@ async fn insert_deliveries_pg<'l>(
     let created: std::collections::HashSet<String> = if sig[0].is_empty() {
         Default::default()
     } else {
-        let [c0, c1, c2, c3, c4, _] = sig;
-        sqlx::query_scalar(
-            "INSERT INTO signals (id, workspace_id, verbatim, source, source_ref, \
-             source_metadata, status, created_at, updated_at) \
-             SELECT id, workspace_id, verbatim, source, source_ref, source_metadata, 'new', \
-             $7, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[]) WITH ORDINALITY AS t(id, workspace_id, verbatim, source, source_ref, \
-             source_metadata, n) ORDER BY workspace_id, source, source_ref, n \
-             ON CONFLICT (workspace_id, source, source_ref) DO NOTHING RETURNING id",
-        )
-        .bind(c0)
-        .bind(c1)
-        .bind(c2)
-        .bind(c3)
-        .bind(c4)
-        .bind(sig_meta)
-        .bind(now)
-        .fetch_all(&mut *c)
-        .await?
-        .into_iter()
-        .collect()
+        insert_new_signals_pg(&mut *c, sig, sig_meta, now).await?
     };
     // Rows whose signal existed: back to pending under their lease, finished as a worker would.
     let mut acts: Vec<[Option<String>; 7]> = Vec::new();
@@ -1548,7 +1547,7 @@ async fn insert_deliveries_pg<'l>(
         .await?;
         let claimed: Vec<ClaimedDelivery> = merge
             .iter()
-            .map(|&i| ClaimedDelivery::first_attempt_of(batch[i]))
+            .map(|&i| ClaimedDelivery::first_attempt(batch[i].clone()))
             .collect();
         let pairs: Vec<(&ClaimedDelivery, &Effect)> = claimed
             .iter()

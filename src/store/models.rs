@@ -309,19 +309,19 @@ pub struct ClaimedDelivery {
 
 impl ClaimedDelivery {
     /// `d` as a claim would return it on its first attempt (for a row leased at insert).
-    pub fn first_attempt_of(d: &NewDelivery) -> ClaimedDelivery {
+    pub fn first_attempt(d: NewDelivery) -> ClaimedDelivery {
         ClaimedDelivery {
-            id: d.id.clone(),
-            workspace_id: d.workspace_id.clone(),
-            integration_id: d.integration_id.clone(),
-            webhook_key_id: d.webhook_key_id.clone(),
-            source: d.source.clone(),
-            dedupe_key: d.dedupe_key.clone(),
-            body: d.body.clone(),
-            headers: d.headers.clone(),
+            id: d.id,
+            workspace_id: d.workspace_id,
+            integration_id: d.integration_id,
+            webhook_key_id: d.webhook_key_id,
+            source: d.source,
+            dedupe_key: d.dedupe_key,
+            body: d.body,
+            headers: d.headers,
             attempts: 1,
             received_at: d.received_at,
-            parsed: d.parsed.clone(),
+            parsed: d.parsed,
         }
     }
 

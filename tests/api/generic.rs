@@ -206,15 +206,7 @@ async fn rejected_requests_write_nothing(b: Backend) {
     assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 0);
     assert_eq!(app.count("SELECT COUNT(*) FROM signals").await, 0);
     // Rejections are counted by reason.
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(
             "signalbox_rejections_total{source=\"webhook\",reason=\"stale_timestamp\"} 2"

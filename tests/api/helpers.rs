@@ -343,6 +343,18 @@ impl TestApp {
         .await;
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Signals of a workspace via the API.
     pub async fn signals(&self, ws: &str) -> Vec<Value> {
         let (st, v) = self

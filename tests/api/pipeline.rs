@@ -532,15 +532,7 @@ async fn an_outcome_decided_at_the_edge_commits_with_its_delivery(b: Backend) {
     app.drain().await;
     assert_eq!(app.signals(&ws).await.len(), 1);
     assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 1);
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("signalbox_deliveries_total{source=\"webhook\",outcome=\"processed\"} 1"),
         "{metrics}"

@@ -1061,15 +1061,7 @@ async fn rate_limited_lookups_are_retried_without_blocking(b: Backend) {
     let other = signal_by_ref(&app, &ws, "pylon-iss_2").await.unwrap();
     assert_eq!(other["verbatim"], "Not thin");
     assert_eq!(app.count("SELECT COUNT(*) FROM signals").await, 2);
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let line = metrics
         .lines()
         .find(|l| l.contains("api_calls") && l.contains("rate_limited"))

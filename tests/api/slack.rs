@@ -221,17 +221,6 @@ async fn get_integration(app: &TestApp, id: &Value) -> Value {
     v
 }
 
-async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(format!("{}/metrics", app.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn assert_rejected(res: (StatusCode, Value), status: StatusCode, code: &str, what: &str) {
     let (st, v) = res;
     assert_eq!(st, status, "{what}: {v}");
@@ -773,7 +762,7 @@ async fn retry_storm_makes_one_delivery_and_one_signal(b: Backend) {
         1
     );
     assert_eq!(activity(&app, &ws, "signal.created").await.len(), 2);
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert!(
         m.contains("signalbox_slack_retries_total{reason=\"http_timeout\"} 3"),
         "{m}"
@@ -1324,7 +1313,7 @@ async fn unknown_event_and_envelope_types_are_acknowledged_and_filtered(b: Backe
             .contains("brand_new_envelope")),
         "{d:#?}"
     );
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert!(
         m.contains("signalbox_slack_app_rate_limited_total 1"),
         "{m}"
@@ -1382,7 +1371,7 @@ async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
     // Within the tolerance it goes through.
     let (st, v) = send_bytes(&app, &url_for(&integ), secret, now() - 250, body, &[]).await;
     assert_eq!((st, v), (StatusCode::OK, json!({"ok": true})));
-    let m = metrics(&app).await;
+    let m = app.metrics().await;
     assert!(
         m.contains("signalbox_rejections_total{source=\"slack\",reason=\"stale_timestamp\"} 4"),
         "{m}"
