@@ -672,14 +672,15 @@ impl Store {
         Ok(out.into_iter().map(|(stored, _)| stored).collect())
     }
 
-    /// How many inbox batches may commit at once. SQLite: one (its writer thread already
-    /// merges whatever is queued into one transaction). PostgreSQL: a few, so that a batch's
+    /// How many inbox batches may commit at once. SQLite: three, so that the writer thread has
+    /// the next batch to commit while the previous one waits for its WAL fsync (batches queued
+    /// together share a transaction). PostgreSQL: a few, so that a batch's
     /// round trips and commit overlap with the next batch's instead of the inbox waiting for
     /// each in turn (PostgreSQL merges concurrent commits' WAL flushes itself). At most a third
     /// of the pool, so that workers and the API keep connections.
     pub fn inbox_concurrency(&self) -> usize {
         match &self.pool {
-            Pool::Sqlite(_) => 1,
+            Pool::Sqlite(_) => 3,
             Pool::Postgres(p) => (p.options().get_max_connections() as usize / 3).clamp(1, 3),
         }
     }
