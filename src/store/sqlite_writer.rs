@@ -14,7 +14,7 @@
 //!
 //! The SQL keeps to the text of the sqlx versions (`?N` placeholders instead of `$N`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -124,7 +124,7 @@ const WAL_BACKSTOP_PAGES: u32 = 4000;
 /// waiting for the database file's fsync, and every thousandth commit stalled. A passive
 /// checkpoint never blocks the writer (nor waits for it), so it can run on the other core. The
 /// returned sender is the writer's "I committed" signal; the thread ends when it is dropped.
-fn start_checkpointer(path: &Path) -> Result<Checkpointer, StoreError> {
+fn start_checkpointer(path: &Path, failed: Arc<AtomicBool>) -> Result<Checkpointer, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -148,7 +148,10 @@ fn start_checkpointer(path: &Path) -> Result<Checkpointer, StoreError> {
                         us = started.elapsed().as_micros() as u64,
                         "sqlite checkpoint"
                     ),
-                    Err(e) => tracing::debug!(error = %e, "sqlite checkpoint skipped"),
+                    Err(e) => {
+                        note_io_error(&e, &failed, "checkpointer");
+                        tracing::debug!(error = %e, "sqlite checkpoint skipped");
+                    }
                 }
                 // Let a few commits gather before the next pass.
                 std::thread::sleep(Duration::from_millis(25));
@@ -194,15 +197,43 @@ impl Durability {
 }
 
 /// Makes the WAL durable; the tests replace it to slow it down or make it fail.
-type SyncFn = Arc<dyn Fn(&Path) -> std::io::Result<()> + Send + Sync>;
+type SyncFn = Arc<dyn Fn(&std::fs::File) -> std::io::Result<()> + Send + Sync>;
 
-/// fsyncs the WAL file. It is opened for each pass so that the sync always reaches the file
-/// SQLite writes to, whatever happened to an earlier handle.
-fn sync_wal(wal: &Path) -> std::io::Result<()> {
+/// fsyncs the WAL file (fdatasync: a grown file's size is flushed with it).
+fn sync_wal(wal: &std::fs::File) -> std::io::Result<()> {
+    wal.sync_data()
+}
+
+/// Opens the WAL file of `conn`'s database for the sync thread, once: a descriptor opened
+/// later would not report a write-back error that another descriptor (the checkpointer's)
+/// had already seen, and SQLite keeps this file (it deletes it only when the last connection
+/// closes, after the sync thread has stopped).
+fn open_wal(conn: &Connection) -> Result<std::fs::File, StoreError> {
+    // A read makes sure the WAL exists; its name is the resolved database path + "-wal".
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))?;
+    let db = conn
+        .path()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| StoreError::Writer("SQLite group sync needs a database file".into()))?;
+    let wal = format!("{db}-wal");
     std::fs::OpenOptions::new()
         .write(true)
-        .open(wal)?
-        .sync_data()
+        .open(&wal)
+        .map_err(|e| StoreError::Writer(format!("cannot open the SQLite WAL {wal}: {e}")))
+}
+
+/// Records an I/O error of the writer or the checkpointer: after one, nothing written before
+/// it can be promised (see [`Syncer`]), so the writer stops taking writes.
+fn note_io_error(e: &rusqlite::Error, failed: &AtomicBool, whose: &str) {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::SystemIoFailure)
+        && !failed.swap(true, Ordering::AcqRel)
+    {
+        tracing::error!(
+            error = %e,
+            "I/O error in the SQLite {whose}; the writer stops taking writes until the process \
+             restarts"
+        );
+    }
 }
 
 /// The group-sync thread (`synchronous = full`, the default).
@@ -217,23 +248,31 @@ fn sync_wal(wal: &Path) -> std::io::Result<()> {
 /// commit, and every one before it in the file, survive an OS crash or a power loss (WAL
 /// recovery replays frames up to the last complete commit it finds; the checkpointer syncs the
 /// WAL before it copies frames into the database file, and the WAL is only restarted over
-/// frames already synced into it). So an answer promises exactly what `FULL` promised.
+/// frames already synced into it, with its new header synced first). So an answer promises
+/// what `FULL` promised, on storage with powersafe overwrite (SQLite's default on unix): under
+/// `NORMAL` SQLite does not pad the last frame of a commit to a sector boundary.
 ///
 /// One thing differs: other connections of this process can read a commit up to one fsync
 /// before it is durable. Nothing is acknowledged on the strength of such a read: the inbox
 /// answers a sender from this thread's answer, and a worker's outcome is written by a later
 /// cycle, which cannot survive a crash that the row it depends on does not.
 ///
-/// A failed fsync stops the writer for good (every later job fails; a restart recovers from
-/// what is on disk): after one, Linux may have dropped the dirty pages it could not write, and a
-/// later fsync that succeeds does not bring them back, so no later answer could be trusted.
+/// A failed fsync — or any I/O error the writer or the checkpointer sees — stops the writer for
+/// good (every later job fails; a restart recovers from what is on disk): after one, Linux may
+/// have dropped the dirty pages it could not write, and a later fsync that succeeds does not
+/// bring them back, so no later answer could be trusted. The WAL is opened once, before any
+/// commit, so that its descriptor sees every write-back error (see [`open_wal`]).
 struct Syncer {
     tx: mpsc::Sender<Vec<Box<dyn Job>>>,
     thread: std::thread::JoinHandle<()>,
 }
 
 impl Syncer {
-    fn start(wal: PathBuf, sync: SyncFn, failed: Arc<AtomicBool>) -> Result<Syncer, StoreError> {
+    fn start(
+        wal: std::fs::File,
+        sync: SyncFn,
+        failed: Arc<AtomicBool>,
+    ) -> Result<Syncer, StoreError> {
         let (tx, rx) = mpsc::channel::<Vec<Box<dyn Job>>>();
         let thread = std::thread::Builder::new()
             .name("sqlite-sync".into())
@@ -408,16 +447,12 @@ impl SqliteWriter {
             durability.pragma()
         ))?;
         conn.set_prepared_statement_cache_capacity(32);
-        let checkpoints = start_checkpointer(path)?;
         let failed: Arc<AtomicBool> = Default::default();
         let syncer = match durability {
-            Durability::GroupSync => {
-                let mut wal = path.as_os_str().to_owned();
-                wal.push("-wal");
-                Some(Syncer::start(PathBuf::from(wal), sync, failed.clone())?)
-            }
+            Durability::GroupSync => Some(Syncer::start(open_wal(&conn)?, sync, failed.clone())?),
             Durability::Sqlite(_) => None,
         };
+        let checkpoints = start_checkpointer(path, failed.clone())?;
         let (tx, rx) = mpsc::channel::<Msg>();
         let cycles: Arc<std::sync::atomic::AtomicU64> = Default::default();
         let counted = cycles.clone();
@@ -612,6 +647,9 @@ fn serve(
         let n = jobs.len();
         let outcome = run_cycle(&conn, &mut jobs);
         cycles.fetch_add(1, Ordering::Relaxed);
+        if let Err(f) = &outcome {
+            note_io_error(f.error(), &failed, "writer");
+        }
         match outcome {
             Ok(()) => {
                 // Full means a checkpoint is already due to run.
@@ -635,7 +673,10 @@ fn serve(
                     match alone {
                         Ok(()) => done.push(job),
                         // It wrote nothing: no need to wait for a sync to say so.
-                        Err(f) => job.answer(Err(f.error())),
+                        Err(f) => {
+                            note_io_error(f.error(), &failed, "writer");
+                            job.answer(Err(f.error()));
+                        }
                     }
                 }
                 if !done.is_empty() {
@@ -1109,37 +1150,74 @@ mod tests {
         w.close().await;
     }
 
-    /// A writer whose WAL syncs are counted and wait until the test lets each one finish.
-    fn writer_with_gated_sync() -> (
-        tempfile::TempDir,
-        SqliteWriter,
-        std::sync::mpsc::SyncSender<()>,
-        Arc<std::sync::atomic::AtomicU64>,
-    ) {
+    fn new_db() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("w.db");
         Connection::open(&path)
             .expect("open")
             .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY);")
             .expect("schema");
-        let (go, gate) = mpsc::sync_channel::<()>(16);
-        let gate = std::sync::Mutex::new(gate);
-        let syncs: Arc<std::sync::atomic::AtomicU64> = Default::default();
-        let counted = syncs.clone();
-        let sync: SyncFn = Arc::new(move |wal: &Path| {
-            assert!(
-                wal.to_string_lossy().ends_with("w.db-wal"),
-                "{}",
-                wal.display()
-            );
-            let _ = gate.lock().expect("gate").recv();
-            sync_wal(wal)?;
-            counted.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        });
-        let w = SqliteWriter::open_with(&path, "full", Default::default(), BACKGROUND_WAIT, sync)
-            .expect("writer");
-        (dir, w, go, syncs)
+        (dir, path)
+    }
+
+    /// A writer whose WAL syncs say when they start and wait until the test lets them finish.
+    struct GatedSync {
+        dir: tempfile::TempDir,
+        w: SqliteWriter,
+        started: std::sync::Mutex<mpsc::Receiver<()>>,
+        go: mpsc::SyncSender<()>,
+        syncs: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl GatedSync {
+        fn new() -> GatedSync {
+            let (dir, path) = new_db();
+            let (go, gate) = mpsc::sync_channel::<()>(16);
+            let (said, started) = mpsc::sync_channel::<()>(16);
+            let gate = std::sync::Mutex::new(gate);
+            let syncs: Arc<std::sync::atomic::AtomicU64> = Default::default();
+            let counted = syncs.clone();
+            let wal_path = dir.path().join("w.db-wal");
+            let sync: SyncFn = Arc::new(move |wal: &std::fs::File| {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::MetadataExt;
+                    let held = wal.metadata()?.ino();
+                    let named = std::fs::metadata(&wal_path)?.ino();
+                    assert_eq!(held, named, "the sync thread must hold the database's WAL");
+                }
+                let _ = said.send(());
+                let _ = gate.lock().expect("gate").recv();
+                sync_wal(wal)?;
+                counted.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            });
+            let w =
+                SqliteWriter::open_with(&path, "full", Default::default(), BACKGROUND_WAIT, sync)
+                    .expect("writer");
+            GatedSync {
+                dir,
+                w,
+                started: std::sync::Mutex::new(started),
+                go,
+                syncs,
+            }
+        }
+
+        /// Waits until a sync has started (and is held at the gate).
+        async fn sync_started(&self) {
+            for _ in 0..500 {
+                if self.started.lock().expect("started").try_recv().is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("no WAL sync started");
+        }
+
+        fn syncs(&self) -> u64 {
+            self.syncs.load(Ordering::SeqCst)
+        }
     }
 
     fn committed_keys(dir: &tempfile::TempDir) -> Vec<i64> {
@@ -1163,45 +1241,47 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_waits_for_its_wal_sync_while_the_writer_commits_the_next_cycle() {
-        let (dir, w, go, syncs) = writer_with_gated_sync();
-        let first = tokio::spawn(insert(&w, 1));
+        let g = GatedSync::new();
+        let first = tokio::spawn(insert(&g.w, 1));
+        g.sync_started().await;
         // Committed (another connection reads it) but not answered: its sync has not finished.
-        until("the first commit", || committed_keys(&dir) == vec![1]).await;
+        assert_eq!(committed_keys(&g.dir), vec![1]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!first.is_finished(), "answered before its WAL was synced");
         // The writer is not held up by that sync: the next job commits meanwhile.
-        let second = tokio::spawn(insert(&w, 2));
-        until("the second commit", || committed_keys(&dir) == vec![1, 2]).await;
+        let second = tokio::spawn(insert(&g.w, 2));
+        until("the second commit", || committed_keys(&g.dir) == vec![1, 2]).await;
         assert!(!first.is_finished() && !second.is_finished());
-        assert_eq!(syncs.load(Ordering::SeqCst), 0);
-        // One sync finishes: the first is answered; the second needs a sync that started
-        // after its commit.
-        go.send(()).expect("let one sync finish");
+        assert_eq!(g.syncs(), 0);
+        // The first sync finishes: the first job is answered, not the second, whose commit came
+        // after that sync had started.
+        g.go.send(()).expect("let the first sync finish");
         assert_eq!(first.await.expect("join").expect("first insert"), 1);
-        go.send(()).expect("let the next sync finish");
+        g.sync_started().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !second.is_finished(),
+            "answered by a sync that began before its commit"
+        );
+        assert_eq!(g.syncs(), 1);
+        g.go.send(()).expect("let the second sync finish");
         assert_eq!(second.await.expect("join").expect("second insert"), 1);
-        assert!(syncs.load(Ordering::SeqCst) >= 1);
-        // Closing waits for the syncs of what is still unanswered.
-        let third = tokio::spawn(insert(&w, 3));
-        until("the third commit", || committed_keys(&dir) == vec![1, 2, 3]).await;
-        for _ in 0..3 {
-            let _ = go.try_send(());
-        }
-        w.close().await;
+        assert_eq!(g.syncs(), 2);
+        // Closing waits for the sync of what is still unanswered.
+        let third = tokio::spawn(insert(&g.w, 3));
+        g.sync_started().await;
+        g.go.send(()).expect("let the third sync finish");
+        g.w.close().await;
         assert_eq!(third.await.expect("join").expect("third insert"), 1);
+        assert_eq!(g.syncs(), 3);
     }
 
     #[tokio::test]
     async fn a_failed_wal_sync_fails_its_jobs_and_every_later_write() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("w.db");
-        Connection::open(&path)
-            .expect("open")
-            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY);")
-            .expect("schema");
+        let (dir, path) = new_db();
         let fail = Arc::new(AtomicBool::new(false));
         let failing = fail.clone();
-        let sync: SyncFn = Arc::new(move |wal: &Path| {
+        let sync: SyncFn = Arc::new(move |wal: &std::fs::File| {
             if failing.load(Ordering::SeqCst) {
                 Err(std::io::Error::other("EIO (test)"))
             } else {
@@ -1218,36 +1298,43 @@ mod tests {
             msg.contains("could not be synced"),
             "the caller must hear the sync failed: {msg}"
         );
-        // Even once fsync works again, nothing after a failed one can be promised.
+        // It was committed, just not made durable: the sender's retry will find it.
+        assert_eq!(committed_keys(&dir), vec![1, 2]);
+        // Even once fsync works again, the writer takes no more writes.
         fail.store(false, Ordering::SeqCst);
         let later = insert(&w, 3).await;
         assert!(
             format!("{later:?}").contains("could not be synced"),
             "{later:?}"
         );
+        assert_eq!(
+            committed_keys(&dir),
+            vec![1, 2],
+            "a write after a failed sync ran"
+        );
         w.close().await;
     }
 
     #[tokio::test]
-    async fn normal_and_extra_answer_without_the_sync_thread() {
-        for level in ["normal", "extra"] {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let path = dir.path().join("w.db");
-            Connection::open(&path)
-                .expect("open")
-                .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (k INTEGER PRIMARY KEY);")
-                .expect("schema");
-            let sync: SyncFn = Arc::new(|_: &Path| Err(std::io::Error::other("must not be used")));
+    async fn each_level_sets_the_connection_and_only_full_uses_the_sync_thread() {
+        for (level, pragma) in [("full", 1), ("normal", 1), ("extra", 3)] {
+            let (_dir, path) = new_db();
+            let used = Arc::new(AtomicBool::new(false));
+            let flag = used.clone();
+            let sync: SyncFn = Arc::new(move |wal: &std::fs::File| {
+                flag.store(true, Ordering::SeqCst);
+                sync_wal(wal)
+            });
             let w =
                 SqliteWriter::open_with(&path, level, Default::default(), BACKGROUND_WAIT, sync)
                     .expect("writer");
             assert_eq!(insert(&w, 1).await.expect(level), 1);
-            let mode: String = w
+            let mode = w
                 .run(|c| c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0)))
                 .await
-                .map(|n| n.to_string())
                 .expect("pragma");
-            assert_eq!(mode, if level == "normal" { "1" } else { "3" }, "{level}");
+            assert_eq!(mode, pragma, "{level}");
+            assert_eq!(used.load(Ordering::SeqCst), level == "full", "{level}");
             w.close().await;
         }
     }
