@@ -1715,3 +1715,36 @@ where
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::effect::{Merge, NewSignal};
+
+    #[test]
+    fn deletions_and_deactivations_never_finish_at_insert() {
+        let upsert = Effect::Upsert {
+            signal: NewSignal {
+                source_ref: "slack-T1-C1-1.0".into(),
+                verbatim: "hello".into(),
+                metadata: serde_json::json!({}),
+            },
+            merge: Merge::Keep,
+        };
+        assert!(finishes_at_insert(&upsert));
+        assert!(finishes_at_insert(&Effect::filter("bot message")));
+        assert!(finishes_at_insert(&Effect::reject("no channel")));
+        // A deletion committed with its inbox row could overtake the message it deletes while
+        // that message waits in a worker for enrichment; it must go through a worker too.
+        let deletion = Effect::MarkDeleted {
+            source_ref: "slack-T1-C1-1.0".into(),
+            metadata: serde_json::json!({ "deleted_ts": "1.0" }),
+        };
+        assert!(!finishes_at_insert(&deletion));
+        // A deactivation is followed by a credential-cache refresh, which the worker does.
+        let deactivation = Effect::DeactivateIntegration {
+            reason: "app_uninstalled".into(),
+        };
+        assert!(!finishes_at_insert(&deactivation));
+    }
+}
