@@ -279,8 +279,14 @@ impl Store {
         on_pool!(self, p => p.close().await)
     }
 
-    /// True when the database accepts a write right now (used by `/readyz`).
+    /// True when the database accepts a write right now (used by `/readyz`). A SQLite writer
+    /// stopped by an fsync or I/O error does not, whatever the file says.
     pub async fn accepts_writes(&self) -> bool {
+        if let Some(w) = &self.sqlite
+            && !w.takes_writes()
+        {
+            return false;
+        }
         let res: Result<()> = on_pool!(self, p => async {
             let mut tx = p.begin().await?;
             sqlx::query(

@@ -291,7 +291,9 @@ impl Syncer {
                     }
                     let started = Instant::now();
                     let synced = if failed.load(Ordering::Acquire) {
-                        Err(std::io::Error::other("an earlier fsync failed"))
+                        Err(std::io::Error::other(
+                            "an earlier fsync or I/O error stopped the writer",
+                        ))
                     } else {
                         sync(&wal)
                     };
@@ -344,6 +346,8 @@ pub(super) struct SqliteWriter {
     /// read it to check that queued jobs share a commit.
     #[cfg_attr(not(test), allow(dead_code))]
     cycles: Arc<std::sync::atomic::AtomicU64>,
+    /// Set once an fsync or I/O error has stopped the writer (see [`Syncer`]).
+    failed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SqliteWriter {
@@ -460,6 +464,7 @@ impl SqliteWriter {
             Durability::Sqlite(_) => None,
         };
         let checkpoints = start_checkpointer(path, failed.clone())?;
+        let stopped = failed.clone();
         let (tx, rx) = mpsc::channel::<Msg>();
         let cycles: Arc<std::sync::atomic::AtomicU64> = Default::default();
         let counted = cycles.clone();
@@ -473,14 +478,20 @@ impl SqliteWriter {
                     Threads {
                         checkpointer: checkpoints,
                         syncer,
-                        failed,
+                        failed: stopped,
                     },
                     &counted,
                     background_wait,
                 )
             })
             .map_err(|e| StoreError::Writer(format!("cannot start the SQLite writer: {e}")))?;
-        Ok(SqliteWriter { tx, cycles })
+        Ok(SqliteWriter { tx, cycles, failed })
+    }
+
+    /// False once an fsync or I/O error has stopped the writer: every write fails until the
+    /// process restarts (`/readyz` says so).
+    pub fn takes_writes(&self) -> bool {
+        !self.failed.load(Ordering::Acquire)
     }
 
     /// Runs `f` on the writer thread and returns its result.
@@ -650,7 +661,9 @@ fn serve(
             }
         }
         if failed.load(Ordering::Acquire) {
-            let e = sync_failure(&std::io::Error::other("an earlier fsync failed"));
+            let e = sync_failure(&std::io::Error::other(
+                "an earlier fsync or I/O error stopped the writer",
+            ));
             for job in jobs.drain(..) {
                 job.answer(Err(&e));
             }
@@ -1306,6 +1319,7 @@ mod tests {
         let w = SqliteWriter::open_with(&path, "full", Default::default(), BACKGROUND_WAIT, sync)
             .expect("writer");
         assert_eq!(insert(&w, 1).await.expect("a synced insert"), 1);
+        assert!(w.takes_writes());
         fail.store(true, Ordering::SeqCst);
         let lost = insert(&w, 2).await;
         let msg = format!("{lost:?}");
@@ -1316,6 +1330,10 @@ mod tests {
         // It was committed, just not made durable: the sender's retry will find it.
         assert_eq!(committed_keys(&dir), vec![1, 2]);
         // Even once fsync works again, the writer takes no more writes.
+        assert!(
+            !w.takes_writes(),
+            "a stopped writer must say so (readiness)"
+        );
         fail.store(false, Ordering::SeqCst);
         let later = insert(&w, 3).await;
         assert!(
