@@ -291,9 +291,7 @@ impl Syncer {
                     }
                     let started = Instant::now();
                     let synced = if failed.load(Ordering::Acquire) {
-                        Err(std::io::Error::other(
-                            "an earlier fsync or I/O error stopped the writer",
-                        ))
+                        Err(std::io::Error::other(STOPPED))
                     } else {
                         sync(&wal)
                     };
@@ -328,6 +326,9 @@ impl Syncer {
         Ok(Syncer { tx, thread })
     }
 }
+
+/// Why a job fails once the writer has stopped (see [`Syncer`]).
+const STOPPED: &str = "an earlier fsync or I/O error stopped the writer";
 
 /// The error a job gets when its commit could not be made durable.
 fn sync_failure(e: &std::io::Error) -> rusqlite::Error {
@@ -661,9 +662,7 @@ fn serve(
             }
         }
         if failed.load(Ordering::Acquire) {
-            let e = sync_failure(&std::io::Error::other(
-                "an earlier fsync or I/O error stopped the writer",
-            ));
+            let e = sync_failure(&std::io::Error::other(STOPPED));
             for job in jobs.drain(..) {
                 job.answer(Err(&e));
             }
