@@ -1,21 +1,30 @@
 //! Credentials: the master keyring, encryption of secret columns, and the in-memory cache that
 //! webhook handlers read instead of the database.
 //!
-//! Cache rules: entries (including "not found") live for `credential_cache_ttl`; a local change
-//! invalidates the entry at once and, on PostgreSQL, sends `NOTIFY signalbox_credentials` so
-//! other nodes drop it too (they would otherwise see it within the TTL at most). `last_used_at`
-//! is collected in memory and written in batches by a background flush, never per request.
+//! Cache rules: entries live for `credential_cache_ttl`, "not found" entries for at most
+//! [`MISSING_TTL`]; a local change invalidates the entry at once and, on PostgreSQL, sends
+//! `NOTIFY signalbox_credentials` so other nodes drop it too (they would otherwise see it within
+//! the TTL at most). `last_used_at` is collected in memory and written in batches by a
+//! background flush, never per request.
+//!
+//! The ids looked up come from unsigned requests, so every cache is bounded ([`CACHE_CAPACITY`]
+//! found entries and, apart from them, [`MISSING_CAPACITY`] "not found" entries per kind) and an
+//! id that does not have the shape of one of ours (`int_`/`whk_` + a lower-case ULID, a Slack
+//! `T…`/`E…` id) is answered "not found" without touching the database or the cache.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 use serde_json::Value;
 
 use crate::clock::now_micros;
 use crate::config::Config;
 use crate::crypto::{Aad, CryptoError, Keyring};
+use crate::ids::prefix;
 use crate::protocol::standard_webhooks;
 use crate::store::{Integration, LastUsedTable, Pool, Store, StoreError, WebhookKey};
 
@@ -165,11 +174,128 @@ pub struct CachedIntegration {
     pub access_token: Option<SecretString>,
 }
 
+/// Most found entries each cache (webhook keys, integrations, Slack teams) holds.
+pub const CACHE_CAPACITY: u64 = 10_000;
+/// Most "not found" entries each cache holds, apart from the found ones so that a flood of
+/// random ids cannot push out the credentials in use.
+pub const MISSING_CAPACITY: u64 = 10_000;
+/// Longest life of a "not found" entry (the credential TTL when that is shorter).
+pub const MISSING_TTL: Duration = Duration::from_secs(10);
+
+/// One kind of cached lookup: found values and ids found to be unknown, each bounded and
+/// expiring on its own.
+struct Tier<V: Clone + Send + Sync + 'static> {
+    found: Cache<String, V>,
+    missing: Cache<String, ()>,
+}
+
+impl<V: Clone + Send + Sync + 'static> Tier<V> {
+    fn new(ttl: Duration) -> Self {
+        Tier {
+            found: Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(ttl)
+                .build(),
+            missing: Cache::builder()
+                .max_capacity(MISSING_CAPACITY)
+                .time_to_live(ttl.min(MISSING_TTL))
+                .build(),
+        }
+    }
+
+    /// `Some(Some(v))` for a cached value, `Some(None)` for a cached "not found", `None` when
+    /// the store must be asked.
+    fn get(&self, id: &str) -> Option<Option<V>> {
+        if let Some(v) = self.found.get(id) {
+            return Some(Some(v));
+        }
+        self.missing.contains_key(id).then_some(None)
+    }
+
+    fn put(&self, id: &str, value: Option<V>) {
+        match value {
+            Some(v) => {
+                self.missing.invalidate(id);
+                self.found.insert(id.to_string(), v);
+            }
+            None => {
+                self.found.invalidate(id);
+                self.missing.insert(id.to_string(), ());
+            }
+        }
+    }
+
+    fn invalidate(&self, id: &str) {
+        self.found.invalidate(id);
+        self.missing.invalidate(id);
+    }
+
+    fn invalidate_all(&self) {
+        self.found.invalidate_all();
+        self.missing.invalidate_all();
+    }
+
+    /// (found, missing) entries, after the cache's pending maintenance (evictions).
+    fn counts(&self) -> (u64, u64) {
+        self.found.run_pending_tasks();
+        self.missing.run_pending_tasks();
+        (self.found.entry_count(), self.missing.entry_count())
+    }
+}
+
+/// The active Slack integrations, for `url_verification` in team-lookup mode (no team named).
 #[derive(Default)]
+struct SlackList {
+    /// Bumped by every invalidation, so that a load that began before one is not kept.
+    generation: u64,
+    loaded: Option<(Instant, Arc<[Arc<CachedIntegration>]>)>,
+}
+
 struct Caches {
-    keys: HashMap<String, (Instant, Option<Arc<CachedKey>>)>,
-    integrations: HashMap<String, (Instant, Option<Arc<CachedIntegration>>)>,
-    teams: HashMap<String, (Instant, Option<String>)>,
+    keys: Tier<Arc<CachedKey>>,
+    integrations: Tier<Arc<CachedIntegration>>,
+    /// Team or enterprise id → its integrations' ids (active first).
+    teams: Tier<Arc<[String]>>,
+    slack: Mutex<SlackList>,
+    /// One load of the Slack list at a time (the others wait for it and use it).
+    slack_load: tokio::sync::Mutex<()>,
+    /// Store queries made for cache misses.
+    store_reads: AtomicU64,
+}
+
+/// How many entries the credential caches hold, and how many store reads they made (for tests
+/// and diagnostics: see [`Credentials::cache_entry_count`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounts {
+    /// Webhook keys found.
+    pub keys: u64,
+    /// Webhook key ids found unknown (or inactive).
+    pub missing_keys: u64,
+    /// Integrations found.
+    pub integrations: u64,
+    /// Integration ids found unknown.
+    pub missing_integrations: u64,
+    /// Slack team or enterprise ids with integrations.
+    pub teams: u64,
+    /// Slack team or enterprise ids without.
+    pub missing_teams: u64,
+    /// 1 when the list of active Slack integrations is loaded.
+    pub slack_lists: u64,
+    /// Store queries made for cache misses since start (every kind, the Slack list included).
+    pub store_reads: u64,
+}
+
+impl CacheCounts {
+    /// Entries in all caches (`store_reads` is not an entry).
+    pub fn entries(&self) -> u64 {
+        self.keys
+            + self.missing_keys
+            + self.integrations
+            + self.missing_integrations
+            + self.teams
+            + self.missing_teams
+            + self.slack_lists
+    }
 }
 
 /// The credential service: keyring plus cache.
@@ -178,7 +304,7 @@ pub struct Credentials {
     store: Store,
     keyring: Keyring,
     ttl: Duration,
-    caches: Arc<Mutex<Caches>>,
+    caches: Arc<Caches>,
     used_keys: Arc<Mutex<HashMap<String, i64>>>,
     used_integrations: Arc<Mutex<HashMap<String, i64>>>,
 }
@@ -190,7 +316,14 @@ impl Credentials {
             store,
             keyring,
             ttl,
-            caches: Arc::default(),
+            caches: Arc::new(Caches {
+                keys: Tier::new(ttl),
+                integrations: Tier::new(ttl),
+                teams: Tier::new(ttl),
+                slack: Mutex::default(),
+                slack_load: tokio::sync::Mutex::new(()),
+                store_reads: AtomicU64::new(0),
+            }),
             used_keys: Arc::default(),
             used_integrations: Arc::default(),
         }
@@ -219,22 +352,25 @@ impl Credentials {
             .decrypt_string(envelope, Aad::new(table, row_id, column))
     }
 
-    fn fresh<T: Clone>(&self, entry: Option<&(Instant, T)>) -> Option<T> {
-        entry.and_then(|(at, v)| (at.elapsed() < self.ttl).then(|| v.clone()))
+    fn count_store_read(&self) {
+        self.caches.store_reads.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A webhook key by id (active ones only), from the cache when fresh.
+    /// A webhook key by id (active ones only), from the cache when fresh. `None`, without a
+    /// lookup, for an id that is not shaped like one of ours.
     pub async fn webhook_key(&self, id: &str) -> Result<Option<Arc<CachedKey>>, StoreError> {
-        if let Some(hit) = self.fresh(self.lock().keys.get(id)) {
+        if !crate::ids::looks_like(id, prefix::WEBHOOK_KEY) {
+            return Ok(None);
+        }
+        if let Some(hit) = self.caches.keys.get(id) {
             return Ok(hit);
         }
+        self.count_store_read();
         let row = self.store.get_webhook_key(id).await?;
         let value = row
             .filter(|k| k.is_active)
             .map(|k| Arc::new(self.decode_key(&k)));
-        self.lock()
-            .keys
-            .insert(id.to_string(), (Instant::now(), value.clone()));
+        self.caches.keys.put(id, value.clone());
         Ok(value)
     }
 
@@ -268,42 +404,62 @@ impl Credentials {
     }
 
     /// An integration by id (active or not: the caller decides), from the cache when fresh.
+    /// `None`, without a lookup, for an id that is not shaped like one of ours.
     pub async fn integration(
         &self,
         id: &str,
     ) -> Result<Option<Arc<CachedIntegration>>, StoreError> {
-        if let Some(hit) = self.fresh(self.lock().integrations.get(id)) {
+        if !crate::ids::looks_like(id, prefix::INTEGRATION) {
+            return Ok(None);
+        }
+        if let Some(hit) = self.caches.integrations.get(id) {
             return Ok(hit);
         }
+        self.count_store_read();
         let row = self.store.get_integration(id).await?;
         let value = row.map(|r| Arc::new(self.decode_integration(r)));
-        self.lock()
-            .integrations
-            .insert(id.to_string(), (Instant::now(), value.clone()));
+        self.caches.integrations.put(id, value.clone());
         Ok(value)
     }
 
-    /// The Slack integration of a team id (the active one if any), from the cache when fresh.
+    /// Every Slack integration bound to a team or enterprise id, active ones first (newest
+    /// first), from the cache when fresh. The caller decides which one an event belongs to.
+    /// Empty, without a lookup, for an id that is not shaped like a Slack team or enterprise id.
     pub async fn slack_by_team(
         &self,
         team_id: &str,
-    ) -> Result<Option<Arc<CachedIntegration>>, StoreError> {
-        let cached = self.fresh(self.lock().teams.get(team_id));
-        let id = match cached {
-            Some(id) => id,
+    ) -> Result<Vec<Arc<CachedIntegration>>, StoreError> {
+        if !crate::protocol::slack::is_team_id(team_id) {
+            return Ok(Vec::new());
+        }
+        let ids = match self.caches.teams.get(team_id) {
+            Some(Some(ids)) => ids,
+            Some(None) => return Ok(Vec::new()),
             None => {
+                self.count_store_read();
                 let rows = self.store.find_slack_integrations(team_id).await?;
-                let id = rows.first().map(|r| r.id.clone());
-                self.lock()
+                let ids: Arc<[String]> = rows.iter().map(|r| r.id.clone()).collect();
+                // The query read the rows already: cache them instead of reading each again.
+                for row in rows {
+                    if !matches!(self.caches.integrations.get(&row.id), Some(Some(_))) {
+                        let id = row.id.clone();
+                        let value = Arc::new(self.decode_integration(row));
+                        self.caches.integrations.put(&id, Some(value));
+                    }
+                }
+                self.caches
                     .teams
-                    .insert(team_id.to_string(), (Instant::now(), id.clone()));
-                id
+                    .put(team_id, (!ids.is_empty()).then(|| ids.clone()));
+                ids
             }
         };
-        match id {
-            Some(id) => self.integration(&id).await,
-            None => Ok(None),
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids.iter() {
+            if let Some(i) = self.integration(id).await? {
+                out.push(i);
+            }
         }
+        Ok(out)
     }
 
     /// Decrypts an integration's secrets into a cache entry.
@@ -346,25 +502,86 @@ impl Credentials {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Caches> {
-        self.caches.lock().unwrap_or_else(|p| p.into_inner())
+    /// Every active Slack integration, for a `url_verification` in team-lookup mode (it names
+    /// no team, so any of their signing secrets may verify it): one store query per TTL at
+    /// most (and after an invalidation), one at a time, never one per request.
+    pub async fn active_slack_integrations(
+        &self,
+    ) -> Result<Arc<[Arc<CachedIntegration>]>, StoreError> {
+        if let Some(hit) = self.fresh_slack_list() {
+            return Ok(hit);
+        }
+        let _one_load = self.caches.slack_load.lock().await;
+        if let Some(hit) = self.fresh_slack_list() {
+            return Ok(hit);
+        }
+        let generation = self.slack_list().generation;
+        self.count_store_read();
+        let rows = self.store.list_integrations(None).await?;
+        let list: Arc<[Arc<CachedIntegration>]> = rows
+            .into_iter()
+            .filter(|r| r.platform == "slack" && r.is_active)
+            .map(|r| Arc::new(self.decode_integration(r)))
+            .collect();
+        let mut slot = self.slack_list();
+        if slot.generation == generation {
+            slot.loaded = Some((Instant::now(), list.clone()));
+        }
+        Ok(list)
+    }
+
+    fn slack_list(&self) -> std::sync::MutexGuard<'_, SlackList> {
+        self.caches.slack.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fresh_slack_list(&self) -> Option<Arc<[Arc<CachedIntegration>]>> {
+        let slot = self.slack_list();
+        let (at, list) = slot.loaded.as_ref()?;
+        (at.elapsed() < self.ttl).then(|| list.clone())
+    }
+
+    fn drop_slack_list(&self) {
+        let mut slot = self.slack_list();
+        slot.generation += 1;
+        slot.loaded = None;
+    }
+
+    /// How many entries each cache holds (after their pending evictions) and how many store
+    /// reads cache misses made.
+    pub fn cache_entry_count(&self) -> CacheCounts {
+        let c = &self.caches;
+        let (keys, missing_keys) = c.keys.counts();
+        let (integrations, missing_integrations) = c.integrations.counts();
+        let (teams, missing_teams) = c.teams.counts();
+        CacheCounts {
+            keys,
+            missing_keys,
+            integrations,
+            missing_integrations,
+            teams,
+            missing_teams,
+            slack_lists: u64::from(self.slack_list().loaded.is_some()),
+            store_reads: c.store_reads.load(Ordering::Relaxed),
+        }
     }
 
     /// Drops the cached entries of `id` (key or integration) on this node.
     pub fn invalidate(&self, id: &str) {
-        let mut c = self.lock();
-        c.keys.remove(id);
-        c.integrations.remove(id);
-        // Team lookups may point at (or should now find) this integration.
-        c.teams.clear();
+        let c = &self.caches;
+        c.keys.invalidate(id);
+        c.integrations.invalidate(id);
+        // Team lookups and the Slack list may point at (or should now find) this integration.
+        c.teams.invalidate_all();
+        self.drop_slack_list();
     }
 
     /// Drops everything cached on this node.
     pub fn invalidate_all(&self) {
-        let mut c = self.lock();
-        c.keys.clear();
-        c.integrations.clear();
-        c.teams.clear();
+        let c = &self.caches;
+        c.keys.invalidate_all();
+        c.integrations.invalidate_all();
+        c.teams.invalidate_all();
+        self.drop_slack_list();
     }
 
     /// Invalidates `id` here and tells the other nodes (PostgreSQL).
@@ -405,5 +622,149 @@ impl Credentials {
             self.store.touch_last_used(table, &batch).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RawConfig;
+    use crate::crypto::MasterKey;
+    use crate::ids::new_id;
+
+    #[test]
+    fn only_our_id_shapes_are_well_formed() {
+        let int = new_id(prefix::INTEGRATION);
+        let whk = new_id(prefix::WEBHOOK_KEY);
+        assert!(crate::ids::looks_like(&int, prefix::INTEGRATION), "{int}");
+        assert!(crate::ids::looks_like(&whk, prefix::WEBHOOK_KEY), "{whk}");
+        assert!(crate::ids::looks_like(
+            "int_01m8m7bfnrfyhvmry5qcb9n2qs",
+            prefix::INTEGRATION
+        ));
+        assert!(!crate::ids::looks_like(&int, prefix::WEBHOOK_KEY));
+        assert!(!crate::ids::looks_like(&whk, prefix::INTEGRATION));
+        let long = format!("int_{}", "a".repeat(100_000));
+        for bad in [
+            "",
+            "int",
+            "int_",
+            "int_01M8M7BFNRFYHVMRY5QCB9N2QS",  // upper case
+            "int_01m8m7bfnrfyhvmry5qcb9n2q",   // 25
+            "int_01m8m7bfnrfyhvmry5qcb9n2qss", // 27
+            "int_01m8m7bfnrfyhvmry5qcb9n2ql",  // `l` is not Crockford base32
+            "int_01m8m7bfnrfyhvmry5qcb9n2qu",  // nor `u`
+            "int-01m8m7bfnrfyhvmry5qcb9n2qs",
+            "xint_01m8m7bfnrfyhvmry5qcb9n2qs",
+            "int_01m8m7bfnrfyhvmry5qcb9n2\u{e9}",
+            "int_' OR 1=1 --aaaaaaaaaaaaaaaa",
+            long.as_str(),
+        ] {
+            assert!(
+                !crate::ids::looks_like(bad, prefix::INTEGRATION),
+                "{bad:.40}"
+            );
+        }
+
+        for good in ["T0123ABCD", "E1", "T0SOMEONEELSE", "T12345678901234567890"] {
+            assert!(crate::protocol::slack::is_team_id(good), "{good}");
+        }
+        let long_team = format!("T{}", "A".repeat(1_000));
+        for bad in [
+            "",
+            "T",
+            "E",
+            "t0123ABCD",
+            "T0123abcd",
+            "U0123ABCD",
+            "T123456789012345678901", // 21 after the T
+            "T0123 ABC",
+            "T0123-ABC",
+            "T0123\u{c9}",
+            long_team.as_str(),
+        ] {
+            assert!(!crate::protocol::slack::is_team_id(bad), "{bad:.40}");
+        }
+    }
+
+    async fn credentials(dir: &tempfile::TempDir) -> Credentials {
+        let spec = MasterKey::generate("k1").to_spec();
+        let mut raw = RawConfig::defaults();
+        raw.set(
+            "database_url",
+            format!("sqlite://{}", dir.path().join("creds.db").display()),
+        )
+        .set("master_keys", spec.expose_secret());
+        let cfg = raw.build().expect("config");
+        let store = Store::connect(&cfg).await.expect("store");
+        let (keyring, _) = load_keyring(&cfg).expect("keyring");
+        Credentials::new(store, keyring, Duration::from_secs(300))
+    }
+
+    /// What an unsigned body or query can name: none of it reaches the database or the cache,
+    /// and random well-formed ids cost one read each and leave at most the caches' bound.
+    #[tokio::test]
+    async fn hostile_ids_leave_no_entry_and_random_ones_stay_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let creds = credentials(&dir).await;
+        let huge = format!("int_{}", "0".repeat(1 << 20));
+        let huge_team = format!("T{}", "A".repeat(1 << 20));
+        let mut malformed: Vec<String> = vec![
+            String::new(),
+            "int_".into(),
+            "whk_".into(),
+            "T".into(),
+            "int_01M8M7BFNRFYHVMRY5QCB9N2QS".into(),
+            "whk_01m8m7bfnrfyhvmry5qcb9n2ql".into(),
+            "t0lower".into(),
+            "T0123-ABC".into(),
+            huge,
+            huge_team,
+        ];
+        malformed.extend((0..1_000).map(|i| format!("int_{i}")));
+        malformed.extend((0..1_000).map(|i| format!("T{i:021}")));
+        for id in &malformed {
+            assert!(creds.webhook_key(id).await.expect("key").is_none());
+            assert!(creds.integration(id).await.expect("integration").is_none());
+            assert!(creds.slack_by_team(id).await.expect("team").is_empty());
+        }
+        assert_eq!(
+            creds.cache_entry_count(),
+            CacheCounts::default(),
+            "a malformed id is neither looked up nor cached"
+        );
+
+        // Random well-formed ids: one read each (a cached "not found" is answered from memory)
+        // and never more entries than the bound.
+        let n = MISSING_CAPACITY + 2_000;
+        for _ in 0..n {
+            let id = new_id(prefix::INTEGRATION);
+            assert!(creds.integration(&id).await.expect("lookup").is_none());
+        }
+        let teams = 300;
+        for i in 0..teams {
+            let team = format!("T0RANDOM{i}");
+            assert!(creds.slack_by_team(&team).await.expect("team").is_empty());
+            assert!(creds.slack_by_team(&team).await.expect("team").is_empty());
+        }
+        let keys = 300;
+        for _ in 0..keys {
+            let id = new_id(prefix::WEBHOOK_KEY);
+            assert!(creds.webhook_key(&id).await.expect("key").is_none());
+            assert!(creds.webhook_key(&id).await.expect("key").is_none());
+        }
+        let c = creds.cache_entry_count();
+        assert_eq!(c.store_reads, n + teams + keys, "{c:?}");
+        assert!(c.missing_integrations <= MISSING_CAPACITY, "{c:?}");
+        assert!(c.missing_integrations > 0, "{c:?}");
+        assert_eq!((c.missing_teams, c.missing_keys), (teams, keys), "{c:?}");
+        assert_eq!(
+            (c.keys, c.integrations, c.teams, c.slack_lists),
+            (0, 0, 0, 0)
+        );
+
+        // An invalidation drops the "not found" entries it concerns.
+        creds.invalidate_all();
+        assert_eq!(creds.cache_entry_count().entries(), 0);
     }
 }

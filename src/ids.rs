@@ -45,14 +45,17 @@ pub fn new_id(prefix: &str) -> String {
     id
 }
 
-/// True when `id` looks like one of ours with `prefix` (cheap shape check before a lookup).
+/// True when `id` looks like one of ours with `prefix`: the prefix, `_`, and 26 lower-case
+/// Crockford base32 characters (what [`new_id`] makes). A cheap shape check before any lookup
+/// or cache entry, so ids from unsigned requests cost nothing.
 pub fn looks_like(id: &str, prefix: &str) -> bool {
-    id.len() == prefix.len() + 27
-        && id.starts_with(prefix)
-        && id.as_bytes().get(prefix.len()) == Some(&b'_')
-        && id[prefix.len() + 1..]
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric())
+    let Some(ulid) = id.strip_prefix(prefix).and_then(|r| r.strip_prefix('_')) else {
+        return false;
+    };
+    ulid.len() == ulid::ULID_LEN
+        && ulid.bytes().all(|b| {
+            matches!(b, b'0'..=b'9' | b'a'..=b'h' | b'j' | b'k' | b'm' | b'n' | b'p'..=b't' | b'v'..=b'z')
+        })
 }
 
 #[cfg(test)]

@@ -13,6 +13,21 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, String)>;
 
+/// The `reason` label of a Slack retry: one of the reasons Slack documents for
+/// `X-Slack-Retry-Reason`, else `other`. The header is not signed, so it never becomes a label
+/// value itself (that would let a caller break the exposition or grow its cardinality).
+pub fn slack_retry_reason(header: &str) -> &'static str {
+    match header.trim() {
+        "http_timeout" => "http_timeout",
+        "too_many_redirects" => "too_many_redirects",
+        "connection_failed" => "connection_failed",
+        "ssl_error" => "ssl_error",
+        "http_error" => "http_error",
+        "unknown_error" => "unknown_error",
+        _ => "other",
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 0.25 ms … ~8 s
     Histogram::new(exponential_buckets(0.00025, 2.0, 16))
@@ -40,7 +55,8 @@ pub struct Metrics {
     pub queue_depth: Gauge<i64, AtomicI64>,
     /// Deliveries per inbox transaction.
     pub inbox_batch: Histogram,
-    /// Slack retries received, by `X-Slack-Retry-Reason`.
+    /// Slack retries received, by `X-Slack-Retry-Reason` mapped with [`slack_retry_reason`]
+    /// (count through [`Metrics::slack_retry`]: label values only from a closed set).
     pub slack_retries: Family<Labels, Counter>,
     /// Slack `app_rate_limited` events received.
     pub slack_rate_limited: Counter,
@@ -149,11 +165,60 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a Slack retry by its (unsigned, so untrusted) `X-Slack-Retry-Reason`.
+    pub fn slack_retry(&self, reason: &str) {
+        self.slack_retries
+            .get_or_create(&vec![("reason", slack_retry_reason(reason).to_string())])
+            .inc();
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slack_retry_reasons_come_from_a_closed_set() {
+        for r in [
+            "http_timeout",
+            "too_many_redirects",
+            "connection_failed",
+            "ssl_error",
+            "http_error",
+            "unknown_error",
+        ] {
+            assert_eq!(slack_retry_reason(r), r);
+        }
+        for r in [
+            "",
+            "q\",x=\"\\",
+            "HTTP_TIMEOUT",
+            "http_timeout2",
+            "other\n",
+            "\u{1F600}",
+        ] {
+            assert_eq!(slack_retry_reason(r), "other", "{r:?}");
+        }
+        let m = Metrics::new();
+        m.slack_retry("q\",x=\"\\");
+        m.slack_retry("http_timeout");
+        let text = m.render();
+        assert!(
+            text.contains("signalbox_slack_retries_total{reason=\"other\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("signalbox_slack_retries_total{reason=\"http_timeout\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("x=\""), "{text}");
     }
 }

@@ -1,14 +1,17 @@
 //! Slack Web API: OAuth v2 code exchange, token rotation (single-flight), and the lookups that
 //! enrich Slack signals (`users.info`, `conversations.info`, `chat.getPermalink`).
 //!
-//! Every call goes to `SIGNALBOX_SLACK_API_BASE`. A 429 blocks that method for that team until
-//! `Retry-After` has passed (other methods and teams are unaffected); callers then skip the
-//! lookup instead of waiting, so enrichment never delays a signal beyond a bound.
+//! Every call goes to `SIGNALBOX_SLACK_API_BASE`. A 429 blocks that method for that integration
+//! until `Retry-After` has passed (other methods and integrations are unaffected); callers then
+//! skip the lookup instead of waiting, so enrichment never delays a signal beyond a bound.
+//! The back-off and the name cache are keyed by integration id (not by a team id a body names)
+//! and bounded.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
@@ -20,6 +23,12 @@ use crate::metrics::Metrics;
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(2 * 3600);
 /// How long names stay cached.
 const NAME_TTL: Duration = Duration::from_secs(3600);
+/// Most names cached (by integration, kind and id).
+const NAME_CAPACITY: u64 = 10_000;
+/// Longest back-off after a 429 (a longer `Retry-After` is cut to this).
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// Most (integration, method) pairs under back-off at once.
+const BLOCKED_CAPACITY: u64 = 10_000;
 
 /// A Slack API failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,17 +106,18 @@ impl OAuthTokens {
     }
 }
 
-/// Cached names by (team, kind, id).
-type NameCache = HashMap<(String, &'static str, String), (Instant, String)>;
+/// Cached names by (integration id, kind, id).
+type NameCache = Cache<(String, &'static str, String), String>;
 
-/// The Slack Web API client with per-(team, method) rate-limit state and a name cache.
+/// The Slack Web API client with per-(integration, method) rate-limit state and a name cache.
 #[derive(Clone)]
 pub struct SlackApi {
     http: reqwest::Client,
     base: String,
     metrics: Metrics,
-    blocked: Arc<Mutex<HashMap<(String, &'static str), Instant>>>,
-    names: Arc<Mutex<NameCache>>,
+    /// (integration id, or `oauth` for client-credential calls, method) → blocked until.
+    blocked: Cache<(String, &'static str), Instant>,
+    names: NameCache,
     refreshing: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -118,8 +128,14 @@ impl SlackApi {
             http,
             base: base.trim_end_matches('/').to_string(),
             metrics,
-            blocked: Arc::default(),
-            names: Arc::default(),
+            blocked: Cache::builder()
+                .max_capacity(BLOCKED_CAPACITY)
+                .time_to_live(MAX_BACKOFF)
+                .build(),
+            names: Cache::builder()
+                .max_capacity(NAME_CAPACITY)
+                .time_to_live(NAME_TTL)
+                .build(),
             refreshing: Arc::default(),
         }
     }
@@ -136,25 +152,23 @@ impl SlackApi {
     }
 
     /// Calls a Web API method with form arguments, as the bot (`token`) or with client
-    /// credentials (HTTP Basic).
+    /// credentials (HTTP Basic). A 429 blocks `method` for `integration_id` (the integration
+    /// whose token calls, or `oauth` for client-credential calls).
     pub async fn call(
         &self,
-        team: &str,
+        integration_id: &str,
         method: &'static str,
         token: Option<&SecretString>,
         basic: Option<(&str, &SecretString)>,
         form: &[(&str, &str)],
     ) -> Result<Value, SlackError> {
-        let key = (team.to_string(), method);
-        if let Some(until) = self
-            .blocked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            && *until > Instant::now()
+        let key = (integration_id.to_string(), method);
+        if let Some(until) = self.blocked.get(&key)
+            && let Some(left) = until.checked_duration_since(Instant::now())
+            && !left.is_zero()
         {
             self.count(method, "skipped_rate_limited");
-            return Err(SlackError::RateLimited(*until - Instant::now()));
+            return Err(SlackError::RateLimited(left));
         }
         let mut req = self
             .http
@@ -180,12 +194,9 @@ impl SlackApi {
                     crate::protocol::retry_after_secs(v, crate::clock::now_micros() / 1_000_000)
                 })
                 .unwrap_or(30)
-                .min(3600);
+                .min(MAX_BACKOFF.as_secs());
             let d = Duration::from_secs(secs);
-            self.blocked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key, Instant::now() + d);
+            self.blocked.insert(key, Instant::now() + d);
             self.count(method, "rate_limited");
             return Err(SlackError::RateLimited(d));
         }
@@ -233,6 +244,14 @@ impl SlackApi {
         OAuthTokens::from_json(&v)
     }
 
+    /// `auth.revoke`: gives back a token signalbox will not keep (an install that turned out
+    /// to belong to another workspace's team).
+    pub async fn revoke(&self, token: &SecretString) -> Result<(), SlackError> {
+        self.call("oauth", "auth.revoke", Some(token), None, &[])
+            .await
+            .map(|_| ())
+    }
+
     /// `oauth.v2.access` with `grant_type=refresh_token`.
     pub async fn refresh(
         &self,
@@ -255,53 +274,51 @@ impl SlackApi {
         OAuthTokens::from_json(&v)
     }
 
-    fn cached_name(&self, team: &str, kind: &'static str, id: &str) -> Option<String> {
-        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
-        names
-            .get(&(team.to_string(), kind, id.to_string()))
-            .filter(|(at, _)| at.elapsed() < NAME_TTL)
-            .map(|(_, n)| n.clone())
+    fn cached_name(&self, integration_id: &str, kind: &'static str, id: &str) -> Option<String> {
+        self.names
+            .get(&(integration_id.to_string(), kind, id.to_string()))
     }
 
-    fn cache_name(&self, team: &str, kind: &'static str, id: &str, name: &str) {
-        self.names.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            (team.to_string(), kind, id.to_string()),
-            (Instant::now(), name.to_string()),
+    fn cache_name(&self, integration_id: &str, kind: &'static str, id: &str, name: &str) {
+        self.names.insert(
+            (integration_id.to_string(), kind, id.to_string()),
+            name.to_string(),
         );
     }
 
-    /// A name from a `*.info` method, cached per team: `pick` extracts it from the answer.
+    /// A name from a `*.info` method, cached per integration: `pick` extracts it from the
+    /// answer.
     async fn cached_info(
         &self,
-        team: &str,
+        integration_id: &str,
         token: &SecretString,
         kind: &'static str,
         method: &'static str,
         id: &str,
         pick: fn(&Value) -> Option<&str>,
     ) -> Result<String, SlackError> {
-        if let Some(n) = self.cached_name(team, kind, id) {
+        if let Some(n) = self.cached_name(integration_id, kind, id) {
             return Ok(n);
         }
         let v = self
-            .call(team, method, Some(token), None, &[(kind, id)])
+            .call(integration_id, method, Some(token), None, &[(kind, id)])
             .await?;
         let name = pick(&v)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| SlackError::Api(format!("{kind} has no name")))?
             .to_string();
-        self.cache_name(team, kind, id, &name);
+        self.cache_name(integration_id, kind, id, &name);
         Ok(name)
     }
 
-    /// A user's display name (falling back to the real name), cached per team.
+    /// A user's display name (falling back to the real name), cached per integration.
     pub async fn user_name(
         &self,
-        team: &str,
+        integration_id: &str,
         token: &SecretString,
         user: &str,
     ) -> Result<String, SlackError> {
-        self.cached_info(team, token, "user", "users.info", user, |v| {
+        self.cached_info(integration_id, token, "user", "users.info", user, |v| {
             let u = &v["user"];
             [
                 u["profile"]["display_name"].as_str(),
@@ -316,30 +333,35 @@ impl SlackApi {
         .await
     }
 
-    /// A channel's name, cached per team.
+    /// A channel's name, cached per integration.
     pub async fn channel_name(
         &self,
-        team: &str,
+        integration_id: &str,
         token: &SecretString,
         channel: &str,
     ) -> Result<String, SlackError> {
-        self.cached_info(team, token, "channel", "conversations.info", channel, |v| {
-            v["channel"]["name"].as_str()
-        })
+        self.cached_info(
+            integration_id,
+            token,
+            "channel",
+            "conversations.info",
+            channel,
+            |v| v["channel"]["name"].as_str(),
+        )
         .await
     }
 
     /// A message permalink.
     pub async fn permalink(
         &self,
-        team: &str,
+        integration_id: &str,
         token: &SecretString,
         channel: &str,
         ts: &str,
     ) -> Result<String, SlackError> {
         let v = self
             .call(
-                team,
+                integration_id,
                 "chat.getPermalink",
                 Some(token),
                 None,
