@@ -1,7 +1,7 @@
 //! The command line. Admin commands work on the configured database directly (no running server
 //! needed) through the same [`Admin`] operations as the HTTP API; `--json` prints the API's JSON.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
@@ -162,14 +162,20 @@ pub struct UpdateArgs {
     #[arg(long)]
     pub deactivate: bool,
     /// New webhook/signing secret (the previous one stays valid for the grace period).
-    #[arg(long)]
+    #[arg(long, hide_env_values = true, conflicts_with = "secret_file")]
     pub secret: Option<String>,
-    /// Grace period of the previous secret, seconds.
+    /// Read the new webhook/signing secret from this file (`-`: stdin).
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: Option<PathBuf>,
+    /// Grace period of the previous secret, seconds (at most 2592000, 30 days).
     #[arg(long)]
     pub grace_secs: Option<u64>,
-    /// New API/bot token.
-    #[arg(long)]
+    /// New API/bot token (an empty value clears it).
+    #[arg(long, hide_env_values = true, conflicts_with = "api_token_file")]
     pub api_token: Option<String>,
+    /// Read the new API/bot token from this file (`-`: stdin).
+    #[arg(long, value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
 }
 
 /// `integration add …`
@@ -190,11 +196,17 @@ pub enum AddCmd {
         #[arg(long, required_unless_present = "print_install_url")]
         team_id: Option<String>,
         /// Signing secret of the Slack app (omit when the app-level secret is configured).
-        #[arg(long)]
+        #[arg(long, hide_env_values = true, conflicts_with = "signing_secret_file")]
         signing_secret: Option<String>,
+        /// Read the signing secret from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH")]
+        signing_secret_file: Option<PathBuf>,
         /// Bot token (xoxb-…).
-        #[arg(long)]
+        #[arg(long, hide_env_values = true, conflicts_with = "bot_token_file")]
         bot_token: Option<String>,
+        /// Read the bot token from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH")]
+        bot_token_file: Option<PathBuf>,
         /// The app's bot user id (its messages are ignored).
         #[arg(long)]
         bot_user_id: Option<String>,
@@ -211,23 +223,42 @@ pub enum AddCmd {
         #[arg(long)]
         name: String,
         /// Webhook secret shown by Pylon.
-        #[arg(long)]
-        secret: String,
+        #[arg(
+            long,
+            hide_env_values = true,
+            required_unless_present = "secret_file",
+            conflicts_with = "secret_file"
+        )]
+        secret: Option<String>,
+        /// Read the webhook secret from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH")]
+        secret_file: Option<PathBuf>,
         /// Pylon API token (enriches thin payloads).
-        #[arg(long)]
+        #[arg(long, hide_env_values = true, conflicts_with = "api_token_file")]
         api_token: Option<String>,
+        /// Read the Pylon API token from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH")]
+        api_token_file: Option<PathBuf>,
         /// Only these events (repeatable).
         #[arg(long = "event")]
         events: Vec<String>,
         /// auto (default), x-pylon-signature or timestamped.
         #[arg(long)]
         signature_scheme: Option<String>,
-        /// A custom header Pylon must send (e.g. authorization).
-        #[arg(long, requires = "required_header_value")]
+        /// A custom header Pylon must send (e.g. authorization); needs its value.
+        #[arg(long)]
         required_header: Option<String>,
         /// Its value.
-        #[arg(long)]
+        #[arg(
+            long,
+            hide_env_values = true,
+            requires = "required_header",
+            conflicts_with = "required_header_value_file"
+        )]
         required_header_value: Option<String>,
+        /// Read the header value from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH", requires = "required_header")]
+        required_header_value_file: Option<PathBuf>,
     },
 }
 
@@ -321,9 +352,19 @@ pub enum SendCmd {
         /// Key id (whk_…).
         #[arg(long)]
         key_id: String,
-        /// The key's secret (whsec_…).
-        #[arg(long, env = "SIGNALBOX_SEND_SECRET")]
-        secret: String,
+        /// The key's secret (whsec_…); a flag shows in process lists, prefer the environment
+        /// variable or --secret-file (which cannot be combined with either).
+        #[arg(
+            long,
+            env = "SIGNALBOX_SEND_SECRET",
+            hide_env_values = true,
+            required_unless_present = "secret_file",
+            conflicts_with = "secret_file"
+        )]
+        secret: Option<String>,
+        /// Read the secret from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH")]
+        secret_file: Option<PathBuf>,
         /// Signal text.
         #[arg(long)]
         verbatim: String,
@@ -339,9 +380,19 @@ pub enum SendCmd {
     },
     /// A Slack Events API message.
     Slack {
-        /// Signing secret.
-        #[arg(long, env = "SIGNALBOX_SEND_SECRET")]
-        signing_secret: String,
+        /// Signing secret; a flag shows in process lists, prefer the environment variable or
+        /// --secret-file (which cannot be combined with either).
+        #[arg(
+            long,
+            env = "SIGNALBOX_SEND_SECRET",
+            hide_env_values = true,
+            required_unless_present = "secret_file",
+            conflicts_with = "secret_file"
+        )]
+        signing_secret: Option<String>,
+        /// Read the signing secret from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH", alias = "signing-secret-file")]
+        secret_file: Option<PathBuf>,
         /// Send to ?integration_id= (per-customer app mode).
         #[arg(long)]
         integration_id: Option<String>,
@@ -369,9 +420,19 @@ pub enum SendCmd {
         /// Integration id.
         #[arg(long)]
         integration_id: String,
-        /// Webhook secret.
-        #[arg(long, env = "SIGNALBOX_SEND_SECRET")]
-        secret: String,
+        /// Webhook secret; a flag shows in process lists, prefer the environment variable or
+        /// --secret-file (which cannot be combined with either).
+        #[arg(
+            long,
+            env = "SIGNALBOX_SEND_SECRET",
+            hide_env_values = true,
+            required_unless_present = "secret_file",
+            conflicts_with = "secret_file"
+        )]
+        secret: Option<String>,
+        /// Read the secret from this file (`-`: stdin).
+        #[arg(long, value_name = "PATH")]
+        secret_file: Option<PathBuf>,
         /// Issue id.
         #[arg(long)]
         issue_id: String,
@@ -404,6 +465,63 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Reads the secrets given as `--…-file PATH` instead of a flag (which process lists show).
+#[derive(Debug, Default)]
+struct SecretFiles {
+    /// `-` (stdin) can feed one secret per command.
+    stdin_taken: bool,
+}
+
+impl SecretFiles {
+    /// The secret of `flag` (e.g. `--secret`): its value, or the contents of its `-file`
+    /// without one trailing newline; an error when both are given.
+    fn resolve(
+        &mut self,
+        flag: &str,
+        value: Option<String>,
+        file: Option<&Path>,
+    ) -> anyhow::Result<Option<String>> {
+        match (value, file) {
+            (Some(_), Some(_)) => anyhow::bail!("give {flag} or {flag}-file, not both"),
+            (value, None) => Ok(value),
+            (None, Some(path)) => self.read(flag, path).map(Some),
+        }
+    }
+
+    fn read(&mut self, flag: &str, path: &Path) -> anyhow::Result<String> {
+        let text = if path == Path::new("-") {
+            if std::mem::replace(&mut self.stdin_taken, true) {
+                anyhow::bail!(
+                    "{flag}-file -: stdin is already read for another secret of this command"
+                );
+            }
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| anyhow::anyhow!("cannot read {flag}-file from stdin: {e}"))?;
+            text
+        } else {
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read {flag}-file {}: {e}", path.display()))?
+        };
+        let text = trim_one_newline(text);
+        if text.is_empty() {
+            anyhow::bail!("{flag}-file {} is empty", path.display());
+        }
+        Ok(text)
+    }
+}
+
+/// Drops one trailing `\n` (or `\r\n`): what `echo` and editors add to a file.
+fn trim_one_newline(mut s: String) -> String {
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    s
 }
 
 async fn admin(cfg: &Config) -> anyhow::Result<Admin> {
@@ -561,13 +679,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     name,
                     team_id,
                     signing_secret,
+                    signing_secret_file,
                     bot_token,
+                    bot_token_file,
                     bot_user_id,
                     channels,
                 }) => {
+                    let mut files = SecretFiles::default();
+                    let signing_secret = files.resolve(
+                        "--signing-secret",
+                        signing_secret,
+                        signing_secret_file.as_deref(),
+                    )?;
+                    let bot_token =
+                        files.resolve("--bot-token", bot_token, bot_token_file.as_deref())?;
                     if print_install_url {
-                        let url =
-                            crate::oauth::install_url(&a.store, &cfg, &who, &workspace).await?;
+                        let url = crate::oauth::install_url(&a, &who, &workspace, None).await?;
                         print(j, &json!({"install_url": url}), |_| url.clone());
                         return Ok(());
                     }
@@ -594,12 +721,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     workspace,
                     name,
                     secret,
+                    secret_file,
                     api_token,
+                    api_token_file,
                     events,
                     signature_scheme,
                     required_header,
                     required_header_value,
+                    required_header_value_file,
                 }) => {
+                    let mut files = SecretFiles::default();
+                    let secret = files
+                        .resolve("--secret", secret, secret_file.as_deref())?
+                        .ok_or_else(|| anyhow::anyhow!("--secret or --secret-file is required"))?;
+                    let api_token =
+                        files.resolve("--api-token", api_token, api_token_file.as_deref())?;
+                    let required_header_value = files.resolve(
+                        "--required-header-value",
+                        required_header_value,
+                        required_header_value_file.as_deref(),
+                    )?;
+                    if required_header.is_some() && required_header_value.is_none() {
+                        anyhow::bail!(
+                            "--required-header needs --required-header-value or \
+                             --required-header-value-file"
+                        );
+                    }
                     let mut config = json!({"pylon_events": events});
                     if let Some(sch) = signature_scheme {
                         config["signature_scheme"] = json!(sch);
@@ -637,7 +784,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         serde_json::to_string_pretty(v).unwrap_or_default()
                     });
                 }
-                IntegrationCmd::Update(u) => {
+                IntegrationCmd::Update(mut u) => {
+                    let mut files = SecretFiles::default();
+                    u.secret = files.resolve("--secret", u.secret, u.secret_file.as_deref())?;
+                    u.api_token =
+                        files.resolve("--api-token", u.api_token, u.api_token_file.as_deref())?;
                     let up = IntegrationUpdate {
                         name: u.name,
                         is_active: if u.activate {
@@ -826,6 +977,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The secret of a `send` command: `flag` (or `SIGNALBOX_SEND_SECRET`), or `--secret-file`.
+fn send_secret(flag: &str, value: Option<String>, file: Option<&Path>) -> anyhow::Result<String> {
+    match (value, file) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("give {flag} (or SIGNALBOX_SEND_SECRET) or --secret-file, not both")
+        }
+        (Some(v), None) => Ok(v),
+        (None, Some(path)) => SecretFiles::default().read("--secret", path),
+        (None, None) => {
+            anyhow::bail!("{flag}, --secret-file or SIGNALBOX_SEND_SECRET is required")
+        }
+    }
+}
+
 async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
     let http = crate::app::http_client()?;
     let now = crate::clock::now_secs();
@@ -833,11 +998,13 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
         SendCmd::Webhook {
             key_id,
             secret,
+            secret_file,
             verbatim,
             source_ref,
             webhook_id,
             url,
         } => {
+            let secret = send_secret("--secret", secret, secret_file.as_deref())?;
             let key = crate::protocol::standard_webhooks::decode_secret(&secret)
                 .ok_or_else(|| anyhow::anyhow!("--secret must be a whsec_… secret"))?;
             let mut payload = json!({"verbatim": verbatim});
@@ -863,6 +1030,7 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
         }
         SendCmd::Slack {
             signing_secret,
+            secret_file,
             integration_id,
             team,
             channel,
@@ -871,6 +1039,8 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
             event_id,
             url,
         } => {
+            let signing_secret =
+                send_secret("--signing-secret", signing_secret, secret_file.as_deref())?;
             let ts = format!("{now}.000100");
             let body = json!({
                 "token": "unused", "team_id": team, "api_app_id": "A0SIGNALBOX", "type": "event_callback",
@@ -902,6 +1072,7 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
         SendCmd::Pylon {
             integration_id,
             secret,
+            secret_file,
             issue_id,
             title,
             body_html,
@@ -909,6 +1080,7 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
             scheme,
             url,
         } => {
+            let secret = send_secret("--secret", secret, secret_file.as_deref())?;
             let body = json!({"event": event, "issue_id": issue_id, "issue_title": title, "issue_body": body_html})
                 .to_string()
                 .into_bytes();
@@ -969,5 +1141,221 @@ mod tests {
     fn verify_cli() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// Every secret-bearing flag hides its environment value in `--help` and has a sibling
+    /// `…-file` flag, so no secret needs to be on the command line.
+    #[test]
+    fn secret_flags_hide_env_values_and_have_file_siblings() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, seen: &mut usize) {
+            let ids: Vec<String> = cmd
+                .get_arguments()
+                .map(|a| a.get_id().to_string())
+                .collect();
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                let secret = ["secret", "token", "key", "header_value"]
+                    .iter()
+                    .any(|w| id.contains(w));
+                // Not secrets: ids, paths, flags about secrets.
+                let exempt = id.ends_with("_file")
+                    || id.ends_with("_id")
+                    || id.ends_with("_secs")
+                    || id == "print_install_url";
+                if secret && !exempt {
+                    *seen += 1;
+                    assert!(
+                        arg.is_hide_env_values_set(),
+                        "{path} --{id} shows its env value"
+                    );
+                    let sibling = if path.starts_with("signalbox send") {
+                        "secret_file".to_string()
+                    } else {
+                        format!("{id}_file")
+                    };
+                    assert!(ids.contains(&sibling), "{path} --{id} has no {sibling}");
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), seen);
+            }
+        }
+        let mut seen = 0;
+        let cli = Cli::command();
+        for sub in cli.get_subcommands().filter(|c| c.get_name() != "bench") {
+            walk(sub, &format!("signalbox {}", sub.get_name()), &mut seen);
+        }
+        // send webhook/slack/pylon, add slack (2), add pylon (3), update (2).
+        assert!(seen >= 10, "only {seen} secret flags found");
+    }
+
+    #[test]
+    fn a_secret_and_its_file_cannot_both_be_given() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        let both = [
+            vec![
+                "signalbox",
+                "send",
+                "webhook",
+                "--key-id",
+                "whk_1",
+                "--verbatim",
+                "v",
+            ],
+            vec!["signalbox", "send", "slack", "--team", "T1", "--text", "t"],
+            vec![
+                "signalbox",
+                "send",
+                "pylon",
+                "--integration-id",
+                "int_1",
+                "--issue-id",
+                "i",
+            ],
+        ];
+        for (base, flag) in both
+            .iter()
+            .zip(["--secret", "--signing-secret", "--secret"])
+        {
+            let mut args = base.clone();
+            args.extend([flag, "s3cret-value", "--secret-file", "/tmp/x"]);
+            let e = parse(&args).expect_err("conflict");
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{args:?}"
+            );
+        }
+        for (flag, file) in [
+            ("--signing-secret", "--signing-secret-file"),
+            ("--bot-token", "--bot-token-file"),
+        ] {
+            let args = [
+                "signalbox",
+                "integration",
+                "add",
+                "slack",
+                "--workspace",
+                "ws_1",
+                "--name",
+                "n",
+                "--team-id",
+                "T1",
+                flag,
+                "s3cret-value",
+                file,
+                "/tmp/x",
+            ];
+            let e = parse(&args).expect_err("conflict");
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{flag}");
+        }
+        for (flag, file) in [
+            ("--secret", "--secret-file"),
+            ("--api-token", "--api-token-file"),
+        ] {
+            let mut args = vec![
+                "signalbox",
+                "integration",
+                "add",
+                "pylon",
+                "--workspace",
+                "ws_1",
+                "--name",
+                "n",
+            ];
+            if flag != "--secret" {
+                args.extend(["--secret", "s3cret-value"]);
+            }
+            args.extend([flag, "s3cret-value", file, "/tmp/x"]);
+            let e = parse(&args).expect_err("conflict");
+            assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict, "{flag}");
+        }
+        // The file alone is enough for a required secret.
+        let ok = parse(&[
+            "signalbox",
+            "integration",
+            "add",
+            "pylon",
+            "--workspace",
+            "ws_1",
+            "--name",
+            "n",
+            "--secret-file",
+            "-",
+        ])
+        .expect("--secret-file replaces --secret");
+        match ok.command {
+            Command::Integration(IntegrationCmd::Add(AddCmd::Pylon {
+                secret,
+                secret_file,
+                ..
+            })) => {
+                assert_eq!(secret, None);
+                assert_eq!(secret_file, Some(PathBuf::from("-")));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse(&[
+            "signalbox",
+            "integration",
+            "add",
+            "pylon",
+            "--workspace",
+            "ws_1",
+            "--name",
+            "n",
+        ])
+        .expect_err("a secret is required");
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn secret_files_lose_one_trailing_newline_and_name_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("secret");
+        let mut files = SecretFiles::default();
+        for (content, want) in [
+            ("abc", "abc"),
+            ("abc\n", "abc"),
+            ("abc\r\n", "abc"),
+            ("abc\n\n", "abc\n"),
+            (" spaced \n", " spaced "),
+        ] {
+            std::fs::write(&file, content).expect("write");
+            let got = files
+                .resolve("--secret", None, Some(&file))
+                .expect("readable");
+            assert_eq!(got.as_deref(), Some(want), "{content:?}");
+        }
+        std::fs::write(&file, "\n").expect("write");
+        let e = files
+            .resolve("--secret", None, Some(&file))
+            .expect_err("empty");
+        assert!(e.to_string().contains(&file.display().to_string()), "{e}");
+        let missing = dir.path().join("missing");
+        let e = files
+            .resolve("--bot-token", None, Some(&missing))
+            .expect_err("missing");
+        let msg = e.to_string();
+        assert!(msg.contains("--bot-token-file"), "{msg}");
+        assert!(msg.contains(&missing.display().to_string()), "{msg}");
+        let e = files
+            .resolve("--secret", Some("x".into()), Some(&file))
+            .expect_err("both");
+        assert!(e.to_string().contains("not both"), "{e}");
+        assert_eq!(
+            files
+                .resolve("--secret", Some("flag".into()), None)
+                .expect("flag"),
+            Some("flag".into())
+        );
+        assert_eq!(files.resolve("--secret", None, None).expect("absent"), None);
+        // stdin feeds one secret at most.
+        files.stdin_taken = true;
+        let e = files
+            .resolve("--api-token", None, Some(Path::new("-")))
+            .expect_err("stdin twice");
+        assert!(e.to_string().contains("stdin"), "{e}");
     }
 }

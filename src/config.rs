@@ -15,6 +15,10 @@ pub const ENV_PREFIX: &str = "SIGNALBOX_";
 /// Default config file looked up in the working directory.
 pub const DEFAULT_CONFIG_FILE: &str = "signalbox.toml";
 
+/// Longest grace period of a rotated secret, seconds (30 days): the bound of
+/// `SIGNALBOX_SECRET_GRACE_SECS` and of every `grace_period_secs` the admin API accepts.
+pub const MAX_SECRET_GRACE_SECS: u64 = 30 * 86_400;
+
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -367,7 +371,11 @@ impl RawConfig {
                 0u64,
                 3600,
             )?),
-            secret_grace: Duration::from_secs(self.num("secret_grace_secs", 0u64, 30 * 86_400)?),
+            secret_grace: Duration::from_secs(self.num(
+                "secret_grace_secs",
+                0u64,
+                MAX_SECRET_GRACE_SECS,
+            )?),
             log_format,
             shutdown_timeout: Duration::from_secs(self.num("shutdown_timeout_secs", 1u64, 600)?),
             sqlite_synchronous,
@@ -504,18 +512,96 @@ impl Config {
     }
 }
 
-/// Hides the password of a database URL.
+/// Hides every secret of a database URL: the userinfo password (`scheme://user:[redacted]@host`)
+/// and the values of query parameters that hold or point at a credential (libpq's `password`,
+/// `sslpassword`, `passfile`, and anything else named like one, see [`is_secret_param`]).
 pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((creds, host)) = rest.rsplit_once('@')
-    {
-        let user = creds.split(':').next().unwrap_or("");
-        if creds.contains(':') {
-            return format!("{scheme}://{user}:[redacted]@{host}");
+    // The query starts at the first `?` (or `#`); the userinfo ends at the last `@` before it
+    // (a raw `/` or `@` in a password stays inside the redacted part).
+    let (head, tail) = match url.find(['?', '#']) {
+        Some(i) => url.split_at(i),
+        None => (url, ""),
+    };
+    let mut out = String::with_capacity(url.len());
+    match head.split_once("://") {
+        Some((scheme, rest)) => {
+            out.push_str(scheme);
+            out.push_str("://");
+            match rest.rsplit_once('@') {
+                Some((creds, host)) => {
+                    let user = creds.split(':').next().unwrap_or("");
+                    out.push_str(user);
+                    if creds.contains(':') {
+                        out.push_str(":[redacted]");
+                    }
+                    out.push('@');
+                    out.push_str(host);
+                }
+                None => out.push_str(rest),
+            }
         }
-        return format!("{scheme}://{user}@{host}");
+        None => out.push_str(head),
     }
-    url.to_string()
+    let (query, fragment) = match tail.find('#') {
+        Some(i) => tail.split_at(i),
+        None => (tail, ""),
+    };
+    if let Some(query) = query.strip_prefix('?') {
+        out.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if is_secret_param(name) => format!("{name}=[redacted]"),
+                _ => param.to_string(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
+    }
+    if !fragment.is_empty() {
+        out.push_str("#[redacted]");
+    }
+    out
+}
+
+/// True when a database URL query parameter holds (or names the file of) a credential:
+/// its name, percent-decoded and lower-cased, contains `pass` (`password`, `sslpassword`,
+/// `passfile`, `passwd`), `pwd`, `secret`, `token`, `key` (`sslkey`, `api_key`) or
+/// `credential`.
+pub fn is_secret_param(name: &str) -> bool {
+    let name = percent_decode_lossy(name).to_ascii_lowercase();
+    ["pass", "pwd", "secret", "token", "key", "credential"]
+        .iter()
+        .any(|w| name.contains(w))
+}
+
+/// `%XX` decoding (and `+` as a space) of a query parameter name; invalid escapes stay as
+/// they are.
+fn percent_decode_lossy(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                match b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// True if `key` (lower-case, no prefix) holds a secret.
@@ -598,5 +684,65 @@ mod tests {
             assert!(!text.contains(s), "{s} leaked");
         }
         assert!(text.contains("postgres://u:[redacted]@db/x"));
+    }
+
+    #[test]
+    fn database_urls_are_redacted_in_userinfo_and_query() {
+        let cases = [
+            ("postgres://u:hunter2@db/x", "postgres://u:[redacted]@db/x"),
+            ("postgres://u@db/x", "postgres://u@db/x"),
+            (
+                "postgres://u@h/db?password=secret",
+                "postgres://u@h/db?password=[redacted]",
+            ),
+            (
+                "postgres://u@h/db?sslmode=require&sslpassword=secret&passfile=/home/u/.pgpass",
+                "postgres://u@h/db?sslmode=require&sslpassword=[redacted]&passfile=[redacted]",
+            ),
+            (
+                "postgres://u:hunter2@h:5432/db?PassWord=secret&application_name=sb",
+                "postgres://u:[redacted]@h:5432/db?PassWord=[redacted]&application_name=sb",
+            ),
+            // Percent-encoded parameter names and `@` inside a query value.
+            (
+                "postgres://u@h/db?pass%77ord=a@b",
+                "postgres://u@h/db?pass%77ord=[redacted]",
+            ),
+            // A raw `/` or `@` in the password stays inside the redacted part.
+            ("postgres://u:pa/s@s@h/db", "postgres://u:[redacted]@h/db"),
+            (
+                "sqlite://signalbox.db?mode=rwc",
+                "sqlite://signalbox.db?mode=rwc",
+            ),
+            ("sqlite:x.db", "sqlite:x.db"),
+            ("postgres://h/db#frag-secret", "postgres://h/db#[redacted]"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+        // What `config print` shows.
+        let mut raw = RawConfig::defaults();
+        raw.set("database_url", "postgres://u@db/x?password=s3cr3t-in-query");
+        let c = raw.build().expect("valid");
+        let text = format!("{:?}", c.redacted_lines());
+        assert!(!text.contains("s3cr3t-in-query"), "{text}");
+        assert!(
+            text.contains("postgres://u@db/x?password=[redacted]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn secret_grace_is_bounded_to_thirty_days() {
+        let mut raw = RawConfig::defaults();
+        raw.set("secret_grace_secs", MAX_SECRET_GRACE_SECS.to_string());
+        let c = raw.build().expect("30 days is allowed");
+        assert_eq!(c.secret_grace.as_secs(), 2_592_000);
+        for bad in ["2592001", "9000000000000", "-1"] {
+            let mut raw = RawConfig::defaults();
+            raw.set("secret_grace_secs", bad);
+            let e = raw.build().expect_err(bad);
+            assert_eq!(e.key, "SIGNALBOX_SECRET_GRACE_SECS");
+        }
     }
 }

@@ -38,6 +38,9 @@ pub enum ApiError {
     /// 401 `unauthorized` (admin API).
     #[error("a valid bearer token is required")]
     Unauthorized,
+    /// 403 `forbidden`: a workspace-scoped token asked for a global action.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404 `not_found`.
     #[error("{0} not found")]
     NotFound(&'static str),
@@ -69,6 +72,7 @@ impl ApiError {
             ApiError::Signature(e) => e.code(),
             ApiError::UnknownIntegration => "unknown_integration",
             ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::RequestTimeout => "request_timeout",
@@ -88,6 +92,7 @@ impl ApiError {
             ApiError::Signature(_) | ApiError::UnknownIntegration | ApiError::Unauthorized => {
                 StatusCode::UNAUTHORIZED
             }
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
