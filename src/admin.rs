@@ -242,6 +242,33 @@ pub fn validate_config(platform: &str, config: Option<&Value>) -> ApiResult<Valu
     Ok(Value::Object(out))
 }
 
+/// Why Slack installation `team` cannot be bound to workspace `ws`: `other` owns it. Names the
+/// other integration only when it is in the same workspace (another tenant's ids stay hidden).
+pub fn slack_owner_message(team: &str, other: &Integration, ws: &str) -> String {
+    if other.workspace_id == ws {
+        format!(
+            "Slack team {team} already has an active integration in this workspace ({}); \
+             deactivate it first",
+            other.id
+        )
+    } else {
+        format!(
+            "Slack team {team} (or its Enterprise Grid organisation) is already connected to \
+             another signalbox workspace"
+        )
+    }
+}
+
+/// A unique-index refusal of an integration write, as the contract's 409 naming the team.
+fn slack_conflict(e: crate::store::StoreError, row: &Integration) -> ApiError {
+    match (e, &row.slack_team_id) {
+        (crate::store::StoreError::Conflict, Some(team)) => ApiError::Conflict(format!(
+            "Slack team {team} already has an active integration of the shared Slack app"
+        )),
+        (e, _) => e.into(),
+    }
+}
+
 fn check_name(name: &str) -> ApiResult<String> {
     let n = name.trim();
     if n.is_empty() || n.chars().count() > 200 {
@@ -251,12 +278,62 @@ fn check_name(name: &str) -> ApiResult<String> {
 }
 
 fn check_secret(field: &str, s: &str) -> ApiResult<()> {
+    if s.trim().is_empty() {
+        return Err(ApiError::invalid(format!("{field} must not be empty")));
+    }
     if s.len() < 8 || s.len() > 4096 {
         return Err(ApiError::invalid(format!(
             "{field} must be 8 to 4096 characters"
         )));
     }
     Ok(())
+}
+
+/// A secret the caller may omit: `None` when absent, the trimmed value when given, and a 400
+/// naming `field` when it was given empty or blank (which must not read as "absent": that
+/// would pass a required check, or silently keep the old secret).
+fn given_secret(field: &str, v: &Option<String>) -> ApiResult<Option<String>> {
+    match v.as_deref() {
+        None => Ok(None),
+        Some(s) => {
+            check_secret(field, s)?;
+            Ok(Some(s.trim().to_string()))
+        }
+    }
+}
+
+/// The API field behind an integration's secret column (for error messages).
+fn secret_field(platform: &str, col: &str) -> &'static str {
+    match (platform, col) {
+        ("slack", "webhook_secret_enc") => "signing_secret",
+        (_, "webhook_secret_enc") => "webhook_secret",
+        ("slack", "access_token_enc") => "bot_token",
+        (_, "access_token_enc") => "api_token",
+        _ => "required_header_value",
+    }
+}
+
+/// The grace period of a rotated secret: `requested`, else the configured default; at most
+/// [`MAX_SECRET_GRACE_SECS`](crate::config::MAX_SECRET_GRACE_SECS) (30 days).
+fn check_grace(requested: Option<u64>, default: u64) -> ApiResult<u64> {
+    let max = crate::config::MAX_SECRET_GRACE_SECS;
+    let grace = requested.unwrap_or(default);
+    if grace > max {
+        return Err(ApiError::invalid(format!(
+            "grace_period_secs must be at most {max} (30 days)"
+        )));
+    }
+    Ok(grace)
+}
+
+/// When a previous secret kept for `grace_secs` from `now` (Unix µs) expires; checked, never
+/// wrapped.
+fn grace_expiry(now: i64, grace_secs: u64) -> ApiResult<i64> {
+    i64::try_from(grace_secs)
+        .ok()
+        .and_then(|g| g.checked_mul(1_000_000))
+        .and_then(|us| now.checked_add(us))
+        .ok_or_else(|| ApiError::invalid("grace_period_secs is out of range"))
 }
 
 fn non_empty(s: &Option<String>) -> Option<String> {
@@ -292,7 +369,11 @@ impl Admin {
     /// Creates a workspace (admin only).
     pub async fn create_workspace(&self, who: &Principal, name: &str) -> ApiResult<Value> {
         if who != &Principal::Admin {
-            return Err(ApiError::NotFound("route"));
+            return Err(ApiError::Forbidden(
+                "creating a workspace needs the admin token (SIGNALBOX_ADMIN_TOKEN); \
+                 a workspace-scoped token cannot do it"
+                    .into(),
+            ));
         }
         let ws = self.store.create_workspace(&check_name(name)?).await?;
         self.store
@@ -409,7 +490,7 @@ impl Admin {
         if !key.is_active {
             return Err(ApiError::NotFound("webhook key"));
         }
-        let grace = grace_secs.unwrap_or(self.cfg.secret_grace.as_secs());
+        let grace = check_grace(grace_secs, self.cfg.secret_grace.as_secs())?;
         let secret = standard_webhooks::generate_secret();
         let new_enc = self
             .creds
@@ -429,7 +510,7 @@ impl Admin {
                     "previous_secret_enc",
                     plain.expose_secret(),
                 )),
-                Some(now_micros() + (grace as i64) * 1_000_000),
+                Some(grace_expiry(now_micros(), grace)?),
             )
         } else {
             (None, None)
@@ -484,11 +565,9 @@ impl Admin {
         let now = now_micros();
         let id = new_id(prefix::INTEGRATION);
         let enc = |col: &str, v: &Option<String>| -> ApiResult<Option<String>> {
-            match non_empty(v) {
-                Some(s) => {
-                    check_secret(col, &s)?;
-                    Ok(Some(self.creds.encrypt("integrations", &id, col, &s)))
-                }
+            // An explicitly empty secret is a 400 naming the field, not "absent".
+            match given_secret(secret_field(&platform, col), v)? {
+                Some(s) => Ok(Some(self.creds.encrypt("integrations", &id, col, &s))),
                 None => Ok(None),
             }
         };
@@ -509,28 +588,28 @@ impl Admin {
                 let team = non_empty(&input.slack_team_id).ok_or_else(|| {
                     ApiError::invalid("slack_team_id is required for a Slack integration")
                 })?;
-                if !(team.starts_with('T') || team.starts_with('E'))
-                    || !team
-                        .bytes()
-                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-                {
-                    return Err(ApiError::invalid("slack_team_id must look like T0123ABCD"));
+                if !crate::protocol::slack::is_team_id(&team) {
+                    return Err(ApiError::invalid(
+                        "slack_team_id must look like T0123ABCD (or E0123ABCD for an org-wide install)",
+                    ));
                 }
-                if input.signing_secret.is_none() && self.cfg.slack_signing_secret.is_none() {
+                let own_secret = non_empty(&input.signing_secret).is_some();
+                if !own_secret && self.cfg.slack_signing_secret.is_none() {
                     return Err(ApiError::invalid(
                         "signing_secret is required (or configure the app-level SIGNALBOX_SLACK_SIGNING_SECRET)",
                     ));
                 }
-                let clash = self
-                    .store
-                    .find_slack_integrations(&team)
-                    .await?
-                    .into_iter()
-                    .any(|i| i.is_active && i.slack_team_id.as_deref() == Some(team.as_str()));
-                if clash {
-                    return Err(ApiError::Conflict(format!(
-                        "an active Slack integration for team {team} already exists"
+                if !own_secret && who != &Principal::Admin {
+                    // The distributed app routes by team: binding a team to it needs proof
+                    // that the caller owns it, which only Slack's OAuth install gives.
+                    return Err(ApiError::Forbidden(format!(
+                        "a workspace token cannot bind Slack team {team} to the shared Slack app: \
+                         install it with Slack's OAuth flow (GET /api/integrations/slack/install?workspace_id={ws}), \
+                         or create the integration with the signing_secret of your own Slack app"
                     )));
+                }
+                if !own_secret {
+                    self.check_slack_owner(ws, &team, None, &id).await?;
                 }
                 row.slack_team_id = Some(team);
                 row.slack_team_name = non_empty(&input.slack_team_name);
@@ -559,7 +638,10 @@ impl Admin {
             }
             _ => return Err(ApiError::invalid("platform must be slack or pylon")),
         }
-        self.store.insert_integration(&row).await?;
+        self.store
+            .insert_integration(&row)
+            .await
+            .map_err(|e| slack_conflict(e, &row))?;
         self.creds.changed(&id).await;
         self.store
             .log_activity(
@@ -572,6 +654,26 @@ impl Admin {
             )
             .await?;
         Ok(self.integration_json(&row))
+    }
+
+    /// Refuses to bind Slack installation `team` (of enterprise `enterprise`, if known) to the
+    /// distributed app in workspace `ws` when an active integration elsewhere owns it, its
+    /// enterprise or a workspace inside it (`except`: the integration being bound).
+    pub async fn check_slack_owner(
+        &self,
+        ws: &str,
+        team: &str,
+        enterprise: Option<&str>,
+        except: &str,
+    ) -> ApiResult<()> {
+        match self
+            .store
+            .slack_owner_conflict(ws, team, enterprise, except)
+            .await?
+        {
+            None => Ok(()),
+            Some(other) => Err(ApiError::Conflict(slack_owner_message(team, &other, ws))),
+        }
     }
 
     async fn integration_visible(&self, who: &Principal, id: &str) -> ApiResult<Integration> {
@@ -615,6 +717,13 @@ impl Admin {
             changed.push("config");
         }
         if let Some(a) = up.is_active {
+            if a && !row.is_active && row.platform == "slack" && row.webhook_secret_enc.is_none() {
+                if let Some(team) = row.slack_team_id.clone() {
+                    let ent = row.slack_enterprise_id.clone();
+                    self.check_slack_owner(&row.workspace_id, &team, ent.as_deref(), id)
+                        .await?;
+                }
+            }
             row.is_active = a;
             changed.push("is_active");
         }
@@ -627,11 +736,10 @@ impl Admin {
             changed.push("slack_team_name");
         }
         if let Some(s) = &up.secrets {
-            if let Some(new) = non_empty(&s.webhook_secret) {
-                check_secret("webhook_secret", &new)?;
-                let grace = s
-                    .grace_period_secs
-                    .unwrap_or(self.cfg.secret_grace.as_secs());
+            // Checked even without a new secret: an out-of-range value is never ignored.
+            let grace = check_grace(s.grace_period_secs, self.cfg.secret_grace.as_secs())?;
+            let secret_name = secret_field(&row.platform, "webhook_secret_enc");
+            if let Some(new) = given_secret(secret_name, &s.webhook_secret)? {
                 match (&row.webhook_secret_enc, grace > 0) {
                     (Some(cur), true) => {
                         let plain = self
@@ -649,8 +757,7 @@ impl Admin {
                             "previous_webhook_secret_enc",
                             plain.expose_secret(),
                         ));
-                        row.previous_secret_expires_at =
-                            Some(now_micros() + grace as i64 * 1_000_000);
+                        row.previous_secret_expires_at = Some(grace_expiry(now_micros(), grace)?);
                     }
                     _ => {
                         row.previous_webhook_secret_enc = None;
@@ -677,8 +784,7 @@ impl Admin {
                 row.needs_reauth = false;
                 changed.push("api_token");
             }
-            if let Some(v) = non_empty(&s.required_header_value) {
-                check_secret("required_header_value", &v)?;
+            if let Some(v) = given_secret("required_header_value", &s.required_header_value)? {
                 row.required_header_value_enc =
                     Some(
                         self.creds
@@ -693,7 +799,12 @@ impl Admin {
                 "secrets.required_header_value is required when config.required_header is set",
             ));
         }
-        if !self.store.update_integration(&row).await? {
+        if !self
+            .store
+            .update_integration(&row)
+            .await
+            .map_err(|e| slack_conflict(e, &row))?
+        {
             return Err(ApiError::NotFound("integration"));
         }
         self.creds.changed(id).await;
@@ -774,10 +885,15 @@ impl Admin {
         ws: &str,
         name: Option<String>,
     ) -> ApiResult<Value> {
-        if who != &Principal::Admin {
-            return Err(ApiError::NotFound("route"));
-        }
+        // Another workspace stays 404 (tenant isolation); one's own is 403: a global action.
         self.workspace_visible(who, ws).await?;
+        if who != &Principal::Admin {
+            return Err(ApiError::Forbidden(
+                "minting a workspace token needs the admin token (SIGNALBOX_ADMIN_TOKEN); \
+                 a workspace-scoped token cannot do it"
+                    .into(),
+            ));
+        }
         let token = crate::crypto::random_token("sbx_", 32);
         let t = ApiToken {
             id: new_id(prefix::TOKEN),

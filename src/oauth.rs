@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::{sha256_hex, url_encode as enc};
-use crate::store::{Integration, Store};
+use crate::store::Integration;
 
 /// How long an install link stays valid.
 pub const STATE_TTL_SECS: i64 = 600;
@@ -36,19 +36,32 @@ pub fn redirect_uri(cfg: &Config) -> String {
     format!("{}/api/webhooks/slack/oauth", cfg.public_url)
 }
 
-/// Creates a state for `workspace_id` and returns the Slack authorize URL.
+/// Creates a state for `workspace_id` and returns the Slack authorize URL. With `team`, Slack
+/// preselects that workspace, and a team another signalbox workspace owns is refused here,
+/// before anyone authorises anything.
 pub async fn install_url(
-    store: &Store,
-    cfg: &Config,
+    admin: &crate::admin::Admin,
     who: &Principal,
     workspace_id: &str,
+    team: Option<&str>,
 ) -> ApiResult<String> {
+    let (store, cfg) = (&admin.store, &*admin.cfg);
     let client_id = cfg
         .slack_client_id
         .as_deref()
         .ok_or_else(|| ApiError::invalid("Slack OAuth is not configured: set SIGNALBOX_SLACK_CLIENT_ID and SIGNALBOX_SLACK_CLIENT_SECRET"))?;
     if !who.can_see(workspace_id) || store.get_workspace(workspace_id).await?.is_none() {
         return Err(ApiError::NotFound("workspace"));
+    }
+    if let Some(team) = team {
+        if !crate::protocol::slack::is_team_id(team) {
+            return Err(ApiError::invalid(
+                "team_id must look like T0123ABCD or E0123ABCD",
+            ));
+        }
+        admin
+            .check_slack_owner(workspace_id, team, None, "")
+            .await?;
     }
     let raw_state = crate::crypto::random_token("", 32);
     store
@@ -59,19 +72,25 @@ pub async fn install_url(
             now_micros() + STATE_TTL_SECS * 1_000_000,
         )
         .await?;
-    Ok(format!(
+    let mut url = format!(
         "{}?client_id={}&scope={}&redirect_uri={}&state={}",
         cfg.slack_authorize_url,
         enc(client_id),
         enc(&cfg.slack_scopes),
         enc(&redirect_uri(cfg)),
         enc(&raw_state)
-    ))
+    );
+    if let Some(team) = team {
+        url.push_str("&team=");
+        url.push_str(&enc(team));
+    }
+    Ok(url)
 }
 
 #[derive(Deserialize)]
 struct InstallQuery {
     workspace_id: Option<String>,
+    team_id: Option<String>,
 }
 
 async fn install(
@@ -83,7 +102,8 @@ async fn install(
         .workspace_id
         .filter(|w| !w.is_empty())
         .ok_or_else(|| ApiError::invalid("workspace_id is required"))?;
-    let url = install_url(&state.store, &state.cfg, &who, &ws).await?;
+    let team = q.team_id.as_deref().filter(|t| !t.is_empty());
+    let url = install_url(&state.admin, &who, &ws, team).await?;
     Ok((StatusCode::FOUND, [(header::LOCATION, url)]).into_response())
 }
 
@@ -168,6 +188,51 @@ async fn callback(State(state): State<AppState>, Query(q): Query<CallbackQuery>)
     }
 }
 
+/// Before team ownership needed proof, a workspace token could bind any team to the shared app.
+/// Such a claim (made by a token, for exactly this team, in another workspace) gives way to the
+/// install Slack just confirmed: it is deactivated, with an activity entry in its workspace.
+async fn release_unproven_claim(state: &AppState, ws: &str, team_id: &str, except: &str) {
+    let Ok(Some(other)) = state
+        .store
+        .slack_owner_conflict(ws, team_id, None, except)
+        .await
+    else {
+        return;
+    };
+    let by_token = other
+        .created_by
+        .as_deref()
+        .is_some_and(|c| crate::ids::looks_like(c, prefix::TOKEN));
+    if other.workspace_id == ws || !by_token || other.slack_team_id.as_deref() != Some(team_id) {
+        return;
+    }
+    let reason = "Slack's OAuth install of this team into another workspace replaced a claim made \
+                  by a workspace token without proof of owning the team";
+    match state
+        .store
+        .deactivate_integration(&other.id, "oauth", reason)
+        .await
+    {
+        Ok(_) => {
+            state.creds.changed(&other.id).await;
+            tracing::warn!(integration_id = %other.id, team_id = %team_id, "unproven Slack team claim released");
+        }
+        Err(e) => tracing::error!(error = %e, "releasing an unproven Slack team claim failed"),
+    }
+}
+
+/// Revokes a token of an installation signalbox refused, so no one holds a credential for it.
+async fn give_back(state: &AppState, token: &secrecy::SecretString, team_id: &str) {
+    match state.slack.revoke(token).await {
+        Ok(()) => {
+            tracing::warn!(team_id = %team_id, "Slack install refused: the team belongs to another workspace; token revoked")
+        }
+        Err(e) => {
+            tracing::error!(team_id = %team_id, error = %e, "Slack install refused, and revoking its token failed")
+        }
+    }
+}
+
 /// Exchanges the code and creates or updates the workspace's Slack integration.
 async fn complete(state: &AppState, ws: &str, code: &str) -> Result<String, String> {
     let (Some(client_id), Some(secret)) =
@@ -194,26 +259,38 @@ async fn complete(state: &AppState, ws: &str, code: &str) -> Result<String, Stri
         .find_slack_integrations(&team_id)
         .await
         .map_err(fail)?;
-    if existing.iter().any(|i| i.is_active && i.workspace_id != ws) {
-        return Err(format!(
-            "The Slack workspace {team_id} is already connected to another signalbox workspace."
-        ));
+    // The installation of the distributed app this workspace already has for the team, if any.
+    let mine = existing
+        .into_iter()
+        .find(|i| i.workspace_id == ws && i.webhook_secret_enc.is_none());
+    let except = mine.as_ref().map(|i| i.id.clone()).unwrap_or_default();
+    release_unproven_claim(state, ws, &team_id, &except).await;
+    let conflict = state
+        .admin
+        .check_slack_owner(ws, &team_id, tokens.enterprise_id.as_deref(), &except)
+        .await;
+    if let Err(e) = conflict {
+        give_back(state, &tokens.access_token, &team_id).await;
+        return Err(match e {
+            ApiError::Conflict(msg) => format!("{msg}. Nothing was connected."),
+            other => {
+                tracing::error!(error = %other, "checking the Slack installation's owner failed");
+                "signalbox could not check the installation; try again.".to_string()
+            }
+        });
     }
     let now = now_micros();
-    let mut row = existing
-        .into_iter()
-        .find(|i| i.workspace_id == ws)
-        .unwrap_or_else(|| Integration {
-            id: new_id(prefix::INTEGRATION),
-            workspace_id: ws.to_string(),
-            platform: "slack".into(),
-            name: format!("Slack {}", tokens.team_name.as_deref().unwrap_or(&team_id)),
-            config: json!({"slack_channels": []}).to_string(),
-            created_at: now,
-            updated_at: now,
-            created_by: Some("oauth".into()),
-            ..Default::default()
-        });
+    let mut row = mine.unwrap_or_else(|| Integration {
+        id: new_id(prefix::INTEGRATION),
+        workspace_id: ws.to_string(),
+        platform: "slack".into(),
+        name: format!("Slack {}", tokens.team_name.as_deref().unwrap_or(&team_id)),
+        config: json!({"slack_channels": []}).to_string(),
+        created_at: now,
+        updated_at: now,
+        created_by: Some("oauth".into()),
+        ..Default::default()
+    });
     let is_new = row.created_at == now;
     let id = row.id.clone();
     row.access_token_enc = Some(state.creds.encrypt(
@@ -236,10 +313,20 @@ async fn complete(state: &AppState, ws: &str, code: &str) -> Result<String, Stri
     row.slack_app_id = tokens.app_id.clone();
     row.is_active = true;
     row.needs_reauth = false;
-    if is_new {
-        store.insert_integration(&row).await.map_err(fail)?;
+    let stored = if is_new {
+        store.insert_integration(&row).await
     } else {
-        store.update_integration(&row).await.map_err(fail)?;
+        store.update_integration(&row).await.map(|_| ())
+    };
+    if let Err(e) = stored {
+        // The unique index: another workspace bound the team meanwhile.
+        give_back(state, &tokens.access_token, &team_id).await;
+        return Err(match e {
+            crate::store::StoreError::Conflict => format!(
+                "Slack team {team_id} was connected to another signalbox workspace meanwhile. Nothing was connected."
+            ),
+            e => fail(e),
+        });
     }
     state.creds.changed(&id).await;
     let _ = store

@@ -87,13 +87,7 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
     let Some((db_url, _dir)) = fresh_database(b).await else {
         return;
     };
-    let keys = {
-        use secrecy::ExposeSecret;
-        signalbox::crypto::MasterKey::generate("k1")
-            .to_spec()
-            .expose_secret()
-            .to_string()
-    };
+    let keys = helpers::new_master_keys();
     let node = |port: u16| Server {
         port,
         env: vec![

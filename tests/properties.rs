@@ -117,12 +117,26 @@ proptest! {
                 prop_assert_eq!(e.kind, s(p.get("type")).unwrap_or_default());
                 prop_assert_eq!(e.event_id, s(p.get("event_id")));
                 prop_assert_eq!(e.api_app_id, s(p.get("api_app_id")));
-                prop_assert_eq!(e.team_id, s(p.get("team_id")));
+                // Team and enterprise ids count only when shaped like Slack's.
+                let team = |v: Option<&serde_json::Value>| s(v).filter(|t| slack::is_team_id(t));
+                prop_assert_eq!(e.team_id, team(p.get("team_id")));
                 prop_assert_eq!(e.challenge, s(p.get("challenge")));
                 prop_assert_eq!(e.event_type, s(p.get("event").and_then(|e| e.get("type"))));
+                let authorizations: Vec<Option<String>> = p
+                    .get("authorizations")
+                    .and_then(|a| a.as_array())
+                    .map(|list| {
+                        list.iter()
+                            .take(slack::MAX_AUTHORIZATIONS)
+                            .map(|a| (team(a.get("team_id")), team(a.get("enterprise_id"))))
+                            .filter(|(t, e)| t.is_some() || e.is_some())
+                            .map(|(t, _)| t)
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 prop_assert_eq!(
-                    e.authorization_team_id,
-                    s(p.get("authorizations").and_then(|a| a.get(0)).and_then(|a| a.get("team_id")))
+                    e.authorizations.iter().map(|a| a.team_id.clone()).collect::<Vec<_>>(),
+                    authorizations
                 );
             }
         }
@@ -212,6 +226,7 @@ fn arb_envelope() -> impl Strategy<Value = String> {
     let value = prop_oneof![
         arb_json(),
         "[A-Z0-9\\\\\"é]{0,6}".prop_map(Value::String),
+        "[TE][A-Z0-9]{1,8}".prop_map(Value::String),
         any::<f64>().prop_map(|f| json!(f)),
         any::<u64>().prop_map(|n| json!(n)),
         arb_json().prop_map(|v| json!([{"team_id": v}, {"team_id": "T2"}])),

@@ -6,8 +6,10 @@ use signalbox::protocol::slack;
 fuzz_target!(|data: &[u8]| {
     if let Ok(env) = slack::parse_envelope(data) {
         let _ = env.routing_ids();
+        let _ = env.installing_team("E0ORG");
         let _ = env.dedupe_key(data);
         let settings = slack::SlackSettings {
+            team_id: env.routing_ids().first().map(|t| env.installing_team(t)),
             bot_user_id: Some("U0BOT".into()),
             channels: vec!["C1".into()],
             channel_types: vec![],

@@ -88,17 +88,83 @@ pub struct Envelope {
     pub team_id: Option<String>,
     /// `event.type` of the inner event, if any.
     pub event_type: Option<String>,
-    /// `authorizations[0].team_id` (routing fallback).
-    pub authorization_team_id: Option<String>,
-    /// `context_team_id` (routing fallback).
+    /// `authorizations`: the installations the event was delivered for (Slack sends at most
+    /// one today; more than [`MAX_AUTHORIZATIONS`] are ignored). Entries without a well-formed
+    /// team or enterprise id are dropped.
+    pub authorizations: Vec<Authorization>,
+    /// `context_team_id`: the workspace whose context (channel) the event happened in.
     pub context_team_id: Option<String>,
-    /// `enterprise_id` (routing fallback).
+    /// `context_enterprise_id`.
+    pub context_enterprise_id: Option<String>,
+    /// `enterprise_id` of the envelope.
     pub enterprise_id: Option<String>,
     /// `minute_rate_limited` of an `app_rate_limited` envelope, as text.
     pub minute_rate_limited: Option<String>,
     /// The parsed body (a JSON object) without any `blocks` member, which nothing reads (the
     /// text is rendered from `text`).
     pub raw: Value,
+}
+
+/// Entries of `authorizations` looked at; Slack truncates the list to one.
+pub const MAX_AUTHORIZATIONS: usize = 8;
+
+/// One entry of an envelope's `authorizations`: an installation of the app that can see the
+/// event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    /// The installed workspace (absent for some org-wide installs).
+    pub team_id: Option<String>,
+    /// The enterprise (Enterprise Grid), if any.
+    pub enterprise_id: Option<String>,
+    /// An org-wide install: the installation is the enterprise, not one workspace.
+    pub is_enterprise_install: bool,
+}
+
+impl Authorization {
+    fn from_json(v: &Value) -> Option<Authorization> {
+        let a = Authorization {
+            team_id: team_field(v, "team_id"),
+            enterprise_id: team_field(v, "enterprise_id"),
+            is_enterprise_install: v
+                .get("is_enterprise_install")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        };
+        (a.team_id.is_some() || a.enterprise_id.is_some()).then_some(a)
+    }
+
+    /// The ids an installation is stored under, most specific first: an org-wide install is
+    /// its enterprise, a workspace install its team.
+    pub fn ids(&self) -> Vec<String> {
+        let (first, second) = if self.is_enterprise_install {
+            (&self.enterprise_id, &self.team_id)
+        } else {
+            (&self.team_id, &self.enterprise_id)
+        };
+        let mut ids: Vec<String> = first.iter().cloned().collect();
+        if self.is_enterprise_install || first.is_none() {
+            ids.extend(second.iter().cloned());
+        }
+        ids
+    }
+}
+
+/// True when `s` has the shape of a Slack team (`T…`) or enterprise (`E…`) id: the letter and
+/// 1 to 20 upper-case letters or digits. Anything else is never looked up.
+pub fn is_team_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    (2..=21).contains(&b.len())
+        && matches!(b[0], b'T' | b'E')
+        && b[1..]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
+/// A team or enterprise id field, if present and well-formed.
+fn team_field(v: &Value, key: &str) -> Option<String> {
+    str_ref(v, key)
+        .filter(|s| is_team_id(s))
+        .map(str::to_string)
 }
 
 /// Parses the envelope of a (verified) Events API body. `Err(message)` when the body is not a
@@ -119,14 +185,21 @@ pub fn parse_envelope(body: &[u8]) -> Result<Envelope, String> {
         challenge: str_field(&raw, "challenge"),
         event_id: str_field(&raw, "event_id"),
         api_app_id: str_field(&raw, "api_app_id"),
-        team_id: str_field(&raw, "team_id"),
+        team_id: team_field(&raw, "team_id"),
         event_type: raw.get("event").and_then(|e| str_field(e, "type")),
-        authorization_team_id: raw
+        authorizations: raw
             .get("authorizations")
-            .and_then(|a| a.get(0))
-            .and_then(|a| str_field(a, "team_id")),
-        context_team_id: str_field(&raw, "context_team_id"),
-        enterprise_id: str_field(&raw, "enterprise_id"),
+            .and_then(Value::as_array)
+            .map(|list| {
+                list.iter()
+                    .take(MAX_AUTHORIZATIONS)
+                    .filter_map(Authorization::from_json)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        context_team_id: team_field(&raw, "context_team_id"),
+        context_enterprise_id: team_field(&raw, "context_enterprise_id"),
+        enterprise_id: team_field(&raw, "enterprise_id"),
         minute_rate_limited: raw.get("minute_rate_limited").and_then(minute_text),
         raw,
     })
@@ -223,22 +296,73 @@ mod pruned {
 }
 
 impl Envelope {
-    /// Team ids to route the delivery by, in order: `team_id`, `authorizations[0].team_id`,
-    /// `context_team_id`, `enterprise_id`; duplicates and empty values are dropped.
-    pub fn routing_ids(&self) -> Vec<String> {
-        let candidates = [
-            &self.team_id,
-            &self.authorization_team_id,
-            &self.context_team_id,
-            &self.enterprise_id,
-        ];
-        let mut ids: Vec<String> = Vec::with_capacity(candidates.len());
-        for id in candidates.into_iter().flatten() {
-            if !id.is_empty() && !ids.contains(id) {
+    /// The installations the event was delivered for, one group of candidate ids per entry of
+    /// `authorizations` ([`Authorization::ids`]), in order.
+    pub fn authorized_installations(&self) -> Vec<Vec<String>> {
+        self.authorizations
+            .iter()
+            .map(Authorization::ids)
+            .filter(|ids| !ids.is_empty())
+            .collect()
+    }
+
+    /// Where to look when no authorization names an installation of ours:
+    /// `context_team_id`, `context_enterprise_id`, and the envelope's `team_id` and
+    /// `enterprise_id` only when there is neither an authorization nor a context. (In a Slack
+    /// Connect channel the envelope's `team_id` is the *sender's* organisation, so it must not
+    /// win over the installation Slack delivered the event for.)
+    pub fn fallback_installations(&self) -> Vec<String> {
+        let context = [&self.context_team_id, &self.context_enterprise_id];
+        let envelope = [&self.team_id, &self.enterprise_id];
+        let use_envelope = self.authorizations.is_empty() && context.iter().all(|id| id.is_none());
+        let mut ids: Vec<String> = Vec::new();
+        for id in context
+            .into_iter()
+            .chain(envelope.into_iter().filter(|_| use_envelope))
+            .flatten()
+        {
+            if !ids.contains(id) {
                 ids.push(id.clone());
             }
         }
         ids
+    }
+
+    /// Every id the event may be routed by, in routing order (authorizations, then the
+    /// fallbacks), without duplicates.
+    pub fn routing_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = Vec::new();
+        for id in self
+            .authorized_installations()
+            .into_iter()
+            .flatten()
+            .chain(self.fallback_installations())
+        {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// The workspace to record on a signal of an installation stored under `installed`
+    /// (a team id, or an enterprise id for an org-wide install): the team of the authorization
+    /// that names it, else the context team, else `installed` itself.
+    pub fn installing_team(&self, installed: &str) -> String {
+        self.authorizations
+            .iter()
+            .find(|a| {
+                a.team_id.as_deref() == Some(installed)
+                    || (a.is_enterprise_install && a.enterprise_id.as_deref() == Some(installed))
+            })
+            .and_then(|a| a.team_id.clone())
+            .or_else(|| {
+                installed
+                    .starts_with('E')
+                    .then(|| self.context_team_id.clone())
+                    .flatten()
+            })
+            .unwrap_or_else(|| installed.to_string())
     }
 
     /// The delivery's dedupe key: the `event_id`; for `app_rate_limited`,
@@ -265,6 +389,9 @@ impl Envelope {
 /// Per-integration settings the worker passes to [`normalize`].
 #[derive(Debug, Clone, Default)]
 pub struct SlackSettings {
+    /// The installed workspace the signal is recorded under ([`Envelope::installing_team`]);
+    /// `None` falls back to the envelope's routing ids.
+    pub team_id: Option<String>,
     /// The installation's bot user id; its own messages are filtered.
     pub bot_user_id: Option<String>,
     /// Channel allow-list; empty means every channel.
@@ -464,7 +591,9 @@ pub fn normalize(env: &Envelope, settings: &SlackSettings, names: &dyn NameLooku
         return Effect::reject("event_callback has no event object");
     };
     match event.get("type").and_then(Value::as_str) {
-        Some("message") => normalize_message(env, event, settings, names),
+        // An `app_mention` is the same user-written message as the `message` event Slack
+        // may also send for it: both land on one signal (same channel and ts).
+        Some("message" | "app_mention") => normalize_message(env, event, settings, names),
         Some("app_uninstalled") => Effect::DeactivateIntegration {
             reason: "app_uninstalled".to_string(),
         },
@@ -536,7 +665,7 @@ fn normalize_message(
     let action = match event.get("subtype") {
         None | Some(Value::Null) => Action::Create,
         Some(Value::String(s)) => match s.as_str() {
-            "thread_broadcast" | "file_share" => Action::Create,
+            "thread_broadcast" | "file_share" | "me_message" => Action::Create,
             "message_changed" => Action::Edit,
             "message_deleted" => Action::Delete,
             other => return Effect::filter(format!("message subtype {other} is ignored")),
@@ -549,10 +678,10 @@ fn normalize_message(
     if !settings.channels.is_empty() && !settings.channels.iter().any(|c| c == channel) {
         return Effect::filter(format!("channel {channel} is not in the allow-list"));
     }
-    let Some(team) = env
-        .routing_ids()
-        .into_iter()
-        .next()
+    let Some(team) = settings
+        .team_id
+        .clone()
+        .or_else(|| env.routing_ids().into_iter().next())
         .or_else(|| str_field(event, "team"))
     else {
         return Effect::reject("message event has no team");
@@ -564,13 +693,13 @@ fn normalize_message(
                 return Effect::reject("message event has no channel or ts");
             };
             Effect::MarkDeleted {
-                source_ref: source_ref(&team, channel, deleted_ts),
+                source_ref: source_ref(channel, deleted_ts),
                 metadata: json!({ "deleted_ts": deleted_ts }),
             }
         }
-        Action::Create => match build_signal(env, event, event, &team, channel, names) {
-            Some(signal) => Effect::Upsert {
-                signal,
+        Action::Create => match str_ref(event, "ts") {
+            Some(ts) => Effect::Upsert {
+                signal: build_signal(env, event, event, ts, &team, channel, names),
                 merge: Merge::Keep,
             },
             None => Effect::reject("message event has no channel or ts"),
@@ -585,14 +714,14 @@ fn normalize_message(
             match message.get("subtype") {
                 None | Some(Value::Null) => {}
                 Some(Value::String(s)) => match s.as_str() {
-                    "thread_broadcast" | "file_share" => {}
+                    "thread_broadcast" | "file_share" | "me_message" => {}
                     // A deleted thread parent is replaced by a tombstone placeholder.
                     "tombstone" => {
-                        let Some(ts) = str_ref(message, "ts") else {
+                        let Some(ts) = edited_ts(event, message) else {
                             return Effect::reject("message event has no channel or ts");
                         };
                         return Effect::MarkDeleted {
-                            source_ref: source_ref(&team, channel, ts),
+                            source_ref: source_ref(channel, ts),
                             metadata: json!({ "deleted_ts": ts, "tombstone": true }),
                         };
                     }
@@ -604,28 +733,34 @@ fn normalize_message(
                     return Effect::filter(format!("message subtype {other} is ignored"));
                 }
             }
-            match build_signal(env, event, message, &team, channel, names) {
-                Some(signal) => Effect::Upsert {
-                    signal,
-                    merge: Merge::Edit,
-                },
-                None => Effect::reject("message event has no channel or ts"),
+            let Some(ts) = edited_ts(event, message) else {
+                return Effect::reject("message_changed event has no ts");
+            };
+            Effect::Upsert {
+                signal: build_signal(env, event, message, ts, &team, channel, names),
+                merge: Merge::Edit,
             }
         }
     }
 }
 
-/// Builds the signal for `message` (the event itself, or `event.message` for an edit). `None`
-/// when the message has no `ts`.
+/// The ts of the message a `message_changed` event is about: `message.ts`, else
+/// `previous_message.ts` (some edits carry it only there).
+fn edited_ts<'a>(event: &'a Value, message: &'a Value) -> Option<&'a str> {
+    str_ref(message, "ts").or_else(|| event.get("previous_message").and_then(|p| str_ref(p, "ts")))
+}
+
+/// Builds the signal for `message` (the event itself, or `event.message` for an edit) with
+/// timestamp `ts`, recorded under the installed workspace `team`.
 fn build_signal(
     env: &Envelope,
     event: &Value,
     message: &Value,
+    ts: &str,
     team: &str,
     channel: &str,
     names: &dyn NameLookup,
-) -> Option<NewSignal> {
-    let ts = str_ref(message, "ts")?;
+) -> NewSignal {
     let raw_text = message
         .get("text")
         .and_then(Value::as_str)
@@ -655,6 +790,15 @@ fn build_signal(
 
     let mut meta = Map::new();
     meta.insert("team_id".into(), json!(team));
+    // The sender's organisation (Slack Connect: not the installing workspace).
+    meta.insert(
+        "user_team".into(),
+        json!(str_ref(message, "user_team").or_else(|| str_ref(message, "team"))),
+    );
+    meta.insert(
+        "source_team".into(),
+        json!(str_ref(message, "source_team").or(env.team_id.as_deref())),
+    );
     meta.insert("channel_id".into(), json!(channel));
     meta.insert("channel_type".into(), json!(str_ref(event, "channel_type")));
     meta.insert("user_id".into(), json!(user));
@@ -688,15 +832,18 @@ fn build_signal(
         meta.insert("channel_name".into(), json!(name));
     }
 
-    Some(NewSignal {
-        source_ref: source_ref(team, channel, ts),
+    NewSignal {
+        source_ref: source_ref(channel, ts),
         verbatim,
         metadata: Value::Object(meta),
-    })
+    }
 }
 
-fn source_ref(team: &str, channel: &str, ts: &str) -> String {
-    format!("slack-{team}-{channel}-{ts}")
+/// A Slack message's key inside a workspace: its channel and ts. Not the team: a Slack Connect
+/// channel keeps one id and ts for every organisation in it, so a message seen through two
+/// installations of one signalbox workspace is one signal.
+fn source_ref(channel: &str, ts: &str) -> String {
+    format!("slack-{channel}-{ts}")
 }
 
 /// `v[key]` if it is a non-empty string.
@@ -1017,7 +1164,17 @@ mod tests {
             "authorizations": [{"team_id": "T1", "user_id": "U1", "is_bot": true}],
             "event": {"type": "message"}
         }));
-        assert_eq!(e.routing_ids(), vec!["T1", "T2", "E1"]);
+        // The envelope's own team and enterprise only count when there is neither an
+        // authorization nor a context.
+        assert_eq!(e.routing_ids(), vec!["T1", "T2"]);
+        let e = env(json!({"type": "event_callback", "team_id": "T1", "enterprise_id": "E1"}));
+        assert_eq!(e.routing_ids(), vec!["T1", "E1"]);
+        let e = env(json!({
+            "type": "event_callback", "team_id": "T1", "enterprise_id": "E1",
+            "context_team_id": "T2", "api_app_id": "A1", "event_id": "Ev1",
+            "authorizations": [{"team_id": "T1", "user_id": "U1", "is_bot": true}],
+            "event": {"type": "message"}
+        }));
         assert_eq!(e.api_app_id.as_deref(), Some("A1"));
         assert_eq!(e.event_type.as_deref(), Some("message"));
         let e = env(
@@ -1026,6 +1183,84 @@ mod tests {
         assert_eq!(e.routing_ids(), vec!["T9"]);
         let e = env(json!({"authorizations": "nope"}));
         assert!(e.routing_ids().is_empty());
+        // Ids that are not shaped like Slack's are never routing candidates.
+        let e = env(
+            json!({"team_id": "T0', OR 1=1", "authorizations": [{"team_id": "x".repeat(5000)}], "context_team_id": "t123"}),
+        );
+        assert!(e.routing_ids().is_empty());
+        assert!(e.authorizations.is_empty());
+    }
+
+    #[test]
+    fn slack_connect_routes_by_the_installation_not_the_sender() {
+        // From Slack's shared-channel payloads: the sender's org in `team_id`, the
+        // installation the event was delivered for in `authorizations` and `context_team_id`.
+        let e = env(json!({
+            "type": "event_callback", "team_id": "T0SENDER", "context_team_id": "T0INSTALL",
+            "is_ext_shared_channel": true, "event_id": "Ev1",
+            "authorizations": [{"enterprise_id": null, "team_id": "T0INSTALL", "user_id": "U1", "is_bot": true, "is_enterprise_install": false}],
+            "event": with(with(plain_message(), "team", json!("T0SENDER")), "user_team", json!("T0SENDER"))
+        }));
+        assert_eq!(
+            e.authorized_installations(),
+            vec![vec!["T0INSTALL".to_string()]]
+        );
+        assert_eq!(e.fallback_installations(), vec!["T0INSTALL"]);
+        assert!(!e.routing_ids().contains(&"T0SENDER".to_string()));
+        let settings = SlackSettings {
+            team_id: Some(e.installing_team("T0INSTALL")),
+            ..settings()
+        };
+        let (signal, _) = upsert(normalize(&e, &settings, &NoNames));
+        assert_eq!(signal.metadata["team_id"], "T0INSTALL");
+        assert_eq!(signal.metadata["user_team"], "T0SENDER");
+        assert_eq!(signal.metadata["source_team"], "T0SENDER");
+        assert_eq!(signal.metadata["is_ext_shared_channel"], true);
+        // The same message seen by another installation has the same key.
+        assert_eq!(signal.source_ref, "slack-C2147483705-1355517523.000005");
+    }
+
+    #[test]
+    fn org_wide_installs_route_by_enterprise_and_record_the_workspace() {
+        let e = env(json!({
+            "type": "event_callback", "team_id": "T0GRIDWS", "enterprise_id": "E0ORG",
+            "context_team_id": "T0GRIDWS", "context_enterprise_id": "E0ORG", "event_id": "Ev1",
+            "authorizations": [{"enterprise_id": "E0ORG", "team_id": "T0GRIDWS", "user_id": "U1", "is_bot": true, "is_enterprise_install": true}],
+            "event": plain_message()
+        }));
+        assert_eq!(
+            e.authorized_installations(),
+            vec![vec!["E0ORG".to_string(), "T0GRIDWS".to_string()]]
+        );
+        assert_eq!(e.installing_team("E0ORG"), "T0GRIDWS");
+        // A workspace install inside an enterprise is that workspace.
+        let a = Authorization {
+            team_id: Some("T1".into()),
+            enterprise_id: Some("E1".into()),
+            is_enterprise_install: false,
+        };
+        assert_eq!(a.ids(), vec!["T1"]);
+        let a = Authorization { team_id: None, ..a };
+        assert_eq!(a.ids(), vec!["E1"]);
+    }
+
+    #[test]
+    fn team_ids_are_shape_checked() {
+        for ok in ["T1", "E0123ABCD", "T01234567890123456789"] {
+            assert!(is_team_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "T",
+            "U123",
+            "t123",
+            "T12-3",
+            "T012345678901234567890",
+            "T1 ",
+            "Té",
+        ] {
+            assert!(!is_team_id(bad), "{bad}");
+        }
     }
 
     #[test]
@@ -1119,10 +1354,7 @@ mod tests {
     fn plain_channel_message_creates_a_signal() {
         let (signal, merge) = upsert(run(plain_message()));
         assert_eq!(merge, Merge::Keep);
-        assert_eq!(
-            signal.source_ref,
-            "slack-T123ABC456-C2147483705-1355517523.000005"
-        );
+        assert_eq!(signal.source_ref, "slack-C2147483705-1355517523.000005");
         assert_eq!(signal.verbatim, "Hello world");
         let m = &signal.metadata;
         assert_eq!(m["team_id"], "T123ABC456");
@@ -1165,10 +1397,7 @@ mod tests {
         let (signal, merge) = upsert(run(event));
         assert_eq!(merge, Merge::Keep);
         assert_eq!(signal.metadata["thread_ts"], "1355517500.000001");
-        assert_eq!(
-            signal.source_ref,
-            "slack-T123ABC456-C2147483705-1355517523.000005"
-        );
+        assert_eq!(signal.source_ref, "slack-C2147483705-1355517523.000005");
     }
 
     #[test]
@@ -1202,10 +1431,7 @@ mod tests {
         let inner = json!({"type": "message", "user": "U123ABC456", "text": "Hello, world!", "ts": "1358878749.000002", "edited": {"user": "U123ABC456", "ts": "1358878755.000001"}});
         let (signal, merge) = upsert(run(message_changed(inner)));
         assert_eq!(merge, Merge::Edit);
-        assert_eq!(
-            signal.source_ref,
-            "slack-T123ABC456-C123ABC456-1358878749.000002"
-        );
+        assert_eq!(signal.source_ref, "slack-C123ABC456-1358878749.000002");
         assert_eq!(signal.verbatim, "Hello, world!");
         assert_eq!(signal.metadata["message_ts"], "1358878749.000002");
         assert_eq!(signal.metadata["user_id"], "U123ABC456");
@@ -1238,11 +1464,34 @@ mod tests {
             run(message_changed(Value::Null)),
             Effect::reject("message_changed event has no message")
         );
-        let inner = json!({"type": "message", "text": "x"});
+        let mut event = message_changed(json!({"type": "message", "text": "x"}));
+        event["previous_message"] = json!({"type": "message", "text": "old"});
         assert_eq!(
-            run(message_changed(inner)),
-            Effect::reject("message event has no channel or ts")
+            run(event),
+            Effect::reject("message_changed event has no ts")
         );
+    }
+
+    #[test]
+    fn message_changed_without_ts_in_message_uses_previous_message_ts() {
+        // As in Slack's SDK fixtures: the edited `message` carries no ts, `previous_message` does.
+        let inner = json!({"type": "message", "user": "U123ABC456", "text": "Hello, world"});
+        let (signal, merge) = upsert(run(message_changed(inner)));
+        assert_eq!(merge, Merge::Edit);
+        assert_eq!(signal.source_ref, "slack-C123ABC456-1358878749.000002");
+        assert_eq!(signal.verbatim, "Hello, world");
+    }
+
+    #[test]
+    fn app_mentions_and_me_messages_are_signals_of_their_message() {
+        let mention = json!({"type": "app_mention", "user": "U2147483697", "text": "<@U0BOT> the export is broken", "ts": "1355517523.000005", "channel": "C2147483705", "event_ts": "1355517523.000005"});
+        let (a, merge) = upsert(run(mention));
+        assert_eq!(merge, Merge::Keep);
+        let (m, _) = upsert(run(plain_message()));
+        assert_eq!(a.source_ref, m.source_ref, "one signal per channel+ts");
+        let me = with(plain_message(), "subtype", json!("me_message"));
+        let (signal, _) = upsert(run(me));
+        assert_eq!(signal.verbatim, "Hello world");
     }
 
     #[test]
@@ -1251,7 +1500,7 @@ mod tests {
         assert_eq!(
             run(message_changed(inner)),
             Effect::MarkDeleted {
-                source_ref: "slack-T123ABC456-C123ABC456-1358878749.000002".into(),
+                source_ref: "slack-C123ABC456-1358878749.000002".into(),
                 metadata: json!({"deleted_ts": "1358878749.000002", "tombstone": true}),
             }
         );
@@ -1268,7 +1517,7 @@ mod tests {
         assert_eq!(
             run(event.clone()),
             Effect::MarkDeleted {
-                source_ref: "slack-T123ABC456-C123ABC456-1358878749.000002".into(),
+                source_ref: "slack-C123ABC456-1358878749.000002".into(),
                 metadata: json!({"deleted_ts": "1358878749.000002"}),
             }
         );
@@ -1310,12 +1559,7 @@ mod tests {
             run(event),
             Effect::filter("message subtype channel_join is ignored")
         );
-        for subtype in [
-            "channel_leave",
-            "me_message",
-            "message_replied",
-            "brand_new_subtype",
-        ] {
+        for subtype in ["channel_leave", "message_replied", "brand_new_subtype"] {
             let event = with(plain_message(), "subtype", json!(subtype));
             assert_eq!(
                 run(event),
@@ -1485,11 +1729,11 @@ mod tests {
             json!({"type": "event_callback", "event_id": "Ev1", "context_team_id": "T2", "event": plain_message()}),
         );
         let (signal, _) = upsert(normalize(&e, &settings(), &NoNames));
-        assert_eq!(signal.source_ref, "slack-T2-C2147483705-1355517523.000005");
+        assert_eq!(signal.metadata["team_id"], "T2");
         let event = with(plain_message(), "team", json!("T3"));
         let e = env(json!({"type": "event_callback", "event": event}));
         let (signal, _) = upsert(normalize(&e, &settings(), &NoNames));
-        assert_eq!(signal.source_ref, "slack-T3-C2147483705-1355517523.000005");
+        assert_eq!(signal.source_ref, "slack-C2147483705-1355517523.000005");
         assert_eq!(signal.metadata["team_id"], "T3");
         let e = env(json!({"type": "event_callback", "event": plain_message()}));
         assert_eq!(

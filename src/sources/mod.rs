@@ -129,39 +129,61 @@ pub async fn store_and_ack(
     d: NewDelivery,
     started: Instant,
 ) -> ApiResult<Json<Value>> {
-    let source = d.source.clone();
-    let id = d.id.clone();
-    let outcome = state.inbox.store(d).await.map_err(|e| {
-        state.metrics.rejection(&source, "unavailable");
-        match e {
-            InboxError::Saturated => {
-                ApiError::Unavailable("the inbox is saturated, retry later".into())
+    store_all_and_ack(state, vec![d], started).await
+}
+
+/// Stores the deliveries one request became (a Slack event reaching several workspaces) and
+/// acks once all of them are committed; a duplicate only when every one was. If any cannot be
+/// stored the answer is 503 and the sender's retry finds the others as duplicates.
+pub async fn store_all_and_ack(
+    state: &AppState,
+    deliveries: Vec<NewDelivery>,
+    started: Instant,
+) -> ApiResult<Json<Value>> {
+    let Some(source) = deliveries.first().map(|d| d.source.clone()) else {
+        return Err(ApiError::Internal(anyhow::anyhow!("nothing to store")));
+    };
+    let ids: Vec<String> = deliveries.iter().map(|d| d.id.clone()).collect();
+    let results =
+        futures::future::join_all(deliveries.into_iter().map(|d| state.inbox.store(d))).await;
+    let mut all_duplicates = true;
+    for (result, id) in results.into_iter().zip(&ids) {
+        let outcome = result.map_err(|e| {
+            state.metrics.rejection(&source, "unavailable");
+            match e {
+                InboxError::Saturated => {
+                    ApiError::Unavailable("the inbox is saturated, retry later".into())
+                }
+                InboxError::Closed => {
+                    ApiError::Unavailable("the server is shutting down, retry later".into())
+                }
+                InboxError::Store(_) => {
+                    ApiError::Unavailable("storage is unavailable, retry later".into())
+                }
             }
-            InboxError::Closed => {
-                ApiError::Unavailable("the server is shutting down, retry later".into())
+        })?;
+        match outcome {
+            Stored::New(_) => {
+                all_duplicates = false;
+                state.metrics.delivery(&source, "accepted");
+                tracing::info!(delivery_id = %id, source = %source, "delivery stored");
             }
-            InboxError::Store(_) => {
-                ApiError::Unavailable("storage is unavailable, retry later".into())
+            Stored::Duplicate(existing) => {
+                state.metrics.delivery(&source, "duplicate");
+                tracing::info!(delivery_id = %existing, source = %source, "duplicate delivery");
             }
         }
-    })?;
+    }
     state
         .metrics
         .ack_latency
         .get_or_create(&vec![("source", source.clone())])
         .observe(started.elapsed().as_secs_f64());
-    match outcome {
-        Stored::New(_) => {
-            state.metrics.delivery(&source, "accepted");
-            tracing::info!(delivery_id = %id, source = %source, "delivery stored");
-            Ok(Json(json!({"ok": true})))
-        }
-        Stored::Duplicate(existing) => {
-            state.metrics.delivery(&source, "duplicate");
-            tracing::info!(delivery_id = %existing, source = %source, "duplicate delivery");
-            Ok(Json(json!({"ok": true, "duplicate": true})))
-        }
-    }
+    Ok(Json(if all_duplicates {
+        json!({"ok": true, "duplicate": true})
+    } else {
+        json!({"ok": true})
+    }))
 }
 
 /// Parses a body as a JSON object (after verification): 400 `invalid_json` otherwise.

@@ -17,7 +17,7 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{IntegrationRef, header, kept_headers, read_body, reject, store_and_ack};
+use super::{IntegrationRef, header, kept_headers, read_body, reject, store_all_and_ack};
 use crate::app::AppState;
 use crate::clock::{now_micros, now_secs};
 use crate::credentials::valid_keys;
@@ -50,6 +50,16 @@ fn parse(state: &AppState, body: &[u8]) -> ApiResult<Envelope> {
     proto::parse_envelope(body).map_err(|m| reject(state, SOURCE, ApiError::InvalidJson(m)))
 }
 
+/// What verified a request: it decides the dedupe scope (never the body) and which
+/// integrations the event may reach.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verifier {
+    /// The app-level `SIGNALBOX_SLACK_SIGNING_SECRET` (one distributed app).
+    App,
+    /// The integration's own signing secret (a per-customer app).
+    Own,
+}
+
 /// `POST /api/webhooks/slack/events`
 pub async fn receive(
     State(state): State<AppState>,
@@ -68,20 +78,20 @@ pub async fn receive(
         .slack_signing_secret
         .as_ref()
         .map(|s| s.expose_secret().as_bytes());
-    let verify_with = |integ: &IntegrationRef| {
-        let mut keys = valid_keys(&integ.secrets, now_micros());
-        // An integration without its own signing secret belongs to the distributed app.
-        if keys.is_empty()
-            && let Some(a) = app_secret
-        {
-            keys.push(a);
-        }
-        proto::verify(&keys, ts, sig, &body, now, tol)
+    let verify_own = |integ: &IntegrationRef| {
+        proto::verify(
+            &valid_keys(&integ.secrets, now_micros()),
+            ts,
+            sig,
+            &body,
+            now,
+            tol,
+        )
     };
 
-    let (env, integration): (Envelope, Option<IntegrationRef>) =
+    let (env, targets, verifier): (Envelope, Vec<IntegrationRef>, Verifier) =
         if let Some(id) = q.integration_id.filter(|s| !s.is_empty()) {
-            // (a) per-customer app
+            // (a) the URL names the integration
             let integ = if crate::ids::looks_like(&id, prefix::INTEGRATION) {
                 state.creds.integration(&id).await?
             } else {
@@ -91,30 +101,50 @@ pub async fn receive(
                 super::equalise_timing(&body);
                 return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
             };
-            verify_with(&integ).map_err(|e| reject(&state, SOURCE, e.into()))?;
-            (parse(&state, &body)?, Some(integ))
-        } else if let Some(app_secret) = &state.cfg.slack_signing_secret {
-            // (b) one distributed app
-            let secret = app_secret.expose_secret().as_bytes();
+            if integ.secrets.is_empty() {
+                // It belongs to the distributed app: the app secret verifies, and the event
+                // must be for this integration's installation like any routed event.
+                let Some(secret) = app_secret else {
+                    return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
+                };
+                proto::verify(&[secret], ts, sig, &body, now, tol)
+                    .map_err(|e| reject(&state, SOURCE, e.into()))?;
+                let env = parse(&state, &body)?;
+                let found = candidates(&state, &env).await?;
+                let targets = found.choose(|i| i.row.id == integ.row.id);
+                (env, targets, Verifier::App)
+            } else {
+                verify_own(&integ).map_err(|e| reject(&state, SOURCE, e.into()))?;
+                (parse(&state, &body)?, vec![integ], Verifier::Own)
+            }
+        } else if let Some(secret) = app_secret {
+            // (b) one distributed app: routed by installation among its integrations (those
+            // with a signing secret of their own belong to other apps)
             proto::verify(&[secret], ts, sig, &body, now, tol)
                 .map_err(|e| reject(&state, SOURCE, e.into()))?;
             let env = parse(&state, &body)?;
-            let integ = route(&state, &env).await?;
-            (env, integ)
+            let found = candidates(&state, &env).await?;
+            let targets = found.choose(|i| i.row.webhook_secret_enc.is_none());
+            (env, targets, Verifier::App)
         } else {
-            // (c) look the team up and verify with its secret
+            // (c) per-customer apps without the id in the URL: the installations' own secrets
             let env = parse(&state, &body)?;
             if env.kind == "url_verification" {
                 // No team in the challenge: it must verify with one of our Slack secrets.
                 verify_any(&state, ts, sig, &body).await?;
-                (env, None)
+                (env, Vec::new(), Verifier::Own)
             } else {
-                let Some(integ) = route(&state, &env).await? else {
+                let found = candidates(&state, &env).await?;
+                let Some(first) = found.first() else {
                     super::equalise_timing(&body);
                     return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
                 };
-                verify_with(&integ).map_err(|e| reject(&state, SOURCE, e.into()))?;
-                (env, Some(integ))
+                let targets = found.choose(|i| verify_own(i).is_ok());
+                if targets.is_empty() {
+                    let e = verify_own(first).err().unwrap_or(SignatureError::Invalid);
+                    return Err(reject(&state, SOURCE, e.into()));
+                }
+                (env, targets, Verifier::Own)
             }
         };
 
@@ -123,122 +153,222 @@ pub async fn receive(
         return Ok(Json(json!({ "challenge": challenge })));
     }
     if let Some(reason) = header(&headers, "x-slack-retry-reason") {
-        state
-            .metrics
-            .slack_retries
-            .get_or_create(&vec![("reason", reason.chars().take(32).collect())])
-            .inc();
+        // Unsigned header: counted under one of Slack's documented reasons or `other`.
+        state.metrics.slack_retry(reason);
     }
     if env.kind == "app_rate_limited" {
         state.metrics.slack_rate_limited.inc();
         tracing::warn!(team_id = ?env.team_id, "Slack reports app_rate_limited");
     }
-    let (status, filter_reason) = match &integration {
+    let dedupe_key = env.dedupe_key(&body);
+    let received_at = now_micros();
+    let kept = kept_headers(&headers, KEPT);
+    let parsed = Parsed::new(env);
+    let Some(env) = parsed.get::<Envelope>() else {
+        return Err(ApiError::Internal(anyhow::anyhow!("envelope lost")));
+    };
+    let delivery = |integration: Option<&IntegrationRef>| {
+        let (status, filter_reason) = status_at_the_edge(integration, env);
+        let outcome = match integration {
+            Some(i) if status == DeliveryStatus::Pending && state.inbox.takes_outcomes() => {
+                outcome_at_the_edge(i, env)
+            }
+            _ => None,
+        };
+        if let Some(i) = integration {
+            state
+                .creds
+                .mark_used(LastUsedTable::Integrations, &i.row.id);
+        }
+        NewDelivery {
+            id: new_id(prefix::DELIVERY),
+            workspace_id: integration.map(|i| i.row.workspace_id.clone()),
+            integration_id: integration.map(|i| i.row.id.clone()),
+            webhook_key_id: None,
+            source: SOURCE.into(),
+            dedupe_scope: dedupe_scope(verifier, integration),
+            dedupe_key: dedupe_key.clone(),
+            body: body.clone(),
+            headers: kept.clone(),
+            status,
+            filter_reason,
+            received_at,
+            parsed: parsed.clone(),
+            outcome,
+        }
+    };
+    let deliveries: Vec<NewDelivery> = if targets.is_empty() {
+        vec![delivery(None)]
+    } else {
+        targets.iter().map(|i| delivery(Some(i))).collect()
+    };
+    store_all_and_ack(&state, deliveries, started).await
+}
+
+/// The dedupe scope of a delivery, from what verified it: an event is stored once per
+/// integration it reaches (and once, unrouted, for the app). The body's `api_app_id` plays no
+/// part: it is whatever the sender wrote.
+fn dedupe_scope(verifier: Verifier, integration: Option<&IntegrationRef>) -> String {
+    match (verifier, integration) {
+        (Verifier::App, Some(i)) => format!("slack:app:{}", i.row.id),
+        (Verifier::App, None) => "slack:app".to_string(),
+        (Verifier::Own, Some(i)) => format!("slack:{}", i.row.id),
+        (Verifier::Own, None) => "slack:unrouted".to_string(),
+    }
+}
+
+/// The status a delivery is stored with: pending for an integration that takes it, else
+/// filtered with the reason.
+fn status_at_the_edge(
+    integration: Option<&IntegrationRef>,
+    env: &Envelope,
+) -> (DeliveryStatus, Option<String>) {
+    match integration {
         None => (
             DeliveryStatus::Filtered,
             Some(format!(
-                "no Slack integration for team {}",
+                "no active Slack integration for installation {}",
                 env.routing_ids()
                     .first()
                     .map(String::as_str)
                     .unwrap_or("(none)")
             )),
         ),
-        // Uninstall/revocation still reaches the worker: it wipes the tokens of an inactive
-        // integration too.
-        Some(i)
-            if !i.row.is_active
-                && !matches!(
-                    env.event_type.as_deref(),
-                    Some("app_uninstalled" | "tokens_revoked")
-                ) =>
-        {
-            (
-                DeliveryStatus::Filtered,
-                Some("integration is inactive".to_string()),
-            )
-        }
+        Some(i) if !i.row.is_active && !is_lifecycle(env) => (
+            DeliveryStatus::Filtered,
+            Some("integration is inactive".to_string()),
+        ),
         Some(_) => (DeliveryStatus::Pending, None),
-    };
-    if let Some(i) = &integration {
-        state
-            .creds
-            .mark_used(LastUsedTable::Integrations, &i.row.id);
     }
-    let outcome = match &integration {
-        Some(i) if status == DeliveryStatus::Pending && state.inbox.takes_outcomes() => {
-            outcome_at_the_edge(i, &env)
-        }
-        _ => None,
-    };
-    let app = env.api_app_id.clone().unwrap_or_else(|| "app".into());
-    let dedupe_key = env.dedupe_key(&body);
-    let d = NewDelivery {
-        id: new_id(prefix::DELIVERY),
-        workspace_id: integration.as_ref().map(|i| i.row.workspace_id.clone()),
-        integration_id: integration.as_ref().map(|i| i.row.id.clone()),
-        webhook_key_id: None,
-        source: SOURCE.into(),
-        dedupe_scope: format!("slack:{app}"),
-        dedupe_key,
-        body,
-        headers: kept_headers(&headers, KEPT),
-        status,
-        filter_reason,
-        received_at: now_micros(),
-        parsed: Parsed::new(env),
-        outcome,
-    };
-    store_and_ack(&state, d, started).await
 }
 
-/// Finds the integration for an envelope by its routing ids (team, authorization, context,
-/// enterprise).
-async fn route(state: &AppState, env: &Envelope) -> ApiResult<Option<IntegrationRef>> {
-    for team in env.routing_ids() {
-        if let Some(i) = state.creds.slack_by_team(&team).await? {
-            return Ok(Some(i));
+/// Uninstall and revocation reach an integration even when it is inactive: the worker wipes
+/// its tokens.
+fn is_lifecycle(env: &Envelope) -> bool {
+    matches!(
+        env.event_type.as_deref(),
+        Some("app_uninstalled" | "tokens_revoked")
+    )
+}
+
+/// The integrations stored under an envelope's installation ids: one group per authorization,
+/// then one for the fallback ids ([`Envelope::fallback_installations`]).
+struct Candidates {
+    authorized: Vec<Vec<IntegrationRef>>,
+    fallback: Vec<IntegrationRef>,
+}
+
+impl Candidates {
+    fn first(&self) -> Option<&IntegrationRef> {
+        self.authorized
+            .iter()
+            .flatten()
+            .chain(self.fallback.iter())
+            .next()
+    }
+
+    /// The integrations the event goes to, among those that `fit` (are of the app that
+    /// verified it): for each authorization, its first active integration — an inactive one
+    /// only when no active one exists, so an old deactivated row never hides a live install —
+    /// one per signalbox workspace (a message seen through two installations of one workspace
+    /// is one delivery). The fallback ids are used only when no authorization found one.
+    fn choose(&self, fit: impl Fn(&IntegrationRef) -> bool) -> Vec<IntegrationRef> {
+        let pick = |group: &[IntegrationRef]| {
+            group
+                .iter()
+                .filter(|i| fit(i))
+                .find(|i| i.row.is_active)
+                .or_else(|| group.iter().find(|i| fit(i)))
+                .cloned()
+        };
+        let mut out: Vec<IntegrationRef> = Vec::new();
+        for group in &self.authorized {
+            if let Some(i) = pick(group)
+                && !out.iter().any(|o| o.row.workspace_id == i.row.workspace_id)
+            {
+                out.push(i);
+            }
+        }
+        if out.is_empty()
+            && let Some(i) = pick(&self.fallback)
+        {
+            out.push(i);
+        }
+        // An active integration of a workspace wins over another workspace's inactive one.
+        if out.iter().any(|i| i.row.is_active) {
+            out.retain(|i| i.row.is_active);
+        }
+        out
+    }
+}
+
+/// Looks up the integrations under every installation id of the envelope (bounded: at most
+/// [`proto::MAX_AUTHORIZATIONS`] authorizations of two ids, and four fallback ids, each
+/// shape-checked by the parser and cached).
+async fn candidates(state: &AppState, env: &Envelope) -> ApiResult<Candidates> {
+    let mut authorized = Vec::new();
+    for ids in env.authorized_installations() {
+        authorized.push(lookup(state, &ids).await?);
+    }
+    let fallback = lookup(state, &env.fallback_installations()).await?;
+    Ok(Candidates {
+        authorized,
+        fallback,
+    })
+}
+
+async fn lookup(state: &AppState, ids: &[String]) -> ApiResult<Vec<IntegrationRef>> {
+    let mut out: Vec<IntegrationRef> = Vec::new();
+    for id in ids {
+        for i in state.creds.slack_by_team(id).await? {
+            if !out.iter().any(|o| o.row.id == i.row.id) {
+                out.push(i);
+            }
         }
     }
-    Ok(None)
+    Ok(out)
 }
 
 /// Verifies against any active Slack integration's secret (team-lookup mode, `url_verification`).
+///
+/// Unsigned requests reach this, so what costs nothing comes first, in `proto::verify`'s order
+/// (and with its answers): the headers, the timestamp window and the signature's shape
+/// (`v0=` + 64 hex digits), and a body no larger than a challenge. Only then the secrets, from
+/// the credential cache's list of active Slack integrations (no table read per request), in
+/// one `proto::verify` call: one HMAC per secret over at most `MAX_CHALLENGE_BYTES`.
 async fn verify_any(
     state: &AppState,
     ts: Option<&str>,
     sig: Option<&str>,
     body: &[u8],
 ) -> ApiResult<()> {
-    let rows = state.store.list_integrations(None).await?;
-    let mut last = SignatureError::Missing;
-    for row in rows
-        .into_iter()
-        .filter(|r| r.platform == SOURCE && r.is_active)
-    {
-        let Some(integ) = state.creds.integration(&row.id).await? else {
-            continue;
-        };
-        match proto::verify(
-            &valid_keys(&integ.secrets, now_micros()),
-            ts,
-            sig,
-            body,
-            now_secs(),
-            state.cfg.signature_tolerance_secs,
-        ) {
-            Ok(()) => return Ok(()),
-            Err(e) => last = e,
-        }
+    /// Slack's challenge is ~150 bytes; a larger body would make each of the HMACs dearer.
+    const MAX_CHALLENGE_BYTES: usize = 4096;
+    let now = now_secs();
+    let tolerance = state.cfg.signature_tolerance_secs;
+    let fail = |e: SignatureError| reject(state, SOURCE, e.into());
+    let sig = sig
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| fail(SignatureError::Missing))?;
+    crate::protocol::check_timestamp(ts, now, tolerance).map_err(fail)?;
+    let well_formed = sig
+        .strip_prefix("v0=")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !well_formed || body.len() > MAX_CHALLENGE_BYTES {
+        return Err(fail(SignatureError::Invalid));
     }
-    if last == SignatureError::Missing && sig.is_some() && ts.is_some() {
-        last = SignatureError::Invalid;
-    }
-    Err(reject(state, SOURCE, last.into()))
+    let integrations = state.creds.active_slack_integrations().await?;
+    let now_us = now_micros();
+    let keys: Vec<&[u8]> = integrations
+        .iter()
+        .flat_map(|i| valid_keys(&i.secrets, now_us))
+        .collect();
+    proto::verify(&keys, ts, Some(sig), body, now, tolerance).map_err(fail)
 }
 
-/// The integration's settings for normalisation.
-pub fn settings(integ: &IntegrationRef) -> SlackSettings {
+/// The integration's settings for normalising `env`.
+pub fn settings(integ: &IntegrationRef, env: &Envelope) -> SlackSettings {
     let list = |k: &str| -> Vec<String> {
         integ
             .config
@@ -253,6 +383,11 @@ pub fn settings(integ: &IntegrationRef) -> SlackSettings {
             .unwrap_or_default()
     };
     SlackSettings {
+        team_id: integ
+            .row
+            .slack_team_id
+            .as_deref()
+            .map(|t| env.installing_team(t)),
         bot_user_id: integ.row.slack_bot_user_id.clone(),
         channels: list("slack_channels"),
         channel_types: list("channel_types"),
@@ -318,7 +453,7 @@ enum Decision {
 }
 
 fn decide(integ: &IntegrationRef, env: &Envelope) -> Decision {
-    let settings = settings(integ);
+    let settings = settings(integ, env);
     let effect = proto::normalize(env, &settings, &NoNames);
     if !integ.row.is_active && !matches!(effect, Effect::DeactivateIntegration { .. }) {
         return Decision::Done(Effect::filter("integration is inactive"));
@@ -402,11 +537,6 @@ async fn enrich(
     } else {
         event
     };
-    let team = env
-        .team_id
-        .clone()
-        .or_else(|| env.routing_ids().into_iter().next())
-        .unwrap_or_default();
     let channel = event["channel"].as_str().unwrap_or_default().to_string();
     let ts = msg["ts"].as_str().unwrap_or_default().to_string();
     let (mut users, channels) = mentions(msg["text"].as_str().unwrap_or_default(), 10);
@@ -442,7 +572,7 @@ async fn enrich(
         errors.push(format!("{what}: {e}"));
     };
     for u in users {
-        match with_token!(|t| api.user_name(&team, t, &u)) {
+        match with_token!(|t| api.user_name(id, t, &u)) {
             Ok(n) => {
                 names.users.insert(u, n);
             }
@@ -454,7 +584,7 @@ async fn enrich(
         all_channels.insert(0, channel.clone());
     }
     for c in all_channels {
-        match with_token!(|t| api.channel_name(&team, t, &c)) {
+        match with_token!(|t| api.channel_name(id, t, &c)) {
             Ok(n) => {
                 names.channels.insert(c, n);
             }
@@ -462,7 +592,7 @@ async fn enrich(
         }
     }
     if !channel.is_empty() && !ts.is_empty() {
-        match with_token!(|t| api.permalink(&team, t, &channel, &ts)) {
+        match with_token!(|t| api.permalink(id, t, &channel, &ts)) {
             Ok(p) => {
                 extra.insert("permalink".into(), Value::String(p));
             }

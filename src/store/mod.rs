@@ -188,9 +188,42 @@ impl Store {
         Ok(store)
     }
 
-    /// Connects without applying migrations.
+    /// Connects without applying migrations. A new SQLite database file is created mode 0600
+    /// before SQLite opens it (SQLite gives its `-wal` and `-shm` files the database file's
+    /// mode); an existing one readable by group or others is warned about.
     pub async fn connect_without_migrating(cfg: &Config) -> Result<Store> {
         let url = cfg.database_url.expose_secret();
+        #[cfg(unix)]
+        if let Some(path) = cfg.sqlite_path().filter(|_| cfg.is_sqlite()) {
+            use std::os::unix::fs::OpenOptionsExt;
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path);
+            match created {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(StoreError::Writer(format!(
+                        "creating the SQLite database {} (mode 0600): {e}",
+                        path.display()
+                    )));
+                }
+            }
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                let file = std::path::PathBuf::from(file);
+                if let Ok(false) = crate::crypto::file_mode_is_private(&file) {
+                    tracing::warn!(
+                        path = %file.display(),
+                        "SQLite database file is readable by group or others (it holds customer \
+                         content); chmod 600 it"
+                    );
+                }
+            }
+        }
         let pool = if cfg.is_sqlite() {
             let sync = match cfg.sqlite_synchronous.as_str() {
                 "normal" => SqliteSynchronous::Normal,
@@ -473,12 +506,36 @@ impl Store {
             .bind(workspace_id).fetch_all(p).await)?)
     }
 
-    /// Slack integrations for a team id (active first, newest first).
+    /// Slack integrations stored under an installation id: the team id of a workspace install
+    /// or the enterprise id of an org-wide one (active first, newest first).
     pub async fn find_slack_integrations(&self, team_id: &str) -> Result<Vec<Integration>> {
         Ok(on_pool!(self, p => sqlx::query_as::<_, Integration>(
-            "SELECT * FROM integrations WHERE platform = 'slack' AND \
-             (slack_team_id = $1 OR slack_enterprise_id = $1) ORDER BY is_active DESC, id DESC")
+            "SELECT * FROM integrations WHERE platform = 'slack' AND slack_team_id = $1 \
+             ORDER BY is_active DESC, id DESC")
             .bind(team_id).fetch_all(p).await)?)
+    }
+
+    /// An active integration of the distributed app (no signing secret of its own) that stops
+    /// `team_id` (in `enterprise_id`, if known) from being bound to workspace `ws`: one of
+    /// another workspace for the same team, for its enterprise, or for a workspace inside the
+    /// enterprise that `team_id` is; or one of any workspace for the same team (one active
+    /// integration per installation). `except` is the integration being (re)activated.
+    pub async fn slack_owner_conflict(
+        &self,
+        ws: &str,
+        team_id: &str,
+        enterprise_id: Option<&str>,
+        except: &str,
+    ) -> Result<Option<Integration>> {
+        Ok(on_pool!(self, p => sqlx::query_as::<_, Integration>(
+            "SELECT * FROM integrations WHERE platform = 'slack' AND is_active = $5 \
+             AND webhook_secret_enc IS NULL AND id <> $4 AND ( \
+               slack_team_id = $2 \
+               OR (workspace_id <> $1 AND (slack_team_id = $3 OR slack_enterprise_id = $3 \
+                                           OR slack_enterprise_id = $2))) \
+             ORDER BY id LIMIT 1")
+            .bind(ws).bind(team_id).bind(enterprise_id).bind(except).bind(true)
+            .fetch_optional(p).await)?)
     }
 
     /// Deactivates an integration and wipes its tokens, logging `integration.deactivated`.
@@ -1117,7 +1174,7 @@ async fn apply_effects_pg_in(
                         } else {
                             let new_meta = mark_deleted(&old_meta, metadata, &now_s);
                             sqlx::query(
-                                "UPDATE signals SET source_metadata = $2, updated_at = $3 \
+                                "UPDATE signals SET source_metadata = $2, updated_at = $3, status = 'deleted' \
                                  WHERE id = $1",
                             )
                             .bind(&id)

@@ -1004,7 +1004,7 @@ fn apply<'a>(
                     } else {
                         let new_meta = mark_deleted(&old_meta, metadata, &now_s);
                         conn.prepare_cached(
-                            "UPDATE signals SET source_metadata = ?2, updated_at = ?3 \
+                            "UPDATE signals SET source_metadata = ?2, updated_at = ?3, status = 'deleted' \
                              WHERE id = ?1",
                         )?
                         .execute(params![

@@ -119,6 +119,16 @@ pub async fn fresh_database(backend: Backend) -> Option<(String, tempfile::TempD
     Some((url, dir))
 }
 
+/// Runs one statement on `store`'s database (to write rows as an older release did).
+pub async fn exec_sql(store: &signalbox::store::Store, sql: &str) {
+    let sql = sqlx::AssertSqlSafe(sql.to_string());
+    match store.pool() {
+        signalbox::store::Pool::Sqlite(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+        signalbox::store::Pool::Postgres(p) => sqlx::query(sql).execute(p).await.map(|_| ()),
+    }
+    .unwrap();
+}
+
 /// A running app.
 pub struct TestApp {
     pub backend: Backend,
@@ -148,6 +158,15 @@ pub fn test_config(db_url: &str, master_keys: &str) -> RawConfig {
     raw
 }
 
+/// A fresh `SIGNALBOX_MASTER_KEYS` value (one key, `k1`).
+pub fn new_master_keys() -> String {
+    use secrecy::ExposeSecret;
+    MasterKey::generate("k1")
+        .to_spec()
+        .expose_secret()
+        .to_string()
+}
+
 /// Starts an app on a fresh database; `None` when the backend is unavailable (outside CI).
 pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, |_| {}).await
@@ -159,11 +178,7 @@ pub async fn spawn_app_with(
     tweak: impl FnOnce(&mut RawConfig),
 ) -> Option<TestApp> {
     let (url, dir) = fresh_database(backend).await?;
-    let keys = MasterKey::generate("k1");
-    let spec = {
-        use secrecy::ExposeSecret;
-        keys.to_spec().expose_secret().to_string()
-    };
+    let spec = new_master_keys();
     let mut raw = test_config(&url, &spec);
     tweak(&mut raw);
     Some(start(backend, raw, url, spec, dir).await)
@@ -333,6 +348,22 @@ impl TestApp {
     /// `SELECT COUNT(*) …` on the app's database.
     pub async fn count(&self, sql: &'static str) -> i64 {
         self.state.store.scalar_i64(sql).await.unwrap()
+    }
+
+    /// Mints a workspace-scoped token for `ws`: (id, token).
+    pub async fn token(&self, ws: &str) -> (String, String) {
+        let (st, v) = self
+            .api(
+                "POST",
+                &format!("/api/v1/workspaces/{ws}/tokens"),
+                Some(json!({"name": "test"})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{v}");
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["token"].as_str().unwrap().to_string(),
+        )
     }
 
     /// Waits until no delivery is pending (the pipeline drained).

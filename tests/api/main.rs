@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod amplification;
 mod credentials;
 mod generic;
 mod hostile;
@@ -10,3 +11,5 @@ mod pipeline;
 mod pylon;
 mod slack;
 mod slack_oauth;
+mod smaller;
+mod tenancy;

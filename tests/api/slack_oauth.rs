@@ -23,10 +23,10 @@ both_backends!(
 );
 
 static NEXT_TS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-const APP_SECRET: &str = "app-level-signing-secret";
+pub(crate) const APP_SECRET: &str = "app-level-signing-secret";
 const CLIENT_SECRET: &str = "client-secret-xyz";
 
-async fn app_with_fake_slack(b: Backend) -> Option<(TestApp, MockServer)> {
+pub(crate) async fn app_with_fake_slack(b: Backend) -> Option<(TestApp, MockServer)> {
     let slack = MockServer::start().await;
     let uri = slack.uri();
     let app = spawn_app_with(b, move |c| {
@@ -40,7 +40,7 @@ async fn app_with_fake_slack(b: Backend) -> Option<(TestApp, MockServer)> {
     Some((app, slack))
 }
 
-fn oauth_answer(access: &str, refresh: Option<&str>, expires_in: Option<i64>) -> Value {
+pub(crate) fn oauth_answer(access: &str, refresh: Option<&str>, expires_in: Option<i64>) -> Value {
     let mut v = json!({
         "ok": true, "access_token": access, "token_type": "bot", "scope": "channels:history,users:read",
         "bot_user_id": "U0BOT", "app_id": "A0APP", "team": {"id": "T0TEAM", "name": "Softball Team"},
@@ -56,7 +56,7 @@ fn oauth_answer(access: &str, refresh: Option<&str>, expires_in: Option<i64>) ->
 }
 
 /// Runs the install flow; returns (status, page text).
-async fn install(app: &TestApp, ws: &str, code: &str) -> (StatusCode, String) {
+pub(crate) async fn install(app: &TestApp, ws: &str, code: &str) -> (StatusCode, String) {
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -83,7 +83,7 @@ async fn install(app: &TestApp, ws: &str, code: &str) -> (StatusCode, String) {
     callback(app, &format!("code={code}&state={state}")).await
 }
 
-async fn callback(app: &TestApp, query: &str) -> (StatusCode, String) {
+pub(crate) async fn callback(app: &TestApp, query: &str) -> (StatusCode, String) {
     let resp = app
         .client
         .get(format!("{}/api/webhooks/slack/oauth?{query}", app.base))
@@ -93,7 +93,7 @@ async fn callback(app: &TestApp, query: &str) -> (StatusCode, String) {
     (resp.status(), resp.text().await.unwrap())
 }
 
-async fn slack_integrations(app: &TestApp, ws: &str) -> Vec<Value> {
+pub(crate) async fn slack_integrations(app: &TestApp, ws: &str) -> Vec<Value> {
     let (_, v) = app
         .api(
             "GET",
@@ -129,7 +129,7 @@ async fn send_message(app: &TestApp, event_id: &str, text: &str) -> StatusCode {
     st
 }
 
-async fn mount_oauth(slack: &MockServer, answer: Value) {
+pub(crate) async fn mount_oauth(slack: &MockServer, answer: Value) {
     Mock::given(method("POST"))
         .and(path("/oauth.v2.access"))
         .and(body_string_contains("grant_type=authorization_code"))
