@@ -593,7 +593,7 @@ impl Admin {
                         "slack_team_id must look like T0123ABCD (or E0123ABCD for an org-wide install)",
                     ));
                 }
-                let own_secret = non_empty(&input.signing_secret).is_some();
+                let own_secret = given_secret("signing_secret", &input.signing_secret)?.is_some();
                 if !own_secret && self.cfg.slack_signing_secret.is_none() {
                     return Err(ApiError::invalid(
                         "signing_secret is required (or configure the app-level SIGNALBOX_SLACK_SIGNING_SECRET)",
