@@ -4,6 +4,13 @@
 //! Every call goes to `SIGNALBOX_SLACK_API_BASE`. A 429 blocks that method for that integration
 //! until `Retry-After` has passed (other methods and integrations are unaffected); callers then
 //! skip the lookup instead of waiting, so enrichment never delays a signal beyond a bound.
+//! An API that does not answer (connect failure, timeout: the whole integration's API) or
+//! answers 5xx (that method) is marked *down* the same way, for [`DOWN_BASE`] doubling per
+//! failed probe up to [`DOWN_MAX`]; while down, calls fail at once with
+//! [`SlackError::Unavailable`], and once the period is over one call at a time probes (the others
+//! are still skipped) until one gets an answer. A bot-token call gives up after
+//! [`CALL_TIMEOUT`], less than the enrichment deadline, so that a call getting no answer fails,
+//! and is recorded, before the deadline drops it.
 //! The back-off and the name cache are keyed by integration id (not by a team id a body names)
 //! and bounded.
 
@@ -29,6 +36,17 @@ const NAME_CAPACITY: u64 = 10_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// Most (integration, method) pairs under back-off at once.
 const BLOCKED_CAPACITY: u64 = 10_000;
+/// First period an API that did not answer (or answered 5xx) is skipped for; it doubles with
+/// every failed probe.
+pub const DOWN_BASE: Duration = Duration::from_secs(1);
+/// Longest such period: a down API is probed at least this often.
+pub const DOWN_MAX: Duration = Duration::from_secs(30);
+/// Longest a bot-token call may take, connecting included (enrichment's deadline is 3 s).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a client-credential call (code exchange, refresh, revoke) may take.
+const OAUTH_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The method under which a whole integration's API is marked down (no answer at all).
+const ANY_METHOD: &str = "*";
 
 /// A Slack API failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +54,15 @@ pub enum SlackError {
     /// 429, or the method is still blocked by an earlier 429.
     #[error("rate limited for {0:?}")]
     RateLimited(Duration),
+    /// Skipped without a call: the API got no answer or answered 5xx lately (`reason`), and
+    /// is not tried again for `retry_in` (or another call is probing it).
+    #[error("skipped, Slack API unavailable ({reason}); next try in {:.1}s", retry_in.as_secs_f64())]
+    Unavailable {
+        /// The failure that marked it down.
+        reason: String,
+        /// Until the next probe (zero: a probe is in flight).
+        retry_in: Duration,
+    },
     /// `{"ok":false,"error":"…"}`.
     #[error("slack error: {0}")]
     Api(String),
@@ -109,14 +136,71 @@ impl OAuthTokens {
 /// Cached names by (integration id, kind, id).
 type NameCache = Cache<(String, &'static str, String), String>;
 
-/// The Slack Web API client with per-(integration, method) rate-limit state and a name cache.
+/// Why calls under a [`Gate`] are skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Why {
+    /// A 429 (`Retry-After`).
+    RateLimited,
+    /// No answer or a 5xx: the failure.
+    Unavailable(String),
+}
+
+/// The back-off state of one (integration, method) — or of a whole integration's API, under
+/// [`ANY_METHOD`].
+#[derive(Debug)]
+struct Gate {
+    /// Calls are skipped until then.
+    until: Instant,
+    why: Why,
+    /// Failed probes in a row (unavailable only): the period doubles with each.
+    strikes: u32,
+    /// A call is probing the API now (unavailable only); the others are skipped.
+    probing: bool,
+}
+
+type GateRef = Arc<Mutex<Gate>>;
+
+fn lock(g: &GateRef) -> std::sync::MutexGuard<'_, Gate> {
+    g.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The period an API is skipped for after `strikes` failures in a row.
+fn down_period(strikes: u32) -> Duration {
+    DOWN_BASE
+        .saturating_mul(2u32.saturating_pow(strikes.saturating_sub(1).min(16)))
+        .min(DOWN_MAX)
+}
+
+/// A call that is probing a down API: if it ends without a verdict (its future was dropped,
+/// e.g. at the enrichment deadline), the next call probes instead.
+struct Probe(GateRef);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        lock(&self.0).probing = false;
+    }
+}
+
+/// How a call ended, for the back-off.
+enum Verdict {
+    /// Slack answered (any status but 429 and 5xx; `ok:false` too).
+    Answered,
+    /// 5xx: the method is down.
+    MethodFailed(String),
+    /// No answer (connect failure, timeout): the integration's whole API is down.
+    NoAnswer(String),
+}
+
+/// The Slack Web API client with per-(integration, method) back-off state (429, 5xx; no answer
+/// for the whole integration) and a name cache.
 #[derive(Clone)]
 pub struct SlackApi {
     http: reqwest::Client,
     base: String,
     metrics: Metrics,
-    /// (integration id, or `oauth` for client-credential calls, method) → blocked until.
-    blocked: Cache<(String, &'static str), Instant>,
+    /// (integration id, or `oauth` for client-credential calls; method, or [`ANY_METHOD`]) →
+    /// back-off (429 or down).
+    blocked: Cache<(String, &'static str), GateRef>,
     names: NameCache,
     refreshing: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -153,7 +237,8 @@ impl SlackApi {
 
     /// Calls a Web API method with form arguments, as the bot (`token`) or with client
     /// credentials (HTTP Basic). A 429 blocks `method` for `integration_id` (the integration
-    /// whose token calls, or `oauth` for client-credential calls).
+    /// whose token calls, or `oauth` for client-credential calls); a 5xx marks `method` down, no
+    /// answer marks the integration's whole API down (see the module documentation).
     pub async fn call(
         &self,
         integration_id: &str,
@@ -162,18 +247,21 @@ impl SlackApi {
         basic: Option<(&str, &SecretString)>,
         form: &[(&str, &str)],
     ) -> Result<Value, SlackError> {
-        let key = (integration_id.to_string(), method);
-        if let Some(until) = self.blocked.get(&key)
-            && let Some(left) = until.checked_duration_since(Instant::now())
-            && !left.is_zero()
-        {
-            self.count(method, "skipped_rate_limited");
-            return Err(SlackError::RateLimited(left));
+        let mut probes = Vec::new();
+        for m in [ANY_METHOD, method] {
+            if let Some(p) = self.pass(integration_id, m, method)? {
+                probes.push(p);
+            }
         }
+        let timeout = if basic.is_some() || integration_id == "oauth" {
+            OAUTH_CALL_TIMEOUT
+        } else {
+            CALL_TIMEOUT
+        };
         let mut req = self
             .http
             .post(format!("{}/{method}", self.base))
-            .timeout(Duration::from_secs(5))
+            .timeout(timeout)
             .form(form);
         if let Some(t) = token {
             req = req.bearer_auth(t.expose_secret());
@@ -181,10 +269,20 @@ impl SlackApi {
         if let Some((id, secret)) = basic {
             req = req.basic_auth(id, Some(secret.expose_secret()));
         }
-        let resp = req.send().await.map_err(|e| {
-            self.count(method, "error");
-            SlackError::Http(e.without_url().to_string())
-        })?;
+        let (verdict, result) = self.send(method, req).await;
+        match verdict {
+            Verdict::Answered => {
+                self.recovered(integration_id, ANY_METHOD);
+                self.recovered(integration_id, method);
+            }
+            Verdict::MethodFailed(why) => {
+                self.recovered(integration_id, ANY_METHOD);
+                self.failed(integration_id, method, why);
+            }
+            Verdict::NoAnswer(why) => self.failed(integration_id, ANY_METHOD, why),
+        }
+        drop(probes);
+        let resp = result?;
         if resp.status().as_u16() == 429 {
             let secs = resp
                 .headers()
@@ -196,7 +294,16 @@ impl SlackApi {
                 .unwrap_or(30)
                 .min(MAX_BACKOFF.as_secs());
             let d = Duration::from_secs(secs);
-            self.blocked.insert(key, Instant::now() + d);
+            let gate = Gate {
+                until: Instant::now() + d,
+                why: Why::RateLimited,
+                strikes: 0,
+                probing: false,
+            };
+            self.blocked.insert(
+                (integration_id.to_string(), method),
+                Arc::new(Mutex::new(gate)),
+            );
             self.count(method, "rate_limited");
             return Err(SlackError::RateLimited(d));
         }
@@ -204,10 +311,16 @@ impl SlackApi {
             self.count(method, "error");
             return Err(SlackError::Http(format!("HTTP {}", resp.status())));
         }
-        let v: Value = resp.json().await.map_err(|e| {
-            self.count(method, "error");
-            SlackError::Http(format!("bad JSON: {}", e.without_url()))
-        })?;
+        let v: Value = match resp.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                self.count(method, "error");
+                if e.is_timeout() {
+                    self.failed(integration_id, ANY_METHOD, "timed out".into());
+                }
+                return Err(SlackError::Http(format!("bad JSON: {}", e.without_url())));
+            }
+        };
         if v.get("ok") != Some(&Value::Bool(true)) {
             self.count(method, "api_error");
             let err = v
@@ -218,6 +331,120 @@ impl SlackApi {
         }
         self.count(method, "ok");
         Ok(v)
+    }
+
+    /// Sends `req`: the response (or the error to return) and what it says about the API.
+    async fn send(
+        &self,
+        method: &str,
+        req: reqwest::RequestBuilder,
+    ) -> (Verdict, Result<reqwest::Response, SlackError>) {
+        match req.send().await {
+            Ok(resp) if resp.status().is_server_error() => {
+                let why = format!("HTTP {}", resp.status().as_u16());
+                (Verdict::MethodFailed(why), Ok(resp))
+            }
+            Ok(resp) => (Verdict::Answered, Ok(resp)),
+            Err(e) => {
+                self.count(method, "error");
+                let why = if e.is_timeout() {
+                    "timed out".to_string()
+                } else if e.is_connect() {
+                    "could not connect".to_string()
+                } else {
+                    "no answer".to_string()
+                };
+                let err = SlackError::Http(format!("{why}: {}", e.without_url()));
+                (Verdict::NoAnswer(why), Err(err))
+            }
+        }
+    }
+
+    /// Whether a call of `method` may go out under the gate of `(integration_id, gate)`:
+    /// `Ok(Some(probe))` when this call is the one probing a down API, an error when it is to
+    /// be skipped.
+    fn pass(
+        &self,
+        integration_id: &str,
+        gate: &'static str,
+        method: &'static str,
+    ) -> Result<Option<Probe>, SlackError> {
+        let key = (integration_id.to_string(), gate);
+        let Some(g) = self.blocked.get(&key) else {
+            return Ok(None);
+        };
+        let mut state = lock(&g);
+        let left = state.until.saturating_duration_since(Instant::now());
+        match state.why.clone() {
+            Why::RateLimited if !left.is_zero() => {
+                self.count(method, "skipped_rate_limited");
+                Err(SlackError::RateLimited(left))
+            }
+            Why::RateLimited => {
+                drop(state);
+                self.blocked.invalidate(&key);
+                Ok(None)
+            }
+            Why::Unavailable(reason) if !left.is_zero() || state.probing => {
+                self.count(method, "skipped_unavailable");
+                Err(SlackError::Unavailable {
+                    reason,
+                    retry_in: left,
+                })
+            }
+            Why::Unavailable(_) => {
+                state.probing = true;
+                drop(state);
+                Ok(Some(Probe(g)))
+            }
+        }
+    }
+
+    /// Records a failure (`why`) under `(integration_id, gate)`: down for a period that doubles
+    /// with each failure in a row, unless it is down already (a call that started before).
+    fn failed(&self, integration_id: &str, gate: &'static str, why: String) {
+        let now = Instant::now();
+        let g = self
+            .blocked
+            .get_with((integration_id.to_string(), gate), || {
+                Arc::new(Mutex::new(Gate {
+                    until: now,
+                    why: Why::Unavailable(String::new()),
+                    strikes: 0,
+                    probing: false,
+                }))
+            });
+        let mut state = lock(&g);
+        let strikes = match state.why {
+            Why::Unavailable(_) if state.until > now => return,
+            Why::Unavailable(_) => state.strikes.saturating_add(1),
+            Why::RateLimited => 1,
+        };
+        let period = down_period(strikes);
+        tracing::warn!(
+            integration_id,
+            method = gate,
+            reason = %why,
+            skip_ms = period.as_millis() as u64,
+            "Slack API unavailable; skipping it for a while"
+        );
+        *state = Gate {
+            until: now + period,
+            why: Why::Unavailable(why),
+            strikes,
+            probing: false,
+        };
+    }
+
+    /// Slack answered: a down mark under `(integration_id, gate)` is lifted.
+    fn recovered(&self, integration_id: &str, gate: &'static str) {
+        let key = (integration_id.to_string(), gate);
+        if let Some(g) = self.blocked.get(&key)
+            && matches!(lock(&g).why, Why::Unavailable(_))
+        {
+            self.blocked.invalidate(&key);
+            tracing::info!(integration_id, method = gate, "Slack API answers again");
+        }
     }
 
     /// `oauth.v2.access` with an authorization code.
@@ -537,5 +764,129 @@ pub async fn bot_token(
                 .await;
             current(&row)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic on unexpected results
+mod tests {
+    use wiremock::matchers::{method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+
+    use super::*;
+
+    fn api(base: &str) -> SlackApi {
+        SlackApi::new(crate::app::http_client().unwrap(), base, Metrics::new())
+    }
+
+    async fn calls(mock: &MockServer, p: &str) -> usize {
+        let reqs = mock.received_requests().await.unwrap();
+        reqs.iter().filter(|r| r.url.path() == p).count()
+    }
+
+    #[test]
+    fn down_periods_double_and_cap() {
+        assert_eq!(down_period(1), DOWN_BASE);
+        assert_eq!(down_period(2), DOWN_BASE * 2);
+        assert_eq!(down_period(3), DOWN_BASE * 4);
+        assert_eq!(down_period(40), DOWN_MAX);
+    }
+
+    #[tokio::test]
+    async fn a_5xx_marks_the_method_down_and_one_call_probes_after_the_period() {
+        let mock = MockServer::start().await;
+        Mock::given(method("POST"))
+            .and(path("/users.info"))
+            .respond_with(ResponseTemplate::new(503))
+            .mount(&mock)
+            .await;
+        Mock::given(method("POST"))
+            .and(path("/conversations.info"))
+            .respond_with(
+                ResponseTemplate::new(200)
+                    .set_body_json(serde_json::json!({"ok": true, "channel": {"name": "general"}})),
+            )
+            .mount(&mock)
+            .await;
+        let api = api(&mock.uri());
+        let token = SecretString::from("xoxb-test");
+        let first = api.user_name("int_a", &token, "U1").await;
+        assert_eq!(
+            first,
+            Err(SlackError::Http("HTTP 503 Service Unavailable".into()))
+        );
+        for _ in 0..10 {
+            let e = api.user_name("int_a", &token, "U1").await.unwrap_err();
+            assert!(matches!(e, SlackError::Unavailable { .. }), "{e:?}");
+            assert!(e.to_string().contains("HTTP 503"), "{e}");
+        }
+        assert_eq!(calls(&mock, "/users.info").await, 1, "skipped while down");
+        // Other methods and other integrations are not affected.
+        assert_eq!(
+            api.channel_name("int_a", &token, "C1").await.unwrap(),
+            "general"
+        );
+        assert!(matches!(
+            api.user_name("int_b", &token, "U1").await,
+            Err(SlackError::Http(_))
+        ));
+        assert_eq!(calls(&mock, "/users.info").await, 2);
+        // After the period one call probes; the others are skipped meanwhile.
+        tokio::time::sleep(DOWN_BASE + Duration::from_millis(100)).await;
+        let (a, b) = tokio::join!(
+            api.user_name("int_a", &token, "U1"),
+            api.user_name("int_a", &token, "U1")
+        );
+        let probed = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, Err(SlackError::Http(_))))
+            .count();
+        assert_eq!(probed, 1, "{a:?} {b:?}");
+        assert_eq!(calls(&mock, "/users.info").await, 3);
+        // The failed probe doubled the period.
+        tokio::time::sleep(DOWN_BASE + Duration::from_millis(100)).await;
+        assert!(matches!(
+            api.user_name("int_a", &token, "U1").await,
+            Err(SlackError::Unavailable { .. })
+        ));
+        assert_eq!(calls(&mock, "/users.info").await, 3);
+    }
+
+    #[tokio::test]
+    async fn no_answer_marks_the_integrations_api_down_until_a_probe_gets_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hole = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let api = api(&format!("http://{addr}"));
+        let token = SecretString::from("xoxb-test");
+        let started = Instant::now();
+        let e = api.user_name("int_a", &token, "U1").await.unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        let took = started.elapsed();
+        assert!(took < CALL_TIMEOUT + Duration::from_secs(1), "{took:?}");
+        // Every method of that integration is skipped at once now.
+        let started = Instant::now();
+        for r in [
+            api.channel_name("int_a", &token, "C1").await,
+            api.permalink("int_a", &token, "C1", "1.2").await,
+        ] {
+            let e = r.unwrap_err();
+            assert!(matches!(e, SlackError::Unavailable { .. }), "{e:?}");
+            assert!(e.to_string().contains("timed out"), "{e}");
+        }
+        assert!(started.elapsed() < Duration::from_millis(500));
+        // Another integration's calls still go out (and wait for their answer).
+        let other = tokio::time::timeout(
+            Duration::from_millis(300),
+            api.user_name("int_b", &token, "U1"),
+        )
+        .await;
+        assert!(other.is_err(), "not skipped: {other:?}");
+        hole.abort();
     }
 }

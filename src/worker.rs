@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppState;
 use crate::clock::now_micros;
 use crate::ids::new_id;
+use crate::ingest::HandedOff;
 use crate::metrics::Metrics;
 use crate::protocol::Effect;
 use crate::sources::{self, ProcessError};
@@ -73,13 +74,12 @@ pub async fn run(state: AppState, index: usize, cancel: CancellationToken) {
             }
         }
         // Hand-offs waiting now go next, so a busy database queue cannot starve them.
-        let ready = state
-            .handoff
-            .try_lock()
-            .ok()
-            .and_then(|mut rx| rx.try_recv().ok());
-        if let Some(job) = ready {
-            handle_batch(&state, &job.owner, job.batch).await;
+        let ready = state.handoff.try_lock().ok().and_then(|mut rx| {
+            let first = rx.try_recv().ok()?;
+            Some(gather(&mut rx, first, cfg.worker_batch_size))
+        });
+        if let Some(jobs) = ready {
+            handle_handoffs(&state, jobs).await;
             continue;
         }
         if claim_due {
@@ -92,9 +92,13 @@ pub async fn run(state: AppState, index: usize, cancel: CancellationToken) {
                 next_poll = tokio::time::Instant::now() + cfg.poll_interval;
             }
             _ = &mut notified => claim_due = true,
-            job = async { state.handoff.lock().await.recv().await } => {
-                if let Some(job) = job {
-                    handle_batch(&state, &job.owner, job.batch).await;
+            jobs = async {
+                let mut rx = state.handoff.lock().await;
+                let first = rx.recv().await?;
+                Some(gather(&mut rx, first, cfg.worker_batch_size))
+            } => {
+                if let Some(jobs) = jobs {
+                    handle_handoffs(&state, jobs).await;
                 }
             }
         }
@@ -110,6 +114,42 @@ pub async fn run(state: AppState, index: usize, cancel: CancellationToken) {
         }
     }
     tracing::debug!(%owner, "worker stopped");
+}
+
+/// `first` and the hand-offs queued behind it, up to `max` deliveries in all (at least
+/// `first`): the inbox hands over one job per commit, often of one delivery, and a worker that
+/// took them one at a time would hold each for its whole enrichment (up to its deadline) while
+/// the others wait in the queue; merged, they are enriched together and wait once.
+fn gather(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<HandedOff>,
+    first: HandedOff,
+    max: usize,
+) -> Vec<HandedOff> {
+    let mut n = first.batch.len();
+    let mut jobs = vec![first];
+    while n < max {
+        let Ok(job) = rx.try_recv() else { break };
+        n += job.batch.len();
+        jobs.push(job);
+    }
+    jobs
+}
+
+/// Processes gathered hand-offs: the deliveries of jobs with the same lease owner as one batch,
+/// in the order they were handed over. The jobs (their places in the hand-off budget) are kept
+/// until their deliveries are done.
+async fn handle_handoffs(state: &AppState, mut jobs: Vec<HandedOff>) {
+    let mut i = 0;
+    while i < jobs.len() {
+        let owner = jobs[i].owner.clone();
+        let mut batch = Vec::new();
+        while let Some(job) = jobs.get_mut(i).filter(|j| j.owner == owner) {
+            batch.append(&mut job.batch);
+            i += 1;
+        }
+        handle_batch(state, &owner, batch).await;
+    }
+    drop(jobs);
 }
 
 async fn release(state: &AppState, owner: &str, batch: Vec<ClaimedDelivery>) {

@@ -416,6 +416,9 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
         Decision::Enrich(settings) => settings,
     };
     // Enrichment is bounded: whatever is known after the deadline is used, the rest is recorded.
+    // At the deadline the lookups still waiting are dropped (their requests with them). The
+    // worker runs this for every delivery of its batch at once, so a batch waits for the
+    // deadline once, not once per delivery.
     let mut names = Names::default();
     let mut extra = serde_json::Map::new();
     let outcome = tokio::time::timeout(
@@ -424,7 +427,10 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, su
     )
     .await;
     if outcome.is_err() {
-        names.errors.push("enrichment timed out".into());
+        names.errors.push(format!(
+            "enrichment timed out after {}s",
+            ENRICH_DEADLINE.as_secs()
+        ));
     }
     let mut effect = proto::normalize(&env, &settings, &names);
     if let Effect::Upsert { signal, .. } = &mut effect
@@ -475,7 +481,10 @@ fn outcome_at_the_edge(integ: &IntegrationRef, env: &Envelope) -> Option<Effect>
     }
 }
 
-/// Upper bound on the time enrichment may add to a delivery.
+/// Upper bound on the time enrichment may add to a delivery (and to the batch it is in: the
+/// deliveries of a batch are enriched concurrently). Longer than a Slack call may take
+/// ([`crate::slack_api::CALL_TIMEOUT`]), so a call that gets no answer fails and marks the API
+/// down before the deadline cuts it.
 const ENRICH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Names found by enrichment (and the errors met).
@@ -517,7 +526,63 @@ fn mentions(text: &str, max: usize) -> (Vec<String>, Vec<String>) {
     (users, channels)
 }
 
-#[allow(unused_assignments)] // the last retry's flag update is never read
+/// One lookup of enrichment.
+enum Lookup {
+    User(String),
+    Channel(String),
+    Permalink,
+}
+
+impl Lookup {
+    fn method(&self) -> &'static str {
+        match self {
+            Lookup::User(_) => "users.info",
+            Lookup::Channel(_) => "conversations.info",
+            Lookup::Permalink => "chat.getPermalink",
+        }
+    }
+}
+
+async fn look_up(
+    api: &crate::slack_api::SlackApi,
+    id: &str,
+    token: &secrecy::SecretString,
+    channel: &str,
+    ts: &str,
+    l: Lookup,
+) -> (Lookup, Result<String, crate::slack_api::SlackError>) {
+    let r = match &l {
+        Lookup::User(u) => api.user_name(id, token, u).await,
+        Lookup::Channel(c) => api.channel_name(id, token, c).await,
+        Lookup::Permalink => api.permalink(id, token, channel, ts).await,
+    };
+    (l, r)
+}
+
+fn keep(
+    names: &mut Names,
+    extra: &mut serde_json::Map<String, Value>,
+    l: Lookup,
+    r: Result<String, crate::slack_api::SlackError>,
+) {
+    match (l, r) {
+        (Lookup::User(u), Ok(n)) => {
+            names.users.insert(u, n);
+        }
+        (Lookup::Channel(c), Ok(n)) => {
+            names.channels.insert(c, n);
+        }
+        (Lookup::Permalink, Ok(p)) => {
+            extra.insert("permalink".into(), Value::String(p));
+        }
+        (l, Err(e)) => names.errors.push(format!("{}: {e}", l.method())),
+    }
+}
+
+/// Looks up the author's, mentioned users' and channels' names and the permalink, all at once
+/// (the caller bounds the whole with [`ENRICH_DEADLINE`]). Each answer lands in `names` /
+/// `extra` as it arrives, so what was found before the deadline is kept. A method under
+/// back-off (429, or a Slack API that did not answer lately) fails at once and is recorded.
 async fn enrich(
     state: &AppState,
     integ: &IntegrationRef,
@@ -525,9 +590,11 @@ async fn enrich(
     names: &mut Names,
     extra: &mut serde_json::Map<String, Value>,
 ) {
-    use crate::slack_api::{SlackError, bot_token};
+    use crate::slack_api::bot_token;
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
     let id = &integ.row.id;
-    let Some(mut token) = bot_token(state, id, false).await else {
+    let Some(token) = bot_token(state, id, false).await else {
         names.errors.push("no usable bot token".into());
         return;
     };
@@ -545,58 +612,43 @@ async fn enrich(
     {
         users.insert(0, u.to_string());
     }
-    let api = &state.slack;
-    let mut refreshed = false;
-    // One retry after refreshing when Slack says the token expired.
-    macro_rules! with_token {
-        (|$t:ident| $call:expr) => {{
-            let mut r = {
-                let $t = &token;
-                $call.await
-            };
-            if let Err(e) = &r
-                && e.is_auth()
-                && !refreshed
-            {
-                refreshed = true;
-                if let Some(fresh) = bot_token(state, id, true).await {
-                    token = fresh;
-                    let $t = &token;
-                    r = $call.await;
-                }
-            }
-            r
-        }};
-    }
-    let note = |errors: &mut Vec<String>, what: &str, e: &SlackError| {
-        errors.push(format!("{what}: {e}"));
-    };
-    for u in users {
-        match with_token!(|t| api.user_name(id, t, &u)) {
-            Ok(n) => {
-                names.users.insert(u, n);
-            }
-            Err(e) => note(&mut names.errors, "users.info", &e),
-        }
-    }
     let mut all_channels = channels;
     if !channel.is_empty() && !all_channels.contains(&channel) {
         all_channels.insert(0, channel.clone());
     }
-    for c in all_channels {
-        match with_token!(|t| api.channel_name(id, t, &c)) {
-            Ok(n) => {
-                names.channels.insert(c, n);
-            }
-            Err(e) => note(&mut names.errors, "conversations.info", &e),
+    let mut lookups: Vec<Lookup> = users.into_iter().map(Lookup::User).collect();
+    lookups.extend(all_channels.into_iter().map(Lookup::Channel));
+    if !channel.is_empty() && !ts.is_empty() {
+        lookups.push(Lookup::Permalink);
+    }
+    let api = &state.slack;
+    let mut expired = Vec::new();
+    let mut pending: FuturesUnordered<_> = lookups
+        .into_iter()
+        .map(|l| look_up(api, id, &token, &channel, &ts, l))
+        .collect();
+    while let Some((l, r)) = pending.next().await {
+        match r {
+            Err(e) if e.is_auth() => expired.push((l, e)),
+            r => keep(names, extra, l, r),
         }
     }
-    if !channel.is_empty() && !ts.is_empty() {
-        match with_token!(|t| api.permalink(id, t, &channel, &ts)) {
-            Ok(p) => {
-                extra.insert("permalink".into(), Value::String(p));
-            }
-            Err(e) => note(&mut names.errors, "chat.getPermalink", &e),
+    drop(pending);
+    if expired.is_empty() {
+        return;
+    }
+    // Slack says the token expired: one refresh, then those lookups again.
+    let Some(fresh) = bot_token(state, id, true).await else {
+        for (l, e) in expired {
+            keep(names, extra, l, Err(e));
         }
+        return;
+    };
+    let mut again: FuturesUnordered<_> = expired
+        .into_iter()
+        .map(|(l, _)| look_up(api, id, &fresh, &channel, &ts, l))
+        .collect();
+    while let Some((l, r)) = again.next().await {
+        keep(names, extra, l, r);
     }
 }
