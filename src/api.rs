@@ -115,7 +115,16 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.store.accepts_writes().await {
+    // A probe with a shorter timeout than the pool's must see a 503, not a hang.
+    let ready = match tokio::time::timeout(s.cfg.storage_deadline, s.store.accepts_writes()).await {
+        Ok(ready) => ready,
+        Err(_) => {
+            s.store
+                .suspect_down("the readiness probe outlasted the storage deadline");
+            false
+        }
+    };
+    if ready {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
         (

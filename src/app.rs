@@ -164,6 +164,7 @@ impl Application {
             inbox_stop.clone(),
             (budget > 0).then_some(handoff),
         );
+        let inbox = inbox.with_deadline(cfg.storage_deadline);
         let admin = Admin {
             store: store.clone(),
             creds: creds.clone(),

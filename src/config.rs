@@ -64,6 +64,9 @@ pub struct Config {
     pub retry_max_delay: Duration,
     /// How long a claimed delivery stays leased to a worker.
     pub lease: Duration,
+    /// Longest a webhook or `/readyz` waits for storage before answering 503 (well under
+    /// Slack's 3 s, so a sender or a probe sees a 503, not a hang).
+    pub storage_deadline: Duration,
     /// Polling backstop when no wake-up arrives.
     pub poll_interval: Duration,
     /// Capacity of the inbox writer queue; beyond it webhooks get 503.
@@ -145,6 +148,7 @@ const KEYS: &[(&str, Option<&str>)] = &[
     ("retry_base_delay_ms", Some("2000")),
     ("retry_max_delay_secs", Some("3600")),
     ("lease_secs", Some("60")),
+    ("storage_deadline_ms", Some("2000")),
     ("poll_interval_ms", Some("1000")),
     ("inbox_capacity", Some("8192")),
     ("inbox_batch_max", Some("512")),
@@ -363,6 +367,11 @@ impl RawConfig {
                 7 * 86_400,
             )?),
             lease: Duration::from_secs(self.num("lease_secs", 1u64, 3600)?),
+            storage_deadline: Duration::from_millis(self.num(
+                "storage_deadline_ms",
+                50u64,
+                60_000,
+            )?),
             poll_interval: Duration::from_millis(self.num("poll_interval_ms", 10u64, 60_000)?),
             inbox_capacity: self.num("inbox_capacity", 1usize, 1_000_000)?,
             inbox_batch_max: self.num("inbox_batch_max", 1usize, 10_000)?,
@@ -480,6 +489,10 @@ impl Config {
                 self.retry_max_delay.as_secs().to_string(),
             ),
             ("lease_secs", self.lease.as_secs().to_string()),
+            (
+                "storage_deadline_ms",
+                self.storage_deadline.as_millis().to_string(),
+            ),
             (
                 "poll_interval_ms",
                 self.poll_interval.as_millis().to_string(),

@@ -38,6 +38,9 @@ pub enum InboxError {
     /// The transaction failed.
     #[error("storage failed: {0}")]
     Store(String),
+    /// Storage did not answer within the deadline (`SIGNALBOX_STORAGE_DEADLINE_MS`).
+    #[error("storage did not answer within {0:?}")]
+    Deadline(std::time::Duration),
 }
 
 type Reply = oneshot::Sender<Result<Stored, InboxError>>;
@@ -103,6 +106,10 @@ impl Handoff {
 pub struct Inbox {
     tx: mpsc::Sender<(NewDelivery, Reply)>,
     takes_outcomes: bool,
+    /// For its breaker: nothing is queued while the database is known to be unreachable.
+    store: Store,
+    /// Longest a caller waits for its commit (see [`Inbox::with_deadline`]).
+    deadline: std::time::Duration,
 }
 
 impl Inbox {
@@ -121,14 +128,22 @@ impl Inbox {
         let (tx, rx) = mpsc::channel(capacity);
         let takes_outcomes = handoff.is_some();
         let w = Writer {
-            store,
+            store: store.clone(),
             batch_max,
             wake,
             metrics,
             handoff,
         };
         let handle = tokio::spawn(writer(w, rx, stop));
-        (Inbox { tx, takes_outcomes }, handle)
+        (
+            Inbox {
+                tx,
+                takes_outcomes,
+                store,
+                deadline: std::time::Duration::from_secs(3600),
+            },
+            handle,
+        )
     }
 
     /// Whether a receiver's outcome ([`NewDelivery::outcome`]) may be committed with its row:
@@ -139,14 +154,33 @@ impl Inbox {
         self.takes_outcomes
     }
 
+    /// Callers wait at most `deadline` for their commit: past it they get
+    /// [`InboxError::Deadline`] (the delivery may still commit; the sender's retry is then a
+    /// duplicate) and the store's breaker opens until its probe reaches the database, so a
+    /// sender or a load balancer sees a 503 in time, never a hang.
+    pub fn with_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
     /// Stores one delivery; returns once it is committed (or known to be a duplicate).
     pub async fn store(&self, d: NewDelivery) -> Result<Stored, InboxError> {
+        if self.store.is_down() {
+            return Err(InboxError::Store("the database is unreachable".into()));
+        }
         let (reply, wait) = oneshot::channel();
         self.tx.try_send((d, reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => InboxError::Saturated,
             mpsc::error::TrySendError::Closed(_) => InboxError::Closed,
         })?;
-        wait.await.map_err(|_| InboxError::Closed)?
+        match tokio::time::timeout(self.deadline, wait).await {
+            Ok(answer) => answer.map_err(|_| InboxError::Closed)?,
+            Err(_) => {
+                self.store
+                    .suspect_down("an inbox commit outlasted the storage deadline");
+                Err(InboxError::Deadline(self.deadline))
+            }
+        }
     }
 }
 
@@ -331,6 +365,7 @@ async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
             tracing::trace!(n, us = started.elapsed().as_micros() as u64, "inbox commit");
         }
         Err(e) => {
+            w.store.note_failure(&e);
             let msg = short_store_error(&e);
             tracing::error!(error = %msg, n, "inbox commit failed; answering 503");
             for (_, reply) in batch.drain(..) {

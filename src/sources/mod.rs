@@ -160,6 +160,10 @@ pub async fn store_all_and_ack(
                 InboxError::Store(_) => {
                     ApiError::Unavailable("storage is unavailable, retry later".into())
                 }
+                InboxError::Deadline(d) => ApiError::Unavailable(format!(
+                    "storage did not answer within {} ms, retry later",
+                    d.as_millis()
+                )),
             }
         })?;
         match outcome {

@@ -56,7 +56,40 @@ pub enum StoreError {
     Writer(String),
 }
 
+/// Whether the database is known to be unreachable: opened by the first failure that says so
+/// ([`StoreError::is_unreachable`]), closed by a probe that reaches it again. While it is open
+/// webhooks and `/readyz` answer 503 at once instead of each waiting for the pool's acquire
+/// timeout.
+#[derive(Debug, Default)]
+struct Health {
+    down: std::sync::atomic::AtomicBool,
+    probing: std::sync::atomic::AtomicBool,
+}
+
+/// How often the breaker's probe tries the database while it is open.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
 impl StoreError {
+    /// True when the database could not be reached at all (connection refused or lost, no
+    /// connection within the pool's timeout, the server shutting down), as opposed to refusing
+    /// or failing one statement.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::Db(
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // Connection exceptions (08…) and operator intervention (57P01–03: shutdown, crash
+            // recovery, cannot connect now).
+            StoreError::Db(sqlx::Error::Database(db)) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P0")),
+            _ => false,
+        }
+    }
+
     /// True when the database refused a statement (a constraint, a trigger, a deadlock), as
     /// opposed to being unreachable, busy, out of space or out of connections: retrying the
     /// same work another way can then succeed.
@@ -132,6 +165,8 @@ macro_rules! on_pool {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: Pool,
+    /// The breaker: whether the database is known to be unreachable.
+    health: std::sync::Arc<Health>,
     /// SQLite allows one writer at a time. The hot writers of this process (inbox commits,
     /// claims, worker commits) take turns on this async lock instead of colliding inside
     /// SQLite, whose busy handler would make the losers sleep for milliseconds.
@@ -178,6 +213,26 @@ pub struct InsertLease<'a> {
 
 const DELIVERY_COLS: &str = "id, workspace_id, integration_id, webhook_key_id, source, dedupe_key, \
      status, attempts, last_error, filter_reason, signal_id, received_at, processed_at";
+
+/// Keeps a released SQLite connection only if no transaction is left open on it. When a COMMIT
+/// fails with `SQLITE_FULL` (or an I/O error) SQLite may already have rolled the transaction
+/// back; sqlx's own ROLLBACK then fails, and sqlx still counts the connection as inside a
+/// transaction. Its next `begin()` issues a `SAVEPOINT` (which opens a real transaction), and
+/// that transaction's rollback is a `ROLLBACK TO`, which leaves it open: the pooled connection
+/// keeps the WAL write lock and every other writer gets `database is locked` until a restart.
+/// Closing such a connection ends its transaction. The ping first makes sure a rollback sqlx
+/// queued on drop has run.
+async fn release_if_clean(conn: &mut sqlx::SqliteConnection) -> sqlx::Result<bool> {
+    use sqlx::Connection;
+    conn.ping().await?;
+    if conn.is_in_transaction() {
+        tracing::warn!(
+            "closing a SQLite connection left inside a failed transaction (disk full or I/O error)"
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
 
 impl Store {
     /// Connects to the configured database (creating a SQLite file if missing) and applies
@@ -240,6 +295,7 @@ impl Store {
                 SqlitePoolOptions::new()
                     .max_connections(cfg.db_max_connections.min(8))
                     .acquire_timeout(Duration::from_secs(10))
+                    .after_release(|conn, _| Box::pin(release_if_clean(conn)))
                     .connect_with(opts)
                     .await?,
             )
@@ -269,6 +325,7 @@ impl Store {
         };
         Ok(Store {
             pool,
+            health: Default::default(),
             sqlite_writer: turn,
             sqlite,
         })
@@ -295,6 +352,55 @@ impl Store {
         }
     }
 
+    /// True while the breaker is open: the database is known to be unreachable.
+    pub fn is_down(&self) -> bool {
+        self.health.down.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records a storage failure: one that says the database is unreachable opens the breaker
+    /// and starts its probe.
+    pub fn note_failure(&self, e: &StoreError) {
+        if e.is_unreachable() {
+            self.suspect_down(&e.to_string());
+        }
+    }
+
+    /// Opens the breaker (`why` is logged) and starts its probe, which closes it as soon as
+    /// the database answers: a slow database is 503 for one probe interval, an unreachable one
+    /// until it is back. PostgreSQL only.
+    pub fn suspect_down(&self, why: &str) {
+        use std::sync::atomic::Ordering;
+        // A SQLite file is never unreachable: a slow or locked one is answered by the deadline
+        // alone (and a full one by the writer's own state).
+        if matches!(self.pool, Pool::Sqlite(_)) || self.health.down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(reason = %why, "storage looks unreachable; answering 503 at once until a probe reaches it");
+        if self.health.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(PROBE_EVERY).await;
+                let ping = async {
+                    on_pool!(&store, p => sqlx::query("SELECT 1").execute(p).await.map(|_| ()))
+                };
+                match tokio::time::timeout(Duration::from_secs(1), ping).await {
+                    Ok(Ok(())) => {
+                        store.health.down.store(false, Ordering::Release);
+                        tracing::info!("the database is reachable again");
+                        break;
+                    }
+                    // Shutting down: nothing left to probe for.
+                    Ok(Err(sqlx::Error::PoolClosed)) => break,
+                    _ => {}
+                }
+            }
+            store.health.probing.store(false, Ordering::Release);
+        });
+    }
+
     /// Applies pending migrations.
     pub async fn migrate(&self) -> Result<()> {
         match &self.pool {
@@ -315,10 +421,18 @@ impl Store {
     /// True when the database accepts a write right now (used by `/readyz`). A SQLite writer
     /// stopped by an fsync or I/O error does not, whatever the file says.
     pub async fn accepts_writes(&self) -> bool {
-        if let Some(w) = &self.sqlite
-            && !w.takes_writes()
-        {
+        if self.is_down() {
             return false;
+        }
+        if let Some(w) = &self.sqlite {
+            if !w.takes_writes() {
+                return false;
+            }
+            // A rolled-back probe needs no space: while the disk is known to be full, only a
+            // commit through the writer tells whether it takes writes again.
+            if w.is_full() {
+                return w.probe_commit().await.is_ok();
+            }
         }
         let res: Result<()> = on_pool!(self, p => async {
             let mut tx = p.begin().await?;
@@ -332,6 +446,9 @@ impl Store {
             tx.rollback().await?;
             Ok(())
         }.await);
+        if let Err(e) = &res {
+            self.note_failure(e);
+        }
         res.is_ok()
     }
 
@@ -1266,18 +1383,12 @@ async fn apply_effects_pg_in(
 }
 
 impl Store {
-    /// Deliveries, newest first, filtered and paginated by id cursor.
+    /// Deliveries, newest first, filtered and paginated by id cursor (one index range scan that
+    /// stops after `limit` rows: see [`deliveries_query`]).
     pub async fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<Delivery>> {
-        let sql = format!(
-            "SELECT {DELIVERY_COLS} FROM deliveries WHERE ($1 IS NULL OR workspace_id = $1) \
-             AND ($2 IS NULL OR integration_id = $2) AND ($3 IS NULL OR status = $3) \
-             AND ($4 IS NULL OR id < $4) AND ($5 IS NULL OR source = $5) ORDER BY id DESC LIMIT $6"
-        );
-        Ok(
-            on_pool!(self, p => sqlx::query_as::<_, Delivery>(sqlx::AssertSqlSafe(sql))
-            .bind(&f.workspace_id).bind(&f.integration_id).bind(&f.status).bind(&f.cursor)
-            .bind(&f.source).bind(f.limit as i64).fetch_all(p).await)?,
-        )
+        let q = deliveries_query(f, matches!(self.pool, Pool::Sqlite(_)));
+        Ok(on_pool!(self, p => q.bound(sqlx::query_as::<_, Delivery>(
+            sqlx::AssertSqlSafe(q.sql.clone()))).fetch_all(p).await)?)
     }
 
     /// One delivery.
@@ -1329,13 +1440,11 @@ impl Store {
 
     // ---------------------------------------------------------------- signals and activity
 
-    /// Signals of a workspace, newest first.
+    /// Signals of a workspace, newest first (see [`signals_query`]).
     pub async fn list_signals(&self, f: &SignalFilter) -> Result<Vec<Signal>> {
-        Ok(on_pool!(self, p => sqlx::query_as::<_, Signal>(
-            "SELECT * FROM signals WHERE workspace_id = $1 AND ($2 IS NULL OR source = $2) \
-             AND ($3 IS NULL OR status = $3) AND ($4 IS NULL OR id < $4) ORDER BY id DESC LIMIT $5")
-            .bind(&f.workspace_id).bind(&f.source).bind(&f.status).bind(&f.cursor)
-            .bind(f.limit as i64).fetch_all(p).await)?)
+        let q = signals_query(f, matches!(self.pool, Pool::Sqlite(_)));
+        Ok(on_pool!(self, p => q.bound(sqlx::query_as::<_, Signal>(
+            sqlx::AssertSqlSafe(q.sql.clone()))).fetch_all(p).await)?)
     }
 
     /// One signal.
@@ -1347,9 +1456,14 @@ impl Store {
     /// Counts signals per `(source, source_ref)` having more than one row (must be empty; used by
     /// tests and the benchmark's verification).
     pub async fn count_signals(&self, workspace_id: Option<&str>) -> Result<i64> {
-        Ok(on_pool!(self, p => sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM signals WHERE ($1 IS NULL OR workspace_id = $1)")
-            .bind(workspace_id).fetch_one(p).await)?)
+        // Two texts, not `($1 IS NULL OR workspace_id = $1)`: that shape hides the index.
+        Ok(match workspace_id {
+            Some(ws) => on_pool!(self, p => sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM signals WHERE workspace_id = $1")
+                .bind(ws).fetch_one(p).await),
+            None => on_pool!(self, p => sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM signals").fetch_one(p).await),
+        }?)
     }
 
     /// Activity of a workspace, newest first.
@@ -1359,10 +1473,37 @@ impl Store {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Vec<Activity>> {
-        Ok(on_pool!(self, p => sqlx::query_as::<_, Activity>(
-            "SELECT * FROM activity_logs WHERE workspace_id = $1 AND ($2 IS NULL OR id < $2) \
-             ORDER BY id DESC LIMIT $3")
-            .bind(workspace_id).bind(cursor).bind(limit as i64).fetch_all(p).await)?)
+        let q = activity_query(workspace_id, limit, cursor);
+        Ok(on_pool!(self, p => q.bound(sqlx::query_as::<_, Activity>(
+            sqlx::AssertSqlSafe(q.sql.clone()))).fetch_all(p).await)?)
+    }
+
+    /// The plan the database chooses for a list query with its parameters: SQLite's
+    /// `EXPLAIN QUERY PLAN` details or PostgreSQL's `EXPLAIN` lines, one per line. For tests
+    /// and diagnostics.
+    #[doc(hidden)]
+    pub async fn explain_list(&self, q: &ListQuery) -> Result<String> {
+        let lines: Vec<String> = match &self.pool {
+            Pool::Sqlite(p) => {
+                let sql = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", q.sql));
+                q.bound(sqlx::query_as::<_, (i64, i64, i64, String)>(sql))
+                    .fetch_all(p)
+                    .await?
+                    .into_iter()
+                    .map(|r| r.3)
+                    .collect()
+            }
+            Pool::Postgres(p) => {
+                let sql = sqlx::AssertSqlSafe(format!("EXPLAIN {}", q.sql));
+                q.bound(sqlx::query_as::<_, (String,)>(sql))
+                    .fetch_all(p)
+                    .await?
+                    .into_iter()
+                    .map(|r| r.0)
+                    .collect()
+            }
+        };
+        Ok(lines.join("\n"))
     }
 
     /// Logs an activity entry outside any other transaction (admin actions).
@@ -1387,6 +1528,170 @@ impl Store {
     pub async fn scalar_i64(&self, sql: &'static str) -> Result<i64> {
         Ok(on_pool!(self, p => sqlx::query(sql).fetch_one(p).await?.try_get::<i64, _>(0))?)
     }
+}
+
+/// A list query: its SQL text, its text parameters in order, and the page size (bound last).
+///
+/// The lists page by keyset (`id < cursor ORDER BY id DESC LIMIT n`). The `WHERE` clause names
+/// only the filters present, each `col = $k` with a bound parameter, so that the planner sees
+/// the equality columns and picks the index `(those columns…, id)`: a range scan that starts
+/// at the cursor and stops after `limit` rows, whatever the table's size. (`($k IS NULL OR
+/// col = $k)` hides the column from the planner: SQLite then scans, and PostgreSQL's generic
+/// plan does.) The indexes are in `migrations/*/…list_indexes.sql`.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// The statement.
+    pub sql: String,
+    /// Its text parameters, `$1`… in order.
+    pub params: Vec<String>,
+    /// The page size, the last parameter.
+    pub limit: i64,
+}
+
+impl ListQuery {
+    /// `SELECT {select} WHERE {conds…} ORDER BY id DESC LIMIT $n` with `eq` the equality
+    /// filters present (in the order of the index columns), `implied` a constant condition the
+    /// filters imply (a partial index's predicate, so that the planner may use it) and
+    /// `cursor` the keyset bound.
+    fn build(
+        select: &str,
+        eq: &[(&str, Option<&str>)],
+        implied: Option<&str>,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Self {
+        let mut sql = format!("SELECT {select}");
+        let mut params: Vec<String> = Vec::new();
+        let glue = |sql: &mut String| {
+            let word = if sql.contains(" WHERE ") {
+                " AND "
+            } else {
+                " WHERE "
+            };
+            sql.push_str(word);
+        };
+        for (col, v) in eq {
+            if let Some(v) = v {
+                params.push(v.to_string());
+                glue(&mut sql);
+                sql.push_str(&format!("{col} = ${}", params.len()));
+            }
+        }
+        if let Some(c) = implied {
+            glue(&mut sql);
+            sql.push_str(c);
+        }
+        if let Some(c) = cursor {
+            params.push(c.to_string());
+            glue(&mut sql);
+            sql.push_str(&format!("id < ${}", params.len()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len() + 1));
+        ListQuery {
+            sql,
+            params,
+            limit: limit as i64,
+        }
+    }
+
+    /// Binds the parameters and the page size onto `q` (a query made from `self.sql`), as an
+    /// unnamed (not cached) statement. PostgreSQL plans an unnamed statement for the values
+    /// bound; a cached one may switch to a generic plan after five executions, which rates
+    /// `status = $2` by the average status and walks the primary key, filtering, even for a
+    /// status that matches nothing (seen with `plan_cache_mode = force_generic_plan`). A list
+    /// call is not hot: its parse and plan (well under a millisecond) buy a plan for its values.
+    fn bound<'q, DB, O>(
+        &'q self,
+        mut q: sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments>,
+    ) -> sqlx::query::QueryAs<'q, DB, O, <DB as sqlx::Database>::Arguments>
+    where
+        DB: sqlx::Database + sqlx::database::HasStatementCache,
+        &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+        i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    {
+        for p in &self.params {
+            q = q.bind(p.as_str());
+        }
+        q.bind(self.limit).persistent(false)
+    }
+}
+
+/// The query of [`Store::list_deliveries`] on SQLite (`sqlite`) or PostgreSQL. Indexes:
+/// `(workspace_id, id)`, `(workspace_id, status, id)`, `(integration_id, id)`,
+/// `(integration_id, status, id)`, `(status, id)`, the primary key; `source` is checked on the
+/// rows they find (not indexed: an integration implies it).
+///
+/// An integration's deliveries are all in its workspace and of its platform, so with
+/// `integration_id` the integration's index is the one to walk, the workspace (a workspace
+/// token always sends its own) and source checked on the rows it finds. SQLite, without
+/// statistics, rates the workspace's index as good as the integration's, so there they are
+/// written `col || '' = $k`, which no index serves. PostgreSQL is told the dependency instead
+/// (`CREATE STATISTICS deliveries_integration_deps`): an expression would get a default
+/// selectivity, and the estimate of too few rows for a page makes it read them all and sort.
+#[doc(hidden)]
+pub fn deliveries_query(f: &DeliveryFilter, sqlite: bool) -> ListQuery {
+    let (ws, source) = if sqlite && f.integration_id.is_some() {
+        ("workspace_id || ''", "source || ''")
+    } else {
+        ("workspace_id", "source")
+    };
+    // The status indexes skip 'processed' (migrations `…list_indexes.sql`). SQLite uses a
+    // partial index only when the query has its predicate; PostgreSQL proves it from
+    // `status = $k` and its value (an explicit copy would make it expect too few rows).
+    let implied = f
+        .status
+        .as_deref()
+        .filter(|s| sqlite && *s != "processed")
+        .map(|_| "status <> 'processed'");
+    ListQuery::build(
+        &format!("{DELIVERY_COLS} FROM deliveries"),
+        &[
+            ("integration_id", f.integration_id.as_deref()),
+            (ws, f.workspace_id.as_deref()),
+            ("status", f.status.as_deref()),
+            (source, f.source.as_deref()),
+        ],
+        implied,
+        f.cursor.as_deref(),
+        f.limit,
+    )
+}
+
+/// The query of [`Store::list_signals`] on SQLite (`sqlite`) or PostgreSQL. Indexes:
+/// `(workspace_id, id)`, `(workspace_id, source, id)`, `(workspace_id, status, id)`,
+/// `(workspace_id, source, status, id)`.
+#[doc(hidden)]
+pub fn signals_query(f: &SignalFilter, sqlite: bool) -> ListQuery {
+    // The status indexes skip 'new' (see `deliveries_query`).
+    let implied = f
+        .status
+        .as_deref()
+        .filter(|s| sqlite && *s != "new")
+        .map(|_| "status <> 'new'");
+    ListQuery::build(
+        "* FROM signals",
+        &[
+            ("workspace_id", Some(f.workspace_id.as_str())),
+            ("source", f.source.as_deref()),
+            ("status", f.status.as_deref()),
+        ],
+        implied,
+        f.cursor.as_deref(),
+        f.limit,
+    )
+}
+
+/// The query of [`Store::list_activity`]. Index: `(workspace_id, id)`.
+#[doc(hidden)]
+pub fn activity_query(workspace_id: &str, limit: usize, cursor: Option<&str>) -> ListQuery {
+    ListQuery::build(
+        "* FROM activity_logs",
+        &[("workspace_id", Some(workspace_id))],
+        None,
+        cursor,
+        limit,
+    )
 }
 
 /// Inserts new signals in one statement (columns: id, workspace id, verbatim, source, source

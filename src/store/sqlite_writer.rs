@@ -243,6 +243,17 @@ fn note_io_error(e: &rusqlite::Error, failed: &AtomicBool, whose: &str) {
     }
 }
 
+/// Records a full disk (`SQLITE_FULL`): `/readyz` answers 503 until a transaction commits
+/// again. Not a reason to stop: SQLite rolls the transaction back and nothing committed is at
+/// risk, so the writer goes on and recovers by itself once space is back.
+fn note_full(e: &rusqlite::Error, full: &AtomicBool) {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+        && !full.swap(true, Ordering::AcqRel)
+    {
+        tracing::error!(error = %e, "the SQLite disk is full; writes answer 503 until space is freed");
+    }
+}
+
 /// The group-sync thread (`synchronous = full`, the default).
 ///
 /// With SQLite's own `FULL`, COMMIT fsyncs the WAL on the writer thread — the backend's one
@@ -349,6 +360,9 @@ pub(super) struct SqliteWriter {
     cycles: Arc<std::sync::atomic::AtomicU64>,
     /// Set once an fsync or I/O error has stopped the writer (see [`Syncer`]).
     failed: Arc<AtomicBool>,
+    /// Set while the disk is full: the last transaction failed with `SQLITE_FULL` and none has
+    /// committed since (readiness probes then commit through the writer to find out).
+    full: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for SqliteWriter {
@@ -466,6 +480,8 @@ impl SqliteWriter {
         };
         let checkpoints = start_checkpointer(path, failed.clone())?;
         let stopped = failed.clone();
+        let full: Arc<AtomicBool> = Default::default();
+        let filling = full.clone();
         let (tx, rx) = mpsc::channel::<Msg>();
         let cycles: Arc<std::sync::atomic::AtomicU64> = Default::default();
         let counted = cycles.clone();
@@ -480,19 +496,47 @@ impl SqliteWriter {
                         checkpointer: checkpoints,
                         syncer,
                         failed: stopped,
+                        full: filling,
                     },
                     &counted,
                     background_wait,
                 )
             })
             .map_err(|e| StoreError::Writer(format!("cannot start the SQLite writer: {e}")))?;
-        Ok(SqliteWriter { tx, cycles, failed })
+        Ok(SqliteWriter {
+            tx,
+            cycles,
+            failed,
+            full,
+        })
     }
 
     /// False once an fsync or I/O error has stopped the writer: every write fails until the
     /// process restarts (`/readyz` says so).
     pub fn takes_writes(&self) -> bool {
         !self.failed.load(Ordering::Acquire)
+    }
+
+    /// True while the disk is full: the writer's last transaction failed with `SQLITE_FULL`
+    /// and none has committed since.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+
+    /// Commits a one-row write through the writer (the readiness probe while the disk is full:
+    /// unlike a rolled-back probe, a commit needs space). Success clears [`Self::is_full`].
+    pub async fn probe_commit(&self) -> Result<(), StoreError> {
+        // 64 KiB written and removed in one transaction: its pages still go to the WAL at
+        // commit, so the probe needs about as much space as a large delivery, not the few bytes
+        // a WAL frame that fits in space the file already has would need.
+        self.run(|c| {
+            c.execute_batch(
+                "INSERT INTO readiness_probe (id, at) VALUES (2, zeroblob(65536)) \
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at; \
+                 DELETE FROM readiness_probe WHERE id = 2",
+            )
+        })
+        .await
     }
 
     /// Runs `f` on the writer thread and returns its result.
@@ -587,6 +631,8 @@ struct Threads {
     syncer: Option<Syncer>,
     /// Set by the syncer when an fsync failed: no write is taken after that.
     failed: Arc<AtomicBool>,
+    /// See [`SqliteWriter::is_full`].
+    full: Arc<AtomicBool>,
 }
 
 fn serve(
@@ -605,6 +651,7 @@ fn serve(
             },
         syncer,
         failed,
+        full,
     } = threads;
     // Answers the jobs of a committed cycle: at once, or once the syncer has made it durable.
     let committed = |jobs: Vec<Box<dyn Job>>| match &syncer {
@@ -676,9 +723,11 @@ fn serve(
         cycles.fetch_add(1, Ordering::Relaxed);
         if let Err(f) = &outcome {
             note_io_error(f.error(), &failed, "writer");
+            note_full(f.error(), &full);
         }
         match outcome {
             Ok(()) => {
+                full.store(false, Ordering::Release);
                 // Full means a checkpoint is already due to run.
                 let _ = checkpoints.try_send(());
                 committed(std::mem::replace(
@@ -702,11 +751,13 @@ fn serve(
                         // It wrote nothing: no need to wait for a sync to say so.
                         Err(f) => {
                             note_io_error(f.error(), &failed, "writer");
+                            note_full(f.error(), &full);
                             job.answer(Err(f.error()));
                         }
                     }
                 }
                 if !done.is_empty() {
+                    full.store(false, Ordering::Release);
                     let _ = checkpoints.try_send(());
                     committed(done);
                 }

@@ -3,9 +3,11 @@
 mod helpers;
 
 mod amplification;
+mod blackhole;
 mod credentials;
 mod generic;
 mod hostile;
+mod lists;
 mod outage;
 mod pipeline;
 mod pylon;

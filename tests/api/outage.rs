@@ -16,7 +16,8 @@ use tokio::sync::Notify;
 
 use crate::helpers::*;
 
-/// A TCP proxy that can be cut: while down it refuses and drops every connection.
+/// A TCP proxy that can be cut: while down it cuts every open connection and leaves new ones
+/// unanswered.
 struct Proxy {
     port: u16,
     down: Arc<AtomicBool>,
@@ -31,14 +32,18 @@ impl Proxy {
         let cut = Arc::new(Notify::new());
         let (d, c) = (down.clone(), cut.clone());
         tokio::spawn(async move {
+            // While down, new connections are accepted and never answered (a partition: a
+            // connecting client waits for its own timeout rather than being refused at once).
+            let mut held = Vec::new();
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     continue;
                 };
                 if d.load(Ordering::SeqCst) {
-                    drop(inbound);
+                    held.push(inbound);
                     continue;
                 }
+                held.clear();
                 let c = c.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else {
@@ -72,16 +77,12 @@ async fn postgres_outage_answers_503_and_recovers_without_restart() {
     let user_host = url.split("://").nth(1).unwrap().split('/').next().unwrap();
     let user = user_host.split('@').next().unwrap();
     let proxied = format!("postgres://{user}@127.0.0.1:{}/{db}", proxy.port);
-    let keys = {
-        use secrecy::ExposeSecret;
-        signalbox::crypto::MasterKey::generate("k1")
-            .to_spec()
-            .expose_secret()
-            .to_string()
-    };
+    let keys = new_master_keys();
     let mut raw = test_config(&proxied, &keys);
     // Work a worker had claimed when the database vanished is retried once its lease expires.
-    raw.set("db_max_connections", "4").set("lease_secs", "2");
+    raw.set("db_max_connections", "4")
+        .set("lease_secs", "2")
+        .set("storage_deadline_ms", "800");
     let app = start(
         Backend::Postgres,
         raw,
@@ -108,11 +109,20 @@ async fn postgres_outage_answers_503_and_recovers_without_restart() {
         acked.insert(id);
     }
     proxy.set_down(true);
+    // Every answer comes within the storage deadline (800 ms here; the pool would wait 5 s),
+    // and once the first failure opened the breaker, at once.
+    let mut slowest_after_first = Duration::ZERO;
     for i in 0..30 {
         let id = format!("during-{i}");
+        let asked = std::time::Instant::now();
         let (st, v) = app
             .send_generic(&key, &secret, &id, &json!({"verbatim": id}))
             .await;
+        let took = asked.elapsed();
+        assert!(took < Duration::from_millis(1500), "{id} took {took:?}");
+        if i >= 5 {
+            slowest_after_first = slowest_after_first.max(took);
+        }
         assert_ne!(
             st,
             StatusCode::OK,
@@ -124,7 +134,17 @@ async fn postgres_outage_answers_503_and_recovers_without_restart() {
         }
     }
     assert_eq!(refused, 30);
+    assert!(
+        slowest_after_first < Duration::from_millis(500),
+        "with the breaker open a 503 took {slowest_after_first:?}"
+    );
+    let asked = std::time::Instant::now();
     assert_eq!(ready(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        asked.elapsed() < Duration::from_millis(1500),
+        "/readyz took {:?}",
+        asked.elapsed()
+    );
     proxy.set_down(false);
     // Recovers by itself: readiness, new deliveries, and the backlog.
     wait_for("readiness to come back", || async {
