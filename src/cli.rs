@@ -344,6 +344,25 @@ pub enum KeysCmd {
     Rotate,
 }
 
+/// The secret a `send` subcommand signs with. A flag shows in process lists: prefer the
+/// environment variable or `--secret-file` (which cannot be combined with either).
+#[derive(Debug, Args)]
+pub struct SendSecret {
+    /// The secret (for Slack, `--signing-secret` says the same).
+    #[arg(
+        long,
+        alias = "signing-secret",
+        env = "SIGNALBOX_SEND_SECRET",
+        hide_env_values = true,
+        required_unless_present = "secret_file",
+        conflicts_with = "secret_file"
+    )]
+    pub secret: Option<String>,
+    /// Read the secret from this file (`-`: stdin).
+    #[arg(long, value_name = "PATH", alias = "signing-secret-file")]
+    pub secret_file: Option<PathBuf>,
+}
+
 /// `send …`
 #[derive(Debug, Subcommand)]
 pub enum SendCmd {
@@ -352,19 +371,9 @@ pub enum SendCmd {
         /// Key id (whk_…).
         #[arg(long)]
         key_id: String,
-        /// The key's secret (whsec_…); a flag shows in process lists, prefer the environment
-        /// variable or --secret-file (which cannot be combined with either).
-        #[arg(
-            long,
-            env = "SIGNALBOX_SEND_SECRET",
-            hide_env_values = true,
-            required_unless_present = "secret_file",
-            conflicts_with = "secret_file"
-        )]
-        secret: Option<String>,
-        /// Read the secret from this file (`-`: stdin).
-        #[arg(long, value_name = "PATH")]
-        secret_file: Option<PathBuf>,
+        /// The key's secret (whsec_…).
+        #[command(flatten)]
+        secret: SendSecret,
         /// Signal text.
         #[arg(long)]
         verbatim: String,
@@ -380,19 +389,9 @@ pub enum SendCmd {
     },
     /// A Slack Events API message.
     Slack {
-        /// Signing secret; a flag shows in process lists, prefer the environment variable or
-        /// --secret-file (which cannot be combined with either).
-        #[arg(
-            long,
-            env = "SIGNALBOX_SEND_SECRET",
-            hide_env_values = true,
-            required_unless_present = "secret_file",
-            conflicts_with = "secret_file"
-        )]
-        signing_secret: Option<String>,
-        /// Read the signing secret from this file (`-`: stdin).
-        #[arg(long, value_name = "PATH", alias = "signing-secret-file")]
-        secret_file: Option<PathBuf>,
+        /// The signing secret.
+        #[command(flatten)]
+        secret: SendSecret,
         /// Send to ?integration_id= (per-customer app mode).
         #[arg(long)]
         integration_id: Option<String>,
@@ -420,19 +419,9 @@ pub enum SendCmd {
         /// Integration id.
         #[arg(long)]
         integration_id: String,
-        /// Webhook secret; a flag shows in process lists, prefer the environment variable or
-        /// --secret-file (which cannot be combined with either).
-        #[arg(
-            long,
-            env = "SIGNALBOX_SEND_SECRET",
-            hide_env_values = true,
-            required_unless_present = "secret_file",
-            conflicts_with = "secret_file"
-        )]
-        secret: Option<String>,
-        /// Read the secret from this file (`-`: stdin).
-        #[arg(long, value_name = "PATH")]
-        secret_file: Option<PathBuf>,
+        /// The webhook secret.
+        #[command(flatten)]
+        secret: SendSecret,
         /// Issue id.
         #[arg(long)]
         issue_id: String,
@@ -978,15 +967,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// The secret of a `send` command: `flag` (or `SIGNALBOX_SEND_SECRET`), or `--secret-file`.
-fn send_secret(flag: &str, value: Option<String>, file: Option<&Path>) -> anyhow::Result<String> {
-    match (value, file) {
-        (Some(_), Some(_)) => {
-            anyhow::bail!("give {flag} (or SIGNALBOX_SEND_SECRET) or --secret-file, not both")
-        }
-        (Some(v), None) => Ok(v),
-        (None, Some(path)) => SecretFiles::default().read("--secret", path),
-        (None, None) => {
-            anyhow::bail!("{flag}, --secret-file or SIGNALBOX_SEND_SECRET is required")
+impl SendSecret {
+    /// The secret from the flag, the environment or the file.
+    fn resolve(self) -> anyhow::Result<String> {
+        match (self.secret, self.secret_file) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give --secret (or SIGNALBOX_SEND_SECRET) or --secret-file, not both")
+            }
+            (Some(v), None) => Ok(v),
+            (None, Some(path)) => SecretFiles::default().read("--secret", &path),
+            (None, None) => {
+                anyhow::bail!("--secret, --secret-file or SIGNALBOX_SEND_SECRET is required")
+            }
         }
     }
 }
@@ -998,13 +990,12 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
         SendCmd::Webhook {
             key_id,
             secret,
-            secret_file,
             verbatim,
             source_ref,
             webhook_id,
             url,
         } => {
-            let secret = send_secret("--secret", secret, secret_file.as_deref())?;
+            let secret = secret.resolve()?;
             let key = crate::protocol::standard_webhooks::decode_secret(&secret)
                 .ok_or_else(|| anyhow::anyhow!("--secret must be a whsec_… secret"))?;
             let mut payload = json!({"verbatim": verbatim});
@@ -1029,8 +1020,7 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
             )
         }
         SendCmd::Slack {
-            signing_secret,
-            secret_file,
+            secret,
             integration_id,
             team,
             channel,
@@ -1039,8 +1029,7 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
             event_id,
             url,
         } => {
-            let signing_secret =
-                send_secret("--signing-secret", signing_secret, secret_file.as_deref())?;
+            let signing_secret = secret.resolve()?;
             let ts = format!("{now}.000100");
             let body = json!({
                 "token": "unused", "team_id": team, "api_app_id": "A0SIGNALBOX", "type": "event_callback",
@@ -1072,7 +1061,6 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
         SendCmd::Pylon {
             integration_id,
             secret,
-            secret_file,
             issue_id,
             title,
             body_html,
@@ -1080,7 +1068,7 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
             scheme,
             url,
         } => {
-            let secret = send_secret("--secret", secret, secret_file.as_deref())?;
+            let secret = secret.resolve()?;
             let body = json!({"event": event, "issue_id": issue_id, "issue_title": title, "issue_body": body_html})
                 .to_string()
                 .into_bytes();
