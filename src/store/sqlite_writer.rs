@@ -123,6 +123,19 @@ const MAX_JOBS_PER_COMMIT: usize = 64;
 /// checkpointer thread normally keeps the WAL well below it.
 const WAL_BACKSTOP_PAGES: u32 = 4000;
 
+/// The WAL file's size limit: a WAL that restarts is cut back to it (`journal_size_limit`).
+const WAL_LIMIT_BYTES: i64 = 16 << 20;
+
+/// How long a truncating checkpoint of an outgrown WAL may make the writer wait. Passive
+/// checkpoints never catch up while commits keep coming or a reader pins an old snapshot, and a
+/// WAL that never completes a checkpoint never restarts, so it grows without bound; past the
+/// backstop the checkpointer takes the write lock for at most this long to copy the rest and
+/// truncate it, and tries again later if a reader is still in the way.
+const TRUNCATE_WAIT: Duration = Duration::from_millis(100);
+
+/// Least time between two truncation attempts.
+const TRUNCATE_EVERY: Duration = Duration::from_secs(1);
+
 /// Starts the checkpointer: a thread with its own connection that copies committed WAL pages
 /// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`) after the writer commits.
 ///
@@ -143,11 +156,19 @@ fn start_checkpointer(path: &Path, failed: Arc<AtomicBool>) -> Result<Checkpoint
     let thread = std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || {
+            let mut last_truncate: Option<std::time::Instant> = None;
             while rx.recv().is_ok() {
                 let started = std::time::Instant::now();
                 let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                     Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                 });
+                if let Ok((log, _)) = &r
+                    && *log > i64::from(WAL_BACKSTOP_PAGES)
+                    && last_truncate.is_none_or(|t| t.elapsed() >= TRUNCATE_EVERY)
+                {
+                    last_truncate = Some(std::time::Instant::now());
+                    truncate_wal(&conn, &failed);
+                }
                 match r {
                     Ok((log, done)) => tracing::trace!(
                         log,
@@ -166,6 +187,30 @@ fn start_checkpointer(path: &Path, failed: Arc<AtomicBool>) -> Result<Checkpoint
         })
         .map_err(|e| StoreError::Writer(format!("cannot start the SQLite checkpointer: {e}")))?;
     Ok(Checkpointer { tx, thread })
+}
+
+/// Copies what is left of an outgrown WAL into the database and truncates it, waiting at most
+/// [`TRUNCATE_WAIT`] for the writer and readers (`SQLITE_BUSY` otherwise: tried again later).
+/// The checkpoint syncs the WAL before copying and the database after, so commits whose
+/// answers still wait for the sync thread are durable in the database file by then.
+fn truncate_wal(conn: &Connection, failed: &AtomicBool) {
+    let started = std::time::Instant::now();
+    let _ = conn.busy_timeout(TRUNCATE_WAIT);
+    let r = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    let _ = conn.busy_timeout(Duration::ZERO);
+    match r {
+        Ok(0) => tracing::debug!(
+            us = started.elapsed().as_micros() as u64,
+            "outgrown SQLite WAL truncated"
+        ),
+        Ok(_) => tracing::debug!("outgrown SQLite WAL not truncated yet: a reader holds it"),
+        Err(e) => {
+            note_io_error(&e, failed, "checkpointer");
+            tracing::debug!(error = %e, "outgrown SQLite WAL not truncated");
+        }
+    }
 }
 
 /// The checkpointer thread: `tx` is the writer's "I committed" signal; dropping it ends the
@@ -469,7 +514,8 @@ impl SqliteWriter {
         // WAL has grown past WAL_BACKSTOP_PAGES, which restarts the WAL from its start.
         conn.execute_batch(&format!(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = {}; PRAGMA foreign_keys = ON; \
-             PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES};",
+             PRAGMA wal_autocheckpoint = {WAL_BACKSTOP_PAGES}; \
+             PRAGMA journal_size_limit = {WAL_LIMIT_BYTES};",
             durability.pragma()
         ))?;
         conn.set_prepared_statement_cache_capacity(32);

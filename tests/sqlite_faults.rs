@@ -1,8 +1,9 @@
-//! A full disk under SQLite: the database lives on a small tmpfs that is filled until writes
-//! fail, then freed. While full, webhooks answer 503 (never 200 for something not stored) and
-//! `/readyz` answers 503; once space is back the service recovers by itself (no restart), and
-//! every delivery that got a 200 is stored. Needs root (to mount the tmpfs); elsewhere it says
-//! SKIPPED loudly.
+//! SQLite storage faults. A full disk: the database lives on a small tmpfs that is filled until
+//! writes fail, then freed. While full, webhooks answer 503 (never 200 for something not stored)
+//! and `/readyz` answers 503; once space is back the service recovers by itself (no restart),
+//! and every delivery that got a 200 is stored (needs root to mount the tmpfs; elsewhere these
+//! say SKIPPED loudly). An outgrown WAL: once nothing pins it any more it is cut back to its
+//! limit instead of keeping its largest size until a clean stop.
 
 #![allow(clippy::unwrap_used)]
 
@@ -260,4 +261,72 @@ async fn a_commit_that_failed_on_a_full_disk_leaves_no_lock_behind() {
     );
     app.stop().await;
     drop(disk);
+}
+
+/// A reader that keeps an old snapshot stops checkpoints from catching up, and the WAL grows;
+/// once the reader is gone the WAL is cut back to its limit while writes go on (not only at a
+/// clean stop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outgrown_wal_is_cut_back_once_nothing_pins_it() {
+    const LIMIT: u64 = 16 << 20;
+    let (url, dir) = helpers::fresh_database(Backend::Sqlite).await.unwrap();
+    let path = dir.path().join("signalbox.db");
+    let wal = dir.path().join("signalbox.db-wal");
+    let keys = new_master_keys();
+    let app = start(Backend::Sqlite, test_config(&url, &keys), url, keys, dir).await;
+    let ws = app.workspace("Pinned").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    // Another process's long read transaction.
+    let reader = rusqlite::Connection::open(&path).unwrap();
+    reader.execute_batch("BEGIN").unwrap();
+    let _: i64 = reader
+        .query_row("SELECT COUNT(*) FROM deliveries", [], |r| r.get(0))
+        .unwrap();
+    let padding = "z".repeat(16_000);
+    let wal_size = || std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    let mut n = 0u64;
+    let send_some = |from: u64, count: u64| {
+        let (app, key, secret, padding) = (&app, &key, &secret, &padding);
+        futures::future::join_all((from..from + count).map(move |i| async move {
+            let body = json!({"verbatim": format!("{i} {padding}")});
+            let (st, v) = app
+                .send_generic(key, secret, &format!("w-{i}"), &body)
+                .await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+        }))
+    };
+    let started = Instant::now();
+    while wal_size() < LIMIT + (8 << 20) {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the WAL did not outgrow its limit"
+        );
+        send_some(n, 16).await;
+        n += 16;
+    }
+    let grown = wal_size();
+    reader.execute_batch("COMMIT").unwrap();
+    drop(reader);
+    // Writes go on; the WAL comes back to its limit.
+    let released = Instant::now();
+    let mut smallest = grown;
+    while released.elapsed() < Duration::from_secs(20) && smallest > LIMIT {
+        send_some(n, 4).await;
+        n += 4;
+        smallest = smallest.min(wal_size());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "WAL grew to {} MiB behind the reader; {} MiB {:?} after it ended",
+        grown >> 20,
+        smallest >> 20,
+        released.elapsed()
+    );
+    assert!(
+        smallest <= LIMIT,
+        "the WAL stayed at {} MiB after the reader ended (limit {} MiB)",
+        smallest >> 20,
+        LIMIT >> 20
+    );
+    app.stop().await;
 }
