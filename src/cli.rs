@@ -527,10 +527,27 @@ async fn admin(cfg: &Config) -> anyhow::Result<Admin> {
 }
 
 fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
-    if json_out {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let text = if json_out {
+        serde_json::to_string_pretty(v).unwrap_or_default()
     } else {
-        println!("{}", human(v));
+        human(v)
+    };
+    write_stdout(&text);
+}
+
+/// Writes `text` and a newline to stdout. A reader that went away (`| head`, `| true`) ends the
+/// command quietly with success, as other Unix tools do, instead of a panic.
+fn write_stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = writeln!(out, "{text}").and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: writing to stdout: {e}");
+            std::process::exit(1);
+        }
     }
 }
 

@@ -592,3 +592,26 @@ async fn send_reads_its_secret_from_a_file_or_stdin(b: Backend) {
     }
     app.stop().await;
 }
+
+/// `signalbox … | head` must not panic when the reader goes away: it ends quietly with success.
+#[test]
+fn a_closed_stdout_pipe_ends_the_command_quietly() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("pipe.db").display());
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_signalbox"))
+            .args(["keys", "generate"])
+            .env("SIGNALBOX_DATABASE_URL", &db)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the command writes.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    }
+}
