@@ -185,7 +185,15 @@ impl Application {
             http,
             slack,
         });
-        let listener = TcpListener::bind(cfg.bind).await?;
+        let listener = TcpListener::bind(cfg.bind).await.map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                "another process (perhaps another signalbox) is listening there; stop it or \
+                 choose another address with SIGNALBOX_BIND"
+            } else {
+                "choose another address with SIGNALBOX_BIND"
+            };
+            anyhow::anyhow!("cannot listen on {}: {e}; {hint}", cfg.bind)
+        })?;
         if cfg.admin_token.is_none() {
             tracing::warn!(
                 "SIGNALBOX_ADMIN_TOKEN is not set: the admin API accepts only workspace tokens"

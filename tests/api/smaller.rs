@@ -615,3 +615,31 @@ fn a_closed_stdout_pipe_ends_the_command_quietly() {
         assert!(out.status.success(), "{:?}: {stderr}", out.status);
     }
 }
+
+/// A taken address is named in the error, with what to do about it.
+#[test]
+fn an_address_in_use_is_named_with_the_setting_to_change() {
+    use std::process::Command;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_signalbox"))
+        .arg("serve")
+        .current_dir(dir.path())
+        .env(
+            "SIGNALBOX_DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("s.db").display()),
+        )
+        .env("SIGNALBOX_BIND", &addr)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("SIGNALBOX_BIND"), "{stderr}");
+    drop(taken);
+}
