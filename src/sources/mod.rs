@@ -24,6 +24,9 @@ use crate::ingest::InboxError;
 use crate::protocol::Effect;
 use crate::store::{ClaimedDelivery, NewDelivery, Stored};
 
+/// Every source's name (a signal's and a delivery's `source`).
+pub const SOURCES: &[&str] = &[webhook::SOURCE, slack::SOURCE, pylon::SOURCE];
+
 /// Webhook routes of every source.
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -643,3 +643,49 @@ fn an_address_in_use_is_named_with_the_setting_to_change() {
     assert!(stderr.contains("SIGNALBOX_BIND"), "{stderr}");
     drop(taken);
 }
+
+/// A filter value that matches nothing by construction (`source=jira`) is a 400 naming the
+/// allowed values, on the API and in the CLI, not an empty list that looks like "no data".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_filter_values_are_refused_naming_the_allowed_ones() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
+    let ws = app.workspace("Filters").await;
+    for (path, allowed) in [
+        (
+            format!("/api/v1/workspaces/{ws}/signals?source=jira"),
+            "slack",
+        ),
+        (
+            format!("/api/v1/workspaces/{ws}/signals?status=open"),
+            "triaged",
+        ),
+        ("/api/v1/deliveries?status=done".to_string(), "processed"),
+        ("/api/v1/deliveries?source=jira".to_string(), "pylon"),
+    ] {
+        let (st, v) = app.api("GET", &path, None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{path}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(allowed),
+            "{path}: {v}"
+        );
+    }
+    let (st, _) = app
+        .api(
+            "GET",
+            &format!("/api/v1/workspaces/{ws}/signals?source=slack&status=deleted"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_signalbox"))
+        .args(["signals", "list", "--workspace", &ws, "--source", "jira"])
+        .env("SIGNALBOX_DATABASE_URL", &app.db_url)
+        .env("SIGNALBOX_MASTER_KEYS", &app.master_keys)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "signals list --source jira exited 0");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("webhook"));
+    app.stop().await;
+}
