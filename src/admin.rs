@@ -269,6 +269,23 @@ fn slack_conflict(e: crate::store::StoreError, row: &Integration) -> ApiError {
     }
 }
 
+/// Signal statuses a list can filter by.
+const SIGNAL_STATUSES: &[&str] = &["new", "triaged", "archived", "deleted"];
+/// Delivery statuses a list can filter by.
+const DELIVERY_STATUSES: &[&str] = &["pending", "processed", "filtered", "failed", "dead"];
+
+/// A 400 naming the allowed values when a filter's `value` is not one of them (a typo would
+/// otherwise look like an empty result).
+fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> ApiResult<()> {
+    match value {
+        Some(v) if !allowed.contains(&v) => Err(ApiError::invalid(format!(
+            "{field} must be one of {}, not {v:?}",
+            allowed.join(", ")
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn check_name(name: &str) -> ApiResult<String> {
     let n = name.trim();
     if n.is_empty() || n.chars().count() > 200 {
@@ -979,6 +996,8 @@ impl Admin {
 
     /// Lists signals with cursor pagination.
     pub async fn list_signals(&self, who: &Principal, mut f: SignalFilter) -> ApiResult<Value> {
+        one_of("source", f.source.as_deref(), crate::sources::SOURCES)?;
+        one_of("status", f.status.as_deref(), SIGNAL_STATUSES)?;
         self.workspace_visible(who, &f.workspace_id).await?;
         f.limit = f.limit.clamp(1, 500);
         let items = self.store.list_signals(&f).await?;
@@ -1005,6 +1024,8 @@ impl Admin {
         who: &Principal,
         mut f: DeliveryFilter,
     ) -> ApiResult<Value> {
+        one_of("source", f.source.as_deref(), crate::sources::SOURCES)?;
+        one_of("status", f.status.as_deref(), DELIVERY_STATUSES)?;
         if let Some(scope) = who.scope() {
             match &f.workspace_id {
                 Some(ws) if ws != scope => return Err(ApiError::NotFound("workspace")),
@@ -1054,6 +1075,11 @@ impl Admin {
                     .into(),
             ));
         }
+        if self.store.delivery_purged(id).await? {
+            return Err(ApiError::Purged(
+                "this delivery's body was purged (retention or erasure); it cannot be replayed",
+            ));
+        }
         self.store.replay_delivery(id).await?;
         if let Some(ws) = &d.workspace_id {
             self.store
@@ -1087,6 +1113,83 @@ impl Admin {
         Ok(
             json!({"items": items.iter().map(activity_json).collect::<Vec<_>>(), "next_cursor": next}),
         )
+    }
+}
+
+impl Admin {
+    // ---------------------------------------------------------------- retention and erasure
+
+    /// The raw body of a delivery as received and its content type (the kept `content-type`
+    /// header, else `application/octet-stream`); `410 purged` once retention or an erasure
+    /// removed it.
+    pub async fn delivery_body(&self, who: &Principal, id: &str) -> ApiResult<(String, Vec<u8>)> {
+        self.delivery_visible(who, id).await?;
+        let b = self
+            .store
+            .delivery_body(id)
+            .await?
+            .ok_or(ApiError::NotFound("delivery"))?;
+        if b.purged_at.is_some() {
+            return Err(ApiError::Purged(
+                "this delivery's body was purged (retention or erasure)",
+            ));
+        }
+        let content_type = serde_json::from_str::<Value>(&b.headers)
+            .ok()
+            .and_then(|h| h.get("content-type")?.as_str().map(str::to_string))
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| "application/octet-stream".to_string());
+        Ok((content_type, b.body))
+    }
+
+    /// Erases one signal: the signal, the bodies and headers of its deliveries and the text in
+    /// its activity entries; logs `signal.erased`.
+    pub async fn erase_signal(&self, who: &Principal, id: &str) -> ApiResult<()> {
+        let s = self
+            .store
+            .get_signal(id)
+            .await?
+            .filter(|s| who.can_see(&s.workspace_id))
+            .ok_or(ApiError::NotFound("signal"))?;
+        self.store
+            .erase_signals(&s.workspace_id, std::slice::from_ref(&s.id), who.actor())
+            .await?;
+        Ok(())
+    }
+
+    /// Erases everything about one customer email in a workspace: every signal whose metadata
+    /// names it as the customer, as [`Admin::erase_signal`] does; logs `workspace.erasure`
+    /// with the counts (never the email).
+    pub async fn erase_customer(
+        &self,
+        who: &Principal,
+        ws: &str,
+        customer_email: &str,
+    ) -> ApiResult<Value> {
+        self.workspace_visible(who, ws).await?;
+        let email = customer_email.trim();
+        if email.is_empty() || email.len() > 320 {
+            return Err(ApiError::invalid(
+                "customer_email must be a non-empty string of at most 320 characters",
+            ));
+        }
+        let ids = self.store.signals_with_customer_email(ws, email).await?;
+        let erased = self.store.erase_signals(ws, &ids, who.actor()).await?;
+        let counts = json!({
+            "signals_erased": erased.signals,
+            "deliveries_purged": erased.deliveries,
+        });
+        self.store
+            .log_activity(
+                ws,
+                Some(who.actor()),
+                "workspace.erasure",
+                "workspace",
+                ws,
+                &counts,
+            )
+            .await?;
+        Ok(counts)
     }
 }
 

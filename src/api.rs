@@ -53,11 +53,13 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route("/api/v1/workspaces/{ws}/signals", get(list_signals))
-        .route("/api/v1/signals/{id}", get(get_signal))
+        .route("/api/v1/signals/{id}", get(get_signal).delete(erase_signal))
+        .route("/api/v1/workspaces/{ws}/erasure", post(erase_customer))
         .route("/api/v1/workspaces/{ws}/activity", get(list_activity))
         .route("/api/v1/deliveries", get(list_deliveries))
         .route("/api/v1/deliveries/{id}", get(get_delivery))
         .route("/api/v1/deliveries/{id}/replay", post(replay_delivery))
+        .route("/api/v1/deliveries/{id}/body", get(delivery_body))
 }
 
 /// Paths that need no token (used by the router-enumeration test).
@@ -408,6 +410,58 @@ async fn replay_delivery(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     Ok(Json(s.admin.replay_delivery(&p, &id).await?))
+}
+
+async fn delivery_body(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let (content_type, body) = s.admin.delivery_body(&p, &id).await?;
+    let content_type = header::HeaderValue::from_str(&content_type)
+        .unwrap_or(header::HeaderValue::from_static("application/octet-stream"));
+    Ok((
+        [
+            (header::CONTENT_TYPE, content_type),
+            // The bytes are a sender's: never let a browser run or sniff them.
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                header::HeaderValue::from_static("nosniff"),
+            ),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                header::HeaderValue::from_static("sandbox"),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn erase_signal(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.admin.erase_signal(&p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ErasureBody {
+    customer_email: String,
+}
+
+async fn erase_customer(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(ws): Path<String>,
+    JsonBody(b): JsonBody<ErasureBody>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(
+        s.admin.erase_customer(&p, &ws, &b.customer_email).await?,
+    ))
 }
 
 #[cfg(test)]

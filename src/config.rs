@@ -85,6 +85,9 @@ pub struct Config {
     pub sqlite_synchronous: String,
     /// Maximum connections in the database pool.
     pub db_max_connections: u32,
+    /// How long raw bodies and headers of finished deliveries, and activity entries, are kept
+    /// (`None`: forever). Older ones are purged by the housekeeping task.
+    pub retention: Option<Duration>,
 }
 
 /// Log output format.
@@ -158,6 +161,7 @@ const KEYS: &[(&str, Option<&str>)] = &[
     ("shutdown_timeout_secs", Some("20")),
     ("sqlite_synchronous", Some("full")),
     ("db_max_connections", Some("10")),
+    ("retention", Some("keep")),
 ];
 
 const SECRET_KEYS: &[&str] = &[
@@ -323,6 +327,10 @@ impl RawConfig {
         if !matches!(sqlite_synchronous.as_str(), "full" | "normal" | "extra") {
             return Err(err("sqlite_synchronous", "expected full, normal or extra"));
         }
+        let retention = match self.get("retention") {
+            None => None,
+            Some(v) => parse_retention(v).map_err(|m| err("retention", m))?,
+        };
         let cfg = Config {
             database_url: SecretString::from(database_url.to_string()),
             bind,
@@ -389,6 +397,7 @@ impl RawConfig {
             shutdown_timeout: Duration::from_secs(self.num("shutdown_timeout_secs", 1u64, 600)?),
             sqlite_synchronous,
             db_max_connections: self.num("db_max_connections", 1u32, 1000)?,
+            retention,
         };
         Ok(cfg)
     }
@@ -517,6 +526,11 @@ impl Config {
             ),
             ("sqlite_synchronous", self.sqlite_synchronous.clone()),
             ("db_max_connections", self.db_max_connections.to_string()),
+            (
+                "retention",
+                self.retention
+                    .map_or_else(|| "keep".into(), |d| format!("{}s", d.as_secs())),
+            ),
         ];
         out.sort_by_key(|(k, _)| KEYS.iter().position(|(n, _)| n == k).unwrap_or(usize::MAX));
         out.into_iter()
@@ -620,6 +634,37 @@ fn percent_decode_lossy(s: &str) -> String {
 /// True if `key` (lower-case, no prefix) holds a secret.
 pub fn is_secret_key(key: &str) -> bool {
     SECRET_KEYS.contains(&key)
+}
+
+/// Parses `SIGNALBOX_RETENTION`: `keep` (or empty: nothing is purged) or a whole number
+/// followed by `d`, `h`, `m` or `s` (`30d`, `12h`, `90s`), at least one second and at most
+/// ten years.
+pub fn parse_retention(v: &str) -> Result<Option<Duration>, String> {
+    let v = v.trim();
+    if v.is_empty() || v.eq_ignore_ascii_case("keep") {
+        return Ok(None);
+    }
+    let bad = || format!("expected keep or a duration such as 30d, 12h or 90s, got {v:?}");
+    let (num, unit) = v.split_at(v.len() - v.chars().last().map_or(0, char::len_utf8));
+    let per: u64 = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" => 1,
+        _ => return Err(bad()),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let secs = n.checked_mul(per).ok_or_else(bad)?;
+    if secs == 0 {
+        return Err(format!("must be at least 1s, got {v:?}"));
+    }
+    if secs > 10 * 366 * 86_400 {
+        return Err(format!("must be at most ten years, got {v:?}"));
+    }
+    Ok(Some(Duration::from_secs(secs)))
 }
 
 #[cfg(test)]
@@ -756,6 +801,45 @@ mod tests {
             raw.set("secret_grace_secs", bad);
             let e = raw.build().expect_err(bad);
             assert_eq!(e.key, "SIGNALBOX_SECRET_GRACE_SECS");
+        }
+    }
+
+    #[test]
+    fn retention_is_keep_or_a_duration() {
+        let c = RawConfig::defaults().build().expect("defaults");
+        assert_eq!(c.retention, None);
+        for (v, secs) in [
+            ("30d", 2_592_000),
+            ("12h", 43_200),
+            ("90s", 90),
+            ("5m", 300),
+        ] {
+            let mut raw = RawConfig::defaults();
+            raw.set("retention", v);
+            assert_eq!(
+                raw.build().expect(v).retention,
+                Some(Duration::from_secs(secs))
+            );
+        }
+        for bad in [
+            "30",
+            "d",
+            "-1d",
+            "0s",
+            "1.5h",
+            "30 days",
+            "1w",
+            "99999999999999999d",
+        ] {
+            let mut raw = RawConfig::defaults();
+            raw.set("retention", bad);
+            let e = raw.build().expect_err(bad);
+            assert_eq!(e.key, "SIGNALBOX_RETENTION");
+            assert!(
+                e.message.contains("30d") || e.message.contains("at"),
+                "{}",
+                e.message
+            );
         }
     }
 }

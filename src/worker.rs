@@ -342,8 +342,83 @@ async fn schedule_retry(
     }
 }
 
-/// Samples the queue depth and flushes `last_used_at` periodically.
+/// Samples the queue depth and flushes `last_used_at` periodically, and applies the retention
+/// policy (`SIGNALBOX_RETENTION`) when one is set.
 pub async fn housekeeping(state: AppState, cancel: CancellationToken) {
+    tokio::join!(
+        samples(state.clone(), cancel.clone()),
+        retention(state, cancel)
+    );
+}
+
+/// Pause between two retention batches, so that ingest's writes get the lock in between.
+const PURGE_PAUSE: Duration = Duration::from_millis(50);
+
+/// How often retention runs: a quarter of the retention, between 1 s and 60 s.
+pub fn purge_every(retention: Duration) -> Duration {
+    (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
+
+/// Retention: every [`purge_every`], clears body and headers of finished deliveries received
+/// more than the retention ago and deletes activity entries as old, in batches of
+/// [`crate::store::PURGE_BATCH`] rows (one short statement each) with [`PURGE_PAUSE`] between
+/// them. Pending deliveries are never touched; the rows, with their dedupe keys, stay.
+async fn retention(state: AppState, cancel: CancellationToken) {
+    let Some(keep) = state.cfg.retention else {
+        return;
+    };
+    let keep_us = i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
+    let mut tick = tokio::time::interval(purge_every(keep));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        let before = now_micros().saturating_sub(keep_us);
+        let (mut deliveries, mut activity) = (0u64, 0u64);
+        for activity_table in [false, true] {
+            loop {
+                let r = if activity_table {
+                    state
+                        .store
+                        .purge_activity_before(before, crate::store::PURGE_BATCH)
+                        .await
+                } else {
+                    state
+                        .store
+                        .purge_deliveries_before(before, crate::store::PURGE_BATCH)
+                        .await
+                };
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retention purge failed; it runs again later");
+                        break;
+                    }
+                };
+                if activity_table {
+                    activity += n;
+                } else {
+                    deliveries += n;
+                }
+                if n < crate::store::PURGE_BATCH as u64 || cancel.is_cancelled() {
+                    break;
+                }
+                sleep_or_cancel(PURGE_PAUSE, &cancel).await;
+            }
+        }
+        if deliveries + activity > 0 {
+            tracing::info!(
+                deliveries,
+                activity,
+                "retention purged old deliveries and activity"
+            );
+        }
+    }
+}
+
+async fn samples(state: AppState, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {

@@ -1530,6 +1530,230 @@ impl Store {
     }
 }
 
+/// A delivery's raw body as stored, for `GET /api/v1/deliveries/{id}/body`.
+#[derive(Debug, Clone)]
+pub struct StoredBody {
+    /// The bytes as received (empty once purged).
+    pub body: Vec<u8>,
+    /// The kept headers (JSON object text; `{}` once purged).
+    pub headers: String,
+    /// When retention or erasure removed body and headers (Unix µs).
+    pub purged_at: Option<i64>,
+}
+
+/// What an erasure removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Erased {
+    /// Signals deleted.
+    pub signals: u64,
+    /// Deliveries whose body and headers were purged by it.
+    pub deliveries: u64,
+}
+
+/// Rows per retention statement: small enough that each holds the write lock for a few
+/// milliseconds at most.
+pub const PURGE_BATCH: i64 = 500;
+
+impl Store {
+    // ---------------------------------------------------------------- retention and erasure
+
+    /// The raw body, kept headers and purge time of one delivery.
+    pub async fn delivery_body(&self, id: &str) -> Result<Option<StoredBody>> {
+        let row = on_pool!(self, p => sqlx::query_as::<_, (Vec<u8>, String, Option<i64>)>(
+            "SELECT body, headers, purged_at FROM deliveries WHERE id = $1")
+            .bind(id).fetch_optional(p).await)?;
+        Ok(row.map(|(body, headers, purged_at)| StoredBody {
+            body,
+            headers,
+            purged_at,
+        }))
+    }
+
+    /// Whether a delivery's body was purged (false for an unknown id).
+    pub async fn delivery_purged(&self, id: &str) -> Result<bool> {
+        let at = on_pool!(self, p => sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT purged_at FROM deliveries WHERE id = $1")
+            .bind(id).fetch_optional(p).await)?;
+        Ok(matches!(at, Some(Some(_))))
+    }
+
+    /// Retention, one batch: clears body and headers of at most `limit` finished (not pending)
+    /// deliveries received before `before` (Unix µs), oldest first; the row, its dedupe key,
+    /// status and signal link stay. Returns how many rows it purged (fewer than `limit`: done).
+    /// One range scan of the partial index `deliveries_purge`.
+    pub async fn purge_deliveries_before(&self, before: i64, limit: i64) -> Result<u64> {
+        let _turn = self.write_turn().await;
+        // The outer predicate repeats the inner one: on PostgreSQL a row replayed (made pending
+        // again) between the sub-select and the update is re-checked and left alone.
+        let r = on_pool!(self, p => sqlx::query(
+            "UPDATE deliveries SET body = $3, headers = '{}', purged_at = $4 \
+             WHERE id IN (SELECT id FROM deliveries \
+                 WHERE purged_at IS NULL AND status <> 'pending' AND received_at < $1 \
+                 ORDER BY received_at LIMIT $2) \
+             AND purged_at IS NULL AND status <> 'pending'")
+            .bind(before).bind(limit).bind(Vec::<u8>::new()).bind(now_micros())
+            .execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r)
+    }
+
+    /// Retention, one batch: deletes at most `limit` activity entries created before `before`,
+    /// oldest first. Returns how many it deleted.
+    pub async fn purge_activity_before(&self, before: i64, limit: i64) -> Result<u64> {
+        let _turn = self.write_turn().await;
+        let r = on_pool!(self, p => sqlx::query(
+            "DELETE FROM activity_logs WHERE id IN (SELECT id FROM activity_logs \
+             WHERE created_at < $1 ORDER BY created_at LIMIT $2)")
+            .bind(before).bind(limit).execute(p).await.map(|r| r.rows_affected()))?;
+        Ok(r)
+    }
+
+    /// The plan of the retention statements' row selection (SQLite `EXPLAIN QUERY PLAN`
+    /// details, PostgreSQL `EXPLAIN` lines). For tests and diagnostics.
+    #[doc(hidden)]
+    pub async fn explain_purge(&self) -> Result<String> {
+        const SQL: &str = "SELECT id FROM deliveries \
+             WHERE purged_at IS NULL AND status <> 'pending' AND received_at < $1 \
+             ORDER BY received_at LIMIT $2";
+        const ACT: &str =
+            "SELECT id FROM activity_logs WHERE created_at < $1 ORDER BY created_at LIMIT $2";
+        let mut lines = Vec::new();
+        for sql in [SQL, ACT] {
+            match &self.pool {
+                Pool::Sqlite(p) => {
+                    let q = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"));
+                    for r in sqlx::query_as::<_, (i64, i64, i64, String)>(q)
+                        .bind(now_micros())
+                        .bind(PURGE_BATCH)
+                        .fetch_all(p)
+                        .await?
+                    {
+                        lines.push(r.3);
+                    }
+                }
+                Pool::Postgres(p) => {
+                    let q = sqlx::AssertSqlSafe(format!("EXPLAIN {sql}"));
+                    for r in sqlx::query_as::<_, (String,)>(q)
+                        .bind(now_micros())
+                        .bind(PURGE_BATCH)
+                        .fetch_all(p)
+                        .await?
+                    {
+                        lines.push(r.0);
+                    }
+                }
+            }
+        }
+        Ok(lines.join("\n"))
+    }
+
+    /// Ids of the signals of `workspace_id` whose metadata names `email` as the customer
+    /// (generic `customer_email`, Pylon `customerEmail`; compared case-insensitively).
+    pub async fn signals_with_customer_email(
+        &self,
+        workspace_id: &str,
+        email: &str,
+    ) -> Result<Vec<String>> {
+        let sql = match &self.pool {
+            Pool::Sqlite(_) => {
+                "SELECT id FROM signals WHERE workspace_id = $1 AND ( \
+                 lower(json_extract(source_metadata, '$.customer_email')) = lower($2) OR \
+                 lower(json_extract(source_metadata, '$.customerEmail')) = lower($2)) \
+                 ORDER BY id"
+            }
+            Pool::Postgres(_) => {
+                "SELECT id FROM signals WHERE workspace_id = $1 AND ( \
+                 lower(source_metadata::jsonb ->> 'customer_email') = lower($2) OR \
+                 lower(source_metadata::jsonb ->> 'customerEmail') = lower($2)) \
+                 ORDER BY id"
+            }
+        };
+        Ok(on_pool!(self, p => sqlx::query_scalar::<_, String>(sql)
+            .bind(workspace_id).bind(email).fetch_all(p).await)?)
+    }
+
+    /// Erases signals of `workspace_id`, [`ERASE_CHUNK`] signals per transaction: purges body
+    /// and headers of every delivery linked to them, empties the metadata of their activity
+    /// entries (it quotes the text), deletes the signals, and logs one `signal.erased` entry per
+    /// signal (no text). Ids of other workspaces are left alone. Each chunk's delivery update is
+    /// one walk of the workspace's deliveries (`deliveries_workspace`; there is no `signal_id`
+    /// index, which would cost ingest an entry per delivery for a rare call).
+    pub async fn erase_signals(
+        &self,
+        workspace_id: &str,
+        ids: &[String],
+        actor: &str,
+    ) -> Result<Erased> {
+        let mut out = Erased::default();
+        for chunk in ids.chunks(ERASE_CHUNK) {
+            let e = self.erase_chunk(workspace_id, chunk, actor).await?;
+            out.signals += e.signals;
+            out.deliveries += e.deliveries;
+        }
+        Ok(out)
+    }
+
+    async fn erase_chunk(&self, workspace_id: &str, ids: &[String], actor: &str) -> Result<Erased> {
+        let mut out = Erased::default();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        // `$4…` (`$2…` for the activity): the chunk's ids (at most ERASE_CHUNK placeholders,
+        // made here, never from input).
+        let list = (0..ids.len())
+            .map(|i| format!("${}", i + 4))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let purge = format!(
+            "UPDATE deliveries SET body = $2, headers = '{{}}', purged_at = $3 \
+             WHERE workspace_id = $1 AND signal_id IN ({list}) AND purged_at IS NULL \
+             RETURNING signal_id"
+        );
+        let scrub = format!(
+            "UPDATE activity_logs SET metadata = '{{}}' WHERE workspace_id = $1 \
+             AND target_type = 'signal' AND target_id IN ({})",
+            (0..ids.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _turn = self.write_turn().await;
+        let now = now_micros();
+        on_pool!(self, p => async {
+            let mut tx = p.begin().await?;
+            // A write first: on SQLite the transaction takes the write lock at once.
+            let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(purge.clone()))
+                .bind(workspace_id).bind(Vec::<u8>::new()).bind(now);
+            for id in ids {
+                q = q.bind(id);
+            }
+            let purged: Vec<String> = q.fetch_all(&mut *tx).await?;
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(scrub.clone())).bind(workspace_id);
+            for id in ids {
+                q = q.bind(id);
+            }
+            q.execute(&mut *tx).await?;
+            for id in ids {
+                let gone = sqlx::query("DELETE FROM signals WHERE id = $1 AND workspace_id = $2")
+                    .bind(id).bind(workspace_id).execute(&mut *tx).await?.rows_affected();
+                if gone == 0 {
+                    continue;
+                }
+                let n = purged.iter().filter(|s| *s == id).count() as u64;
+                insert_activity(&mut *tx, workspace_id, Some(actor), "signal.erased", "signal",
+                    id, &serde_json::json!({"deliveries_purged": n}), now).await?;
+                out.signals += gone;
+            }
+            out.deliveries = purged.len() as u64;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(())
+        }.await)?;
+        Ok(out)
+    }
+}
+
+/// Signals erased per transaction (each one holds the write lock for its statements).
+pub const ERASE_CHUNK: usize = 100;
+
 /// A list query: its SQL text, its text parameters in order, and the page size (bound last).
 ///
 /// The lists page by keyset (`id < cursor ORDER BY id DESC LIMIT n`). The `WHERE` clause names

@@ -1388,10 +1388,13 @@ const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/api/v1/tokens/{id}"),
     ("GET", "/api/v1/workspaces/{ws}/signals"),
     ("GET", "/api/v1/signals/{id}"),
+    ("DELETE", "/api/v1/signals/{id}"),
+    ("POST", "/api/v1/workspaces/{ws}/erasure"),
     ("GET", "/api/v1/workspaces/{ws}/activity"),
     ("GET", "/api/v1/deliveries"),
     ("GET", "/api/v1/deliveries/{id}"),
     ("POST", "/api/v1/deliveries/{id}/replay"),
+    ("GET", "/api/v1/deliveries/{id}/body"),
 ];
 
 /// The route paths registered in src/api.rs (`.route("…"`).

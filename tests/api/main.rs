@@ -11,6 +11,7 @@ mod lists;
 mod outage;
 mod pipeline;
 mod pylon;
+mod retention;
 mod slack;
 mod slack_oauth;
 mod smaller;
