@@ -14,7 +14,7 @@ CPU time per delivery of this (Python) process, for schema variants:
   split_nostatus  both
 
 Usage: python3 scripts/sqlite_wal_frames.py [--batch N] [--page-size B] [--commits N] [VARIANT...]
-Figures and what they led to: docs/PERFORMANCE.md, "Sixth session".
+Figures and what they led to: docs/PERFORMANCE.md, "Other tools".
 """
 
 import argparse
