@@ -36,7 +36,10 @@ pub enum ApiError {
     #[error("unknown or inactive integration or key")]
     UnknownIntegration,
     /// 401 `unauthorized` (admin API).
-    #[error("a valid bearer token is required")]
+    #[error(
+        "a valid bearer token is required: send `Authorization: Bearer TOKEN` with the admin \
+         token (SIGNALBOX_ADMIN_TOKEN) or a workspace token (`signalbox token create --workspace WS`)"
+    )]
     Unauthorized,
     /// 403 `forbidden`: a workspace-scoped token asked for a global action.
     #[error("{0}")]

@@ -689,3 +689,27 @@ async fn unknown_filter_values_are_refused_naming_the_allowed_ones() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("webhook"));
     app.stop().await;
 }
+
+/// A 401 says where a token comes from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_token_is_explained() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else {
+        return;
+    };
+    for token in [None, Some("not-a-token")] {
+        let mut req = app.client.get(format!("{}/api/v1/workspaces", app.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let v: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "unauthorized");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("SIGNALBOX_ADMIN_TOKEN") && msg.contains("token create"),
+            "{msg}"
+        );
+    }
+    app.stop().await;
+}
