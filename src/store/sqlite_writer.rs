@@ -572,17 +572,18 @@ impl SqliteWriter {
     /// Commits a one-row write through the writer (the readiness probe while the disk is full:
     /// unlike a rolled-back probe, a commit needs space). Success clears [`Self::is_full`].
     pub async fn probe_commit(&self) -> Result<(), StoreError> {
-        // 64 KiB written and removed in one transaction: its pages still go to the WAL at
-        // commit, so the probe needs about as much space as a large delivery, not the few bytes
-        // a WAL frame that fits in space the file already has would need.
+        // 64 KiB committed, then removed in a second transaction: pages freed in the
+        // transaction that wrote them need not reach the WAL, and a probe that fits in the few
+        // pages a full disk still has would say "ready" while deliveries fail.
         self.run(|c| {
             c.execute_batch(
                 "INSERT INTO readiness_probe (id, at) VALUES (2, zeroblob(65536)) \
-                 ON CONFLICT (id) DO UPDATE SET at = excluded.at; \
-                 DELETE FROM readiness_probe WHERE id = 2",
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
             )
         })
-        .await
+        .await?;
+        self.run(|c| c.execute_batch("DELETE FROM readiness_probe WHERE id = 2"))
+            .await
     }
 
     /// Runs `f` on the writer thread and returns its result.
