@@ -135,6 +135,41 @@ pub struct IntegrationUpdate {
     pub slack_team_name: Option<String>,
 }
 
+/// Input of `PATCH /api/v1/workspaces/{ws}`. `retention`: a duration (`30d`, `12h`, `90s`),
+/// `"keep"` (never purge this workspace) or `null` (follow `SIGNALBOX_RETENTION`); absent:
+/// unchanged.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceUpdate {
+    /// New name (`null` is refused: a workspace always has one).
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<Value>,
+    /// New retention.
+    #[serde(default, deserialize_with = "present")]
+    pub retention: Option<Value>,
+}
+
+/// Deserializes a field that is present (even as `null`) into `Some`; an absent field stays
+/// `None` through `#[serde(default)]`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// A retention in seconds as the API shows it: `keep` for 0, else the largest whole unit.
+pub fn format_retention(secs: i64) -> String {
+    match secs {
+        s if s <= 0 => "keep".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn duration_secs(d: Option<std::time::Duration>) -> i64 {
+    d.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 const SLACK_CONFIG_KEYS: &[&str] = &["slack_channels", "channel_types"];
 const PYLON_CONFIG_KEYS: &[&str] = &["pylon_events", "signature_scheme", "required_header"];
 const CHANNEL_TYPES: &[&str] = &["channel", "group", "im", "mpim", "app_home"];
@@ -403,18 +438,98 @@ impl Admin {
                 &json!({"name": ws.name}),
             )
             .await?;
-        Ok(workspace_json(&ws))
+        Ok(workspace_json(&ws, self.cfg.retention))
     }
 
     /// Lists the workspaces the caller may see.
     pub async fn list_workspaces(&self, who: &Principal) -> ApiResult<Value> {
         let items = self.store.list_workspaces(who.scope()).await?;
-        Ok(json!({"items": items.iter().map(workspace_json).collect::<Vec<_>>()}))
+        Ok(
+            json!({"items": items.iter().map(|w| workspace_json(w, self.cfg.retention)).collect::<Vec<_>>()}),
+        )
     }
 
     /// One workspace.
     pub async fn get_workspace(&self, who: &Principal, id: &str) -> ApiResult<Value> {
-        Ok(workspace_json(&self.workspace_visible(who, id).await?))
+        Ok(workspace_json(
+            &self.workspace_visible(who, id).await?,
+            self.cfg.retention,
+        ))
+    }
+
+    /// Renames a workspace and/or sets its retention. A workspace token may shorten its
+    /// workspace's retention below the server's (`SIGNALBOX_RETENTION`) or go back to it, but
+    /// only the admin token may keep data longer than the server does.
+    pub async fn update_workspace(
+        &self,
+        who: &Principal,
+        id: &str,
+        up: WorkspaceUpdate,
+    ) -> ApiResult<Value> {
+        let ws = self.workspace_visible(who, id).await?;
+        let name = match up.name {
+            None => None,
+            Some(Value::String(n)) => Some(check_name(&n)?),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "name must be a string of 1 to 200 characters (a workspace always has a name)",
+                ));
+            }
+        };
+        let server = self.cfg.retention;
+        let retention = match up.retention {
+            None => None,
+            Some(Value::Null) => Some(None),
+            Some(Value::String(v)) => {
+                let d = crate::config::parse_retention(&v)
+                    .map_err(|m| ApiError::invalid(format!("retention: {m}")))?;
+                Some(Some(duration_secs(d)))
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "retention must be a duration such as \"30d\", \"12h\" or \"90s\", \"keep\", \
+                     or null (follow SIGNALBOX_RETENTION)",
+                ));
+            }
+        };
+        if let (Some(Some(secs)), Some(limit)) = (retention, server)
+            && who != &Principal::Admin
+        {
+            let limit = duration_secs(Some(limit));
+            if secs == 0 || secs > limit {
+                return Err(ApiError::Forbidden(format!(
+                    "this server keeps deliveries for {} (SIGNALBOX_RETENTION); a workspace token \
+                     may only shorten that, keeping data longer needs the admin token",
+                    format_retention(limit)
+                )));
+            }
+        }
+        if name.is_none() && retention.is_none() {
+            return Ok(workspace_json(&ws, server));
+        }
+        let row = self
+            .store
+            .update_workspace(id, name.as_deref(), retention)
+            .await?
+            .ok_or(ApiError::NotFound("workspace"))?;
+        let mut changed = Map::new();
+        if let Some(n) = &name {
+            changed.insert("name".into(), json!(n));
+        }
+        if let Some(r) = retention {
+            changed.insert("retention".into(), json!(r.map(format_retention)));
+        }
+        self.store
+            .log_activity(
+                id,
+                Some(who.actor()),
+                "workspace.updated",
+                "workspace",
+                id,
+                &Value::Object(changed),
+            )
+            .await?;
+        Ok(workspace_json(&row, server))
     }
 
     // ---------------------------------------------------------------- webhook keys
@@ -1194,8 +1309,14 @@ impl Admin {
 }
 
 /// JSON view of a workspace.
-pub fn workspace_json(w: &Workspace) -> Value {
-    json!({"id": w.id, "name": w.name, "created_at": rfc3339(w.created_at)})
+/// JSON view of a workspace: `retention` is its own setting (`null`: the server's), and
+/// `effective_retention` what applies (`keep`: nothing is purged).
+pub fn workspace_json(w: &Workspace, server: Option<std::time::Duration>) -> Value {
+    json!({
+        "id": w.id, "name": w.name, "created_at": rfc3339(w.created_at),
+        "retention": w.retention_secs.map(format_retention),
+        "effective_retention": format_retention(duration_secs(w.retention(server))),
+    })
 }
 
 /// JSON view of a token (never the token).

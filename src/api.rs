@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admin::{IntegrationUpdate, NewIntegration, Principal};
+use crate::admin::{IntegrationUpdate, NewIntegration, Principal, WorkspaceUpdate};
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::store::{DeliveryFilter, SignalFilter};
@@ -26,7 +26,10 @@ pub fn routes() -> Router<AppState> {
             "/api/v1/workspaces",
             post(create_workspace).get(list_workspaces),
         )
-        .route("/api/v1/workspaces/{ws}", get(get_workspace))
+        .route(
+            "/api/v1/workspaces/{ws}",
+            get(get_workspace).patch(update_workspace),
+        )
         .route(
             "/api/v1/workspaces/{ws}/webhook-keys",
             post(create_key).get(list_keys),
@@ -264,6 +267,15 @@ async fn get_integration(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     Ok(Json(s.admin.get_integration(&p, &id).await?))
+}
+
+async fn update_workspace(
+    State(s): State<AppState>,
+    Auth(p): Auth,
+    Path(ws): Path<String>,
+    JsonBody(b): JsonBody<WorkspaceUpdate>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(s.admin.update_workspace(&p, &ws, b).await?))
 }
 
 async fn update_integration(

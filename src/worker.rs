@@ -354,58 +354,74 @@ pub async fn housekeeping(state: AppState, cancel: CancellationToken) {
 /// Pause between two retention batches, so that ingest's writes get the lock in between.
 const PURGE_PAUSE: Duration = Duration::from_millis(50);
 
-/// How often retention runs: a quarter of the retention, between 1 s and 60 s.
-pub fn purge_every(retention: Duration) -> Duration {
-    (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+/// How often retention runs: a quarter of the shortest retention in effect, between 1 s and
+/// 60 s (60 s when nothing has one, so that a workspace given one later is seen within a minute).
+pub fn purge_every(shortest: Option<Duration>) -> Duration {
+    shortest.map_or(Duration::from_secs(60), |r| {
+        (r / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    })
 }
 
-/// Retention: every [`purge_every`], clears body and headers of finished deliveries received
-/// more than the retention ago and deletes activity entries as old, in batches of
-/// [`crate::store::PURGE_BATCH`] rows (one short statement each) with [`PURGE_PAUSE`] between
-/// them. Pending deliveries are never touched; the rows, with their dedupe keys, stay.
+/// Retention: every [`purge_every`], for each workspace with a retention (its own, else
+/// `SIGNALBOX_RETENTION`; see [`crate::store::Workspace::retention`]) clears body and headers of
+/// its finished deliveries received longer ago and deletes its activity entries as old;
+/// deliveries that reached no workspace follow `SIGNALBOX_RETENTION`. Each table is purged in
+/// batches of [`crate::store::PURGE_BATCH`] rows (one short statement each) with
+/// [`PURGE_PAUSE`] between them. Pending deliveries are never touched; the rows, with their
+/// dedupe keys, stay.
 async fn retention(state: AppState, cancel: CancellationToken) {
-    let Some(keep) = state.cfg.retention else {
-        return;
-    };
-    let keep_us = i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
-    let mut tick = tokio::time::interval(purge_every(keep));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let server = state.cfg.retention;
+    // The plan is read again every few seconds, so that a retention set on a workspace takes
+    // effect soon; the purge itself runs every `purge_every(shortest)`.
+    let look = Duration::from_secs(5);
+    let mut last: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = cancel.cancelled() => return,
+        sleep_or_cancel(look, &cancel).await;
+        if cancel.is_cancelled() {
+            return;
         }
-        let before = now_micros().saturating_sub(keep_us);
+        let workspaces = match state.store.list_workspaces(None).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention could not list workspaces; it runs again later");
+                continue;
+            }
+        };
+        let now = now_micros();
+        let cutoff = |keep: Duration| {
+            now.saturating_sub(i64::try_from(keep.as_micros()).unwrap_or(i64::MAX))
+        };
+        let mut plan: Vec<(Option<&str>, Duration)> = workspaces
+            .iter()
+            .filter_map(|w| Some((Some(w.id.as_str()), w.retention(server)?)))
+            .collect();
+        if let Some(keep) = server {
+            plan.push((None, keep));
+        }
+        let every = purge_every(plan.iter().map(|p| p.1).min());
+        if plan.is_empty() || last.is_some_and(|t| t.elapsed() < every) {
+            continue;
+        }
+        last = Some(tokio::time::Instant::now());
         let (mut deliveries, mut activity) = (0u64, 0u64);
-        for activity_table in [false, true] {
-            loop {
-                let r = if activity_table {
+        for (ws, keep) in plan {
+            let before = cutoff(keep);
+            deliveries += purge_all(&cancel, || {
+                state
+                    .store
+                    .purge_deliveries_before(ws, before, crate::store::PURGE_BATCH)
+            })
+            .await;
+            if let Some(ws) = ws {
+                activity += purge_all(&cancel, || {
                     state
                         .store
-                        .purge_activity_before(before, crate::store::PURGE_BATCH)
-                        .await
-                } else {
-                    state
-                        .store
-                        .purge_deliveries_before(before, crate::store::PURGE_BATCH)
-                        .await
-                };
-                let n = match r {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "retention purge failed; it runs again later");
-                        break;
-                    }
-                };
-                if activity_table {
-                    activity += n;
-                } else {
-                    deliveries += n;
-                }
-                if n < crate::store::PURGE_BATCH as u64 || cancel.is_cancelled() {
-                    break;
-                }
-                sleep_or_cancel(PURGE_PAUSE, &cancel).await;
+                        .purge_activity_before(ws, before, crate::store::PURGE_BATCH)
+                })
+                .await;
+            }
+            if cancel.is_cancelled() {
+                return;
             }
         }
         if deliveries + activity > 0 {
@@ -415,6 +431,31 @@ async fn retention(state: AppState, cancel: CancellationToken) {
                 "retention purged old deliveries and activity"
             );
         }
+    }
+}
+
+/// Runs one purge statement in batches until a batch comes back short (or an error, logged:
+/// the next round retries); returns the rows it purged.
+async fn purge_all<F, Fut>(cancel: &CancellationToken, mut batch: F) -> u64
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, crate::store::StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        match batch().await {
+            Ok(n) => {
+                total += n;
+                if n < crate::store::PURGE_BATCH.unsigned_abs() || cancel.is_cancelled() {
+                    return total;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "retention purge failed; it runs again later");
+                return total;
+            }
+        }
+        sleep_or_cancel(PURGE_PAUSE, cancel).await;
     }
 }
 

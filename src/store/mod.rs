@@ -460,6 +460,7 @@ impl Store {
         let ws = Workspace {
             id: new_id(prefix::WORKSPACE),
             name: name.to_string(),
+            retention_secs: None,
             created_at: now,
             updated_at: now,
         };
@@ -473,7 +474,7 @@ impl Store {
     /// Lists workspaces (all, or only `only` when given).
     pub async fn list_workspaces(&self, only: Option<&str>) -> Result<Vec<Workspace>> {
         Ok(on_pool!(self, p => sqlx::query_as::<_, Workspace>(
-            "SELECT id, name, created_at, updated_at FROM workspaces \
+            "SELECT id, name, retention_secs, created_at, updated_at FROM workspaces \
              WHERE ($1 IS NULL OR id = $1) ORDER BY id")
             .bind(only).fetch_all(p).await)?)
     }
@@ -481,8 +482,26 @@ impl Store {
     /// One workspace.
     pub async fn get_workspace(&self, id: &str) -> Result<Option<Workspace>> {
         Ok(on_pool!(self, p => sqlx::query_as::<_, Workspace>(
-            "SELECT id, name, created_at, updated_at FROM workspaces WHERE id = $1")
+            "SELECT id, name, retention_secs, created_at, updated_at FROM workspaces WHERE id = $1")
             .bind(id).fetch_optional(p).await)?)
+    }
+
+    /// Renames a workspace and/or sets its retention (`Some(None)`: follow the server's);
+    /// returns the row as it is now, `None` for an unknown id.
+    pub async fn update_workspace(
+        &self,
+        id: &str,
+        name: Option<&str>,
+        retention_secs: Option<Option<i64>>,
+    ) -> Result<Option<Workspace>> {
+        let now = now_micros();
+        on_pool!(self, p => sqlx::query(
+            "UPDATE workspaces SET name = COALESCE($2, name), \
+             retention_secs = CASE WHEN $3 THEN $4 ELSE retention_secs END, updated_at = $5 \
+             WHERE id = $1")
+            .bind(id).bind(name).bind(retention_secs.is_some()).bind(retention_secs.flatten())
+            .bind(now).execute(p).await.map(|r| r.rows_affected()))?;
+        self.get_workspace(id).await
     }
 
     // ---------------------------------------------------------------- webhook keys
@@ -1578,32 +1597,55 @@ impl Store {
     }
 
     /// Retention, one batch: clears body and headers of at most `limit` finished (not pending)
-    /// deliveries received before `before` (Unix µs), oldest first; the row, its dedupe key,
-    /// status and signal link stay. Returns how many rows it purged (fewer than `limit`: done).
-    /// One range scan of the partial index `deliveries_purge`.
-    pub async fn purge_deliveries_before(&self, before: i64, limit: i64) -> Result<u64> {
-        let _turn = self.write_turn().await;
+    /// deliveries of `workspace` (`None`: deliveries that reached no workspace) received before
+    /// `before` (Unix µs), oldest first; the row, its dedupe key, status and signal link stay.
+    /// Returns how many rows it purged (fewer than `limit`: done). One range scan of the
+    /// partial index `deliveries_purge_ws`.
+    pub async fn purge_deliveries_before(
+        &self,
+        workspace: Option<&str>,
+        before: i64,
+        limit: i64,
+    ) -> Result<u64> {
         // The outer predicate repeats the inner one: on PostgreSQL a row replayed (made pending
         // again) between the sub-select and the update is re-checked and left alone.
-        let r = on_pool!(self, p => sqlx::query(
+        const SQL: [&str; 2] = [
             "UPDATE deliveries SET body = $3, headers = '{}', purged_at = $4 \
              WHERE id IN (SELECT id FROM deliveries \
-                 WHERE purged_at IS NULL AND status <> 'pending' AND received_at < $1 \
-                 ORDER BY received_at LIMIT $2) \
-             AND purged_at IS NULL AND status <> 'pending'")
-            .bind(before).bind(limit).bind(Vec::<u8>::new()).bind(now_micros())
-            .execute(p).await.map(|r| r.rows_affected()))?;
+                 WHERE workspace_id = $5 AND purged_at IS NULL AND status <> 'pending' \
+                 AND received_at < $1 ORDER BY received_at LIMIT $2) \
+             AND purged_at IS NULL AND status <> 'pending'",
+            "UPDATE deliveries SET body = $3, headers = '{}', purged_at = $4 \
+             WHERE id IN (SELECT id FROM deliveries \
+                 WHERE workspace_id IS NULL AND purged_at IS NULL AND status <> 'pending' \
+                 AND received_at < $1 ORDER BY received_at LIMIT $2) \
+             AND purged_at IS NULL AND status <> 'pending'",
+        ];
+        let sql = SQL[usize::from(workspace.is_none())];
+        let _turn = self.write_turn().await;
+        let r = on_pool!(self, p => {
+            let q = sqlx::query(sql)
+                .bind(before).bind(limit).bind(Vec::<u8>::new()).bind(now_micros());
+            let q = match workspace { Some(ws) => q.bind(ws), None => q };
+            q.execute(p).await.map(|r| r.rows_affected())
+        })?;
         Ok(r)
     }
 
-    /// Retention, one batch: deletes at most `limit` activity entries created before `before`,
-    /// oldest first. Returns how many it deleted.
-    pub async fn purge_activity_before(&self, before: i64, limit: i64) -> Result<u64> {
+    /// Retention, one batch: deletes at most `limit` activity entries of `workspace` created
+    /// before `before`, oldest first. Returns how many it deleted.
+    pub async fn purge_activity_before(
+        &self,
+        workspace: &str,
+        before: i64,
+        limit: i64,
+    ) -> Result<u64> {
         let _turn = self.write_turn().await;
         let r = on_pool!(self, p => sqlx::query(
             "DELETE FROM activity_logs WHERE id IN (SELECT id FROM activity_logs \
-             WHERE created_at < $1 ORDER BY created_at LIMIT $2)")
-            .bind(before).bind(limit).execute(p).await.map(|r| r.rows_affected()))?;
+             WHERE workspace_id = $3 AND created_at < $1 ORDER BY created_at LIMIT $2)")
+            .bind(before).bind(limit).bind(workspace)
+            .execute(p).await.map(|r| r.rows_affected()))?;
         Ok(r)
     }
 
@@ -1611,33 +1653,43 @@ impl Store {
     /// details, PostgreSQL `EXPLAIN` lines). For tests and diagnostics.
     #[doc(hidden)]
     pub async fn explain_purge(&self) -> Result<String> {
-        const SQL: &str = "SELECT id FROM deliveries \
-             WHERE purged_at IS NULL AND status <> 'pending' AND received_at < $1 \
-             ORDER BY received_at LIMIT $2";
-        const ACT: &str =
-            "SELECT id FROM activity_logs WHERE created_at < $1 ORDER BY created_at LIMIT $2";
+        const SQL: [&str; 3] = [
+            "SELECT id FROM deliveries \
+             WHERE workspace_id = $3 AND purged_at IS NULL AND status <> 'pending' \
+             AND received_at < $1 ORDER BY received_at LIMIT $2",
+            "SELECT id FROM deliveries \
+             WHERE workspace_id IS NULL AND purged_at IS NULL AND status <> 'pending' \
+             AND received_at < $1 ORDER BY received_at LIMIT $2",
+            "SELECT id FROM activity_logs WHERE workspace_id = $3 AND created_at < $1 \
+             ORDER BY created_at LIMIT $2",
+        ];
         let mut lines = Vec::new();
-        for sql in [SQL, ACT] {
+        for sql in SQL {
+            let ws = sql.contains("$3").then_some("ws_explain");
             match &self.pool {
                 Pool::Sqlite(p) => {
                     let q = sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}"));
-                    for r in sqlx::query_as::<_, (i64, i64, i64, String)>(q)
+                    let q = sqlx::query_as::<_, (i64, i64, i64, String)>(q)
                         .bind(now_micros())
-                        .bind(PURGE_BATCH)
-                        .fetch_all(p)
-                        .await?
-                    {
+                        .bind(PURGE_BATCH);
+                    let q = match ws {
+                        Some(ws) => q.bind(ws),
+                        None => q,
+                    };
+                    for r in q.fetch_all(p).await? {
                         lines.push(r.3);
                     }
                 }
                 Pool::Postgres(p) => {
                     let q = sqlx::AssertSqlSafe(format!("EXPLAIN {sql}"));
-                    for r in sqlx::query_as::<_, (String,)>(q)
+                    let q = sqlx::query_as::<_, (String,)>(q)
                         .bind(now_micros())
-                        .bind(PURGE_BATCH)
-                        .fetch_all(p)
-                        .await?
-                    {
+                        .bind(PURGE_BATCH);
+                    let q = match ws {
+                        Some(ws) => q.bind(ws),
+                        None => q,
+                    };
+                    for r in q.fetch_all(p).await? {
                         lines.push(r.0);
                     }
                 }

@@ -46,10 +46,25 @@ pub struct Workspace {
     pub id: String,
     /// Display name.
     pub name: String,
+    /// How long this workspace's bodies, headers and activity are kept, in seconds: `None`
+    /// follows `SIGNALBOX_RETENTION`, `Some(0)` keeps everything.
+    pub retention_secs: Option<i64>,
     /// Unix µs.
     pub created_at: i64,
     /// Unix µs.
     pub updated_at: i64,
+}
+
+impl Workspace {
+    /// How long this workspace's bodies, headers and activity are kept when the server keeps
+    /// them for `server` (`SIGNALBOX_RETENTION`; `None`: forever). `None`: kept forever.
+    pub fn retention(&self, server: Option<std::time::Duration>) -> Option<std::time::Duration> {
+        match self.retention_secs {
+            None => server,
+            Some(s) if s <= 0 => None,
+            Some(s) => Some(std::time::Duration::from_secs(s.unsigned_abs())),
+        }
+    }
 }
 
 /// A generic webhook key (Standard Webhooks secret, encrypted).

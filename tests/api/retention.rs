@@ -14,6 +14,7 @@ both_backends!(
     deleting_a_signal_erases_it_and_its_delivery_bodies,
     erasure_by_customer_email_erases_exactly_the_matching_signals,
     purge_statements_use_their_indexes,
+    a_workspace_can_keep_less_or_more_than_the_server,
 );
 
 async fn purge_statements_use_their_indexes(b: Backend) {
@@ -24,8 +25,14 @@ async fn purge_statements_use_their_indexes(b: Backend) {
     // PostgreSQL plans an empty table with a sequential scan; its plan on 200,000 rows is in
     // docs/PERFORMANCE.md. SQLite's plan does not depend on the table's size.
     if b == Backend::Sqlite {
-        assert!(plan.contains("USING INDEX deliveries_purge"), "{plan}");
-        assert!(plan.contains("activity_logs_created"), "{plan}");
+        // Per workspace, and for deliveries that reached none (the NULL prefix): one range
+        // of the (workspace, time) indexes each.
+        let range = "USING INDEX deliveries_purge_ws (workspace_id=? AND received_at<?)";
+        assert_eq!(plan.matches(range).count(), 2, "{plan}");
+        assert!(
+            plan.contains("USING INDEX activity_logs_purge_ws (workspace_id=? AND created_at<?)"),
+            "{plan}"
+        );
         assert!(!plan.contains("TEMP B-TREE"), "no sort: {plan}");
     }
     app.stop().await;
@@ -456,5 +463,151 @@ async fn erasure_by_customer_email_erases_exactly_the_matching_signals(b: Backen
         json!({"signals_erased": many, "deliveries_purged": many})
     );
     assert_eq!(app.signals(&wa).await.len(), 2);
+    app.stop().await;
+}
+
+/// Backdates every delivery and activity entry of `ws` by `secs`.
+async fn backdate(app: &TestApp, ws: &str, secs: i64) {
+    let by = secs * 1_000_000;
+    exec_sql(
+        &app.state.store,
+        &format!(
+            "UPDATE deliveries SET received_at = received_at - {by} WHERE workspace_id = '{ws}'"
+        ),
+    )
+    .await;
+    exec_sql(
+        &app.state.store,
+        &format!(
+            "UPDATE activity_logs SET created_at = created_at - {by} WHERE workspace_id = '{ws}'"
+        ),
+    )
+    .await;
+}
+
+async fn a_workspace_can_keep_less_or_more_than_the_server(b: Backend) {
+    let Some(app) = spawn_app_with(b, |c| {
+        c.set("retention", "1h");
+    })
+    .await
+    else {
+        return;
+    };
+    let short = app.workspace("Short").await;
+    let forever = app.workspace("Forever").await;
+    let default = app.workspace("Default").await;
+    let (_, token) = app.token(&short).await;
+    let patch = |who: &str, ws: &str, body: Value| {
+        let (who, path) = (who.to_string(), format!("/api/v1/workspaces/{ws}"));
+        let app = &app;
+        async move { app.api_as(&who, "PATCH", &path, Some(body)).await }
+    };
+
+    // The server's retention shows as what applies until a workspace sets its own.
+    let (st, v) = app
+        .api("GET", &format!("/api/v1/workspaces/{default}"), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["retention"], Value::Null, "{v}");
+    assert_eq!(v["effective_retention"], "1h", "{v}");
+
+    // A workspace token may shorten its own retention, never lengthen it past the server's.
+    for longer in ["keep", "2h", "61m"] {
+        let (st, v) = patch(&token, &short, json!({"retention": longer})).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{longer}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("1h"),
+            "{v}"
+        );
+    }
+    let (st, v) = patch(&token, &short, json!({"retention": "20s"})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["retention"], "20s", "{v}");
+    assert_eq!(v["effective_retention"], "20s", "{v}");
+    assert_eq!(v["name"], "Short", "{v}");
+    // … and cannot touch another workspace's.
+    let (st, _) = patch(&token, &forever, json!({"retention": "10s"})).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // The admin token may keep a workspace's data for longer, or forever.
+    let (st, v) = patch(ADMIN_TOKEN, &forever, json!({"retention": "keep"})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["retention"], "keep", "{v}");
+    assert_eq!(v["effective_retention"], "keep", "{v}");
+
+    // What cannot be done is refused, and nothing changes.
+    for bad in [
+        json!({"retention": 20}),
+        json!({"retention": "20 seconds"}),
+        json!({"retention": "0s"}),
+        json!({"name": null}),
+        json!({"name": ""}),
+        json!({"retention_days": 3}),
+    ] {
+        let (st, v) = patch(ADMIN_TOKEN, &short, bad.clone()).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_request", "{bad}: {v}");
+    }
+    let (_, v) = app
+        .api("GET", &format!("/api/v1/workspaces/{short}"), None)
+        .await;
+    assert_eq!(
+        (v["name"].as_str(), v["retention"].as_str()),
+        (Some("Short"), Some("20s"))
+    );
+    let changes: Vec<Value> = activity(&app, &short)
+        .await
+        .into_iter()
+        .filter(|a| a["action"] == "workspace.updated")
+        .collect();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0]["metadata"], json!({"retention": "20s"}));
+
+    // One delivery in each, ten minutes old: only the 20-second workspace loses its body.
+    let mut ids = Vec::new();
+    for ws in [&short, &forever, &default] {
+        let (key, secret) = app.webhook_key(ws).await;
+        send_raw(
+            &app,
+            &key,
+            &secret,
+            "msg_1",
+            br#"{"verbatim": "a customer said this"}"#,
+        )
+        .await;
+        app.drain().await;
+        ids.push(
+            delivery_of(&app, ws, "msg_1").await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        backdate(&app, ws, 600).await;
+    }
+    wait_for("the short workspace's delivery to be purged", || async {
+        body(&app, &ids[0]).await.0 == StatusCode::GONE
+    })
+    .await;
+    wait_for("the short workspace's activity to be deleted", || async {
+        activity(&app, &short).await.is_empty()
+    })
+    .await;
+    assert_eq!(body(&app, &ids[1]).await.0, StatusCode::OK);
+    assert_eq!(body(&app, &ids[2]).await.0, StatusCode::OK);
+
+    // Two hours old: the server's hour applies to the default workspace; "keep" keeps.
+    backdate(&app, &forever, 7200).await;
+    backdate(&app, &default, 7200).await;
+    wait_for("the default workspace's delivery to be purged", || async {
+        body(&app, &ids[2]).await.0 == StatusCode::GONE
+    })
+    .await;
+    assert_eq!(body(&app, &ids[1]).await.0, StatusCode::OK);
+    assert!(!activity(&app, &forever).await.is_empty());
+
+    // Back to the server's retention: `null`.
+    let (st, v) = patch(&token, &short, json!({"retention": null})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["retention"], Value::Null, "{v}");
+    assert_eq!(v["effective_retention"], "1h", "{v}");
     app.stop().await;
 }
