@@ -121,22 +121,41 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
 
 async fn readyz(State(s): State<AppState>) -> Response {
     // A probe with a shorter timeout than the pool's must see a 503, not a hang.
-    let ready = match tokio::time::timeout(s.cfg.storage_deadline, s.store.accepts_writes()).await {
+    // The detail goes to the log once per change of state (probes come every few seconds);
+    // the public answer carries only the code.
+    static WAS_READY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+    let ready = match tokio::time::timeout(s.cfg.storage_deadline, s.store.readiness()).await {
         Ok(ready) => ready,
         Err(_) => {
             s.store
                 .suspect_down("the readiness probe outlasted the storage deadline");
-            false
+            Err(crate::store::NotReady::new(
+                "storage_timeout",
+                format!(
+                    "the database did not answer within {} ms (SIGNALBOX_STORAGE_DEADLINE_MS)",
+                    s.cfg.storage_deadline.as_millis()
+                ),
+            ))
         }
     };
-    if ready {
-        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable"})),
-        )
-            .into_response()
+    let was = WAS_READY.swap(ready.is_ok(), std::sync::atomic::Ordering::Relaxed);
+    match ready {
+        Ok(()) => {
+            if !was {
+                tracing::info!("ready again: /readyz answers 200");
+            }
+            (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+        }
+        Err(r) => {
+            if was {
+                tracing::warn!(reason = r.code, detail = %r.detail, "not ready: /readyz answers 503");
+            }
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "reason": r.code})),
+            )
+                .into_response()
+        }
     }
 }
 

@@ -154,18 +154,22 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
         }
     }
     assert!(unavailable >= 5, "the disk never filled ({n} sent)");
-    // While full, `/readyz` answers 503 as long as a 64 KiB probe commit fails too; space can
-    // come back by itself (a checkpoint lets the WAL start over in its own file), so this is
-    // reported, not asserted.
+    // While full, `/readyz` answers 503 and says why (the free space is below the floor
+    // whatever SQLite can still fit into its WAL).
     let ready = app
         .client
         .get(format!("{}/readyz", app.base))
         .timeout(Duration::from_secs(5))
         .send()
         .await
-        .unwrap()
-        .status();
-    eprintln!("/readyz while the disk is full: {ready}");
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "/readyz while the disk is full"
+    );
+    let v: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(v, json!({"status": "unavailable", "reason": "disk_full"}));
 
     // Space comes back: writes succeed again without a restart.
     std::fs::remove_file(&filler).unwrap();

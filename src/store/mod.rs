@@ -418,20 +418,52 @@ impl Store {
         on_pool!(self, p => p.close().await)
     }
 
-    /// True when the database accepts a write right now (used by `/readyz`). A SQLite writer
-    /// stopped by an fsync or I/O error does not, whatever the file says.
-    pub async fn accepts_writes(&self) -> bool {
+    /// `Ok` when the database accepts a write right now (used by `/readyz`), else why not, in
+    /// words for the operator. A SQLite writer stopped by an fsync or I/O error does not,
+    /// whatever the file says; nor does a SQLite database whose filesystem has less than
+    /// [`MIN_FREE_BYTES`] free.
+    pub async fn readiness(&self) -> std::result::Result<(), NotReady> {
         if self.is_down() {
-            return false;
+            return Err(NotReady::new(
+                "database_unreachable",
+                "the database is unreachable (the breaker is open; see earlier errors)".into(),
+            ));
         }
         if let Some(w) = &self.sqlite {
             if !w.takes_writes() {
-                return false;
+                return Err(NotReady::new(
+                    "writer_stopped",
+                    "an fsync or I/O error stopped the SQLite writer; restart the process once \
+                     the disk is healthy"
+                        .into(),
+                ));
+            }
+            // Below the floor a write is about to fail (or a checkpoint cannot grow the
+            // database file), even if the WAL still has room for a small probe.
+            if let (Some(free), dir) = w.free_bytes()
+                && free < MIN_FREE_BYTES
+            {
+                return Err(NotReady::new(
+                    "disk_full",
+                    format!(
+                        "the disk holding {} has {free} bytes free (needs at least \
+                         {MIN_FREE_BYTES}); free space and the service recovers by itself",
+                        dir.display()
+                    ),
+                ));
             }
             // A rolled-back probe needs no space: while the disk is known to be full, only a
             // commit through the writer tells whether it takes writes again.
             if w.is_full() {
-                return w.probe_commit().await.is_ok();
+                return w.probe_commit().await.map_err(|e| {
+                    NotReady::new(
+                        "disk_full",
+                        format!(
+                            "a test write failed ({e}); free space and the service recovers \
+                             by itself"
+                        ),
+                    )
+                });
             }
         }
         let res: Result<()> = on_pool!(self, p => async {
@@ -446,10 +478,10 @@ impl Store {
             tx.rollback().await?;
             Ok(())
         }.await);
-        if let Err(e) = &res {
-            self.note_failure(e);
-        }
-        res.is_ok()
+        res.map_err(|e| {
+            self.note_failure(&e);
+            NotReady::new("probe_failed", format!("a test write failed: {e}"))
+        })
     }
 
     // ---------------------------------------------------------------- workspaces
@@ -1568,6 +1600,29 @@ pub struct Erased {
     /// Deliveries whose body and headers were purged by it.
     pub deliveries: u64,
 }
+
+/// Why the node is not ready: a stable `code` for `/readyz` (public: no paths or errors) and
+/// the `detail` for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotReady {
+    /// `database_unreachable`, `writer_stopped`, `disk_full`, `probe_failed` or
+    /// `storage_timeout`.
+    pub code: &'static str,
+    /// What happened, for the operator's log.
+    pub detail: String,
+}
+
+impl NotReady {
+    /// A reason.
+    pub fn new(code: &'static str, detail: String) -> NotReady {
+        NotReady { code, detail }
+    }
+}
+
+/// The free space below which a SQLite node is not ready (`/readyz` 503): 1 MiB, a few
+/// checkpoints' worth of pages. Writes may still succeed for a while; a load balancer should
+/// send new traffic elsewhere and the operator free space.
+pub const MIN_FREE_BYTES: u64 = 1 << 20;
 
 /// Rows per retention statement: small enough that each holds the write lock for a few
 /// milliseconds at most.

@@ -408,6 +408,8 @@ pub(super) struct SqliteWriter {
     /// Set while the disk is full: the last transaction failed with `SQLITE_FULL` and none has
     /// committed since (readiness probes then commit through the writer to find out).
     full: Arc<AtomicBool>,
+    /// The directory holding the database (its filesystem's free space is a readiness input).
+    dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SqliteWriter {
@@ -549,11 +551,16 @@ impl SqliteWriter {
                 )
             })
             .map_err(|e| StoreError::Writer(format!("cannot start the SQLite writer: {e}")))?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
         Ok(SqliteWriter {
             tx,
             cycles,
             failed,
             full,
+            dir,
         })
     }
 
@@ -567,6 +574,15 @@ impl SqliteWriter {
     /// and none has committed since.
     pub fn is_full(&self) -> bool {
         self.full.load(Ordering::Acquire)
+    }
+
+    /// Bytes free to unprivileged writers on the filesystem holding the database (`None` when
+    /// the filesystem cannot say), and that directory.
+    pub fn free_bytes(&self) -> (Option<u64>, &Path) {
+        let free = rustix::fs::statvfs(&self.dir)
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize));
+        (free, &self.dir)
     }
 
     /// Commits a one-row write through the writer (the readiness probe while the disk is full:
