@@ -82,16 +82,24 @@ pub async fn receive(
 ) -> ApiResult<Json<Value>> {
     let started = Instant::now();
     let body = read_body(&state, &headers, body, SOURCE).await?;
-    let key_id = q.key_id.filter(|k| !k.is_empty()).ok_or_else(|| {
-        reject(
-            &state,
-            SOURCE,
-            ApiError::MissingParam(
-                "missing_integration_id",
-                "the key_id query parameter is required".into(),
-            ),
-        )
-    })?;
+    // The contract's code for both; the message says which of the two it is.
+    let key_id = match q.key_id.as_deref().map(str::trim) {
+        Some(k) if !k.is_empty() => k.to_string(),
+        given => {
+            let m = if given.is_some() {
+                "the key_id query parameter is empty: pass the webhook key's id \
+                 (?key_id=whk_…, printed by `signalbox webhook-key create`)"
+            } else {
+                "the key_id query parameter is required: POST /api/webhooks/signals?key_id=whk_… \
+                 (the id printed by `signalbox webhook-key create`)"
+            };
+            return Err(reject(
+                &state,
+                SOURCE,
+                ApiError::MissingParam("missing_integration_id", m.into()),
+            ));
+        }
+    };
     let key = if crate::ids::looks_like(&key_id, prefix::WEBHOOK_KEY) {
         state.creds.webhook_key(&key_id).await?
     } else {
@@ -101,10 +109,14 @@ pub async fn receive(
         super::equalise_timing(&body);
         return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
     };
+    // Svix and its libraries send the same scheme under `svix-*` names.
+    let either = |std: &str, svix: &str| {
+        super::header(&headers, std).or_else(|| super::header(&headers, svix))
+    };
     let h = Headers {
-        id: super::header(&headers, "webhook-id"),
-        timestamp: super::header(&headers, "webhook-timestamp"),
-        signature: super::header(&headers, "webhook-signature"),
+        id: either("webhook-id", "svix-id"),
+        timestamp: either("webhook-timestamp", "svix-timestamp"),
+        signature: either("webhook-signature", "svix-signature"),
     };
     let keys = valid_keys(&key.secrets, now_micros());
     standard_webhooks::verify(
@@ -144,6 +156,8 @@ pub async fn receive(
             &[
                 "webhook-id",
                 "webhook-timestamp",
+                "svix-id",
+                "svix-timestamp",
                 "user-agent",
                 "content-type",
             ],

@@ -15,6 +15,7 @@ both_backends!(
     invalid_json_after_a_valid_signature_is_400,
     duplicate_webhook_ids_make_one_signal,
     storage_down_answers_503,
+    svix_header_names_are_the_same_scheme,
 );
 
 async fn signed_delivery_becomes_a_signal(b: Backend) {
@@ -195,6 +196,26 @@ async fn rejected_requests_write_nothing(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["error"]["code"], "missing_integration_id");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("required"),
+        "{v}"
+    );
+    // An empty `key_id=` says so, instead of calling it missing.
+    for empty in ["key_id=", "key_id=%20"] {
+        let (st, v) = app
+            .post_raw(
+                &format!("/api/webhooks/signals?{empty}"),
+                &good,
+                body.clone(),
+            )
+            .await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+        assert_eq!(v["error"]["code"], "missing_integration_id");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("is empty"),
+            "{v}"
+        );
+    }
     // A deactivated key stops working.
     let (st, _) = app
         .api("DELETE", &format!("/api/v1/webhook-keys/{key}"), None)
@@ -357,4 +378,67 @@ async fn storage_down_answers_503(b: Backend) {
         .await
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK);
+}
+
+/// Svix and its libraries send `svix-id`, `svix-timestamp` and `svix-signature`: the same
+/// scheme, accepted like the `webhook-*` names (and deduplicated on the same id).
+async fn svix_header_names_are_the_same_scheme(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    let body = serde_json::to_vec(&json!({"verbatim": "sent by a Svix library"})).unwrap();
+    let svix = |id: &str, sig: Option<&str>| {
+        let mut h: Vec<(&'static str, String)> =
+            generic_headers(&secret, id, signalbox::clock::now_secs(), &body)
+                .into_iter()
+                .map(|(k, v)| {
+                    let k = match k {
+                        "webhook-id" => "svix-id",
+                        "webhook-timestamp" => "svix-timestamp",
+                        _ => "svix-signature",
+                    };
+                    (k, v)
+                })
+                .collect();
+        if let Some(sig) = sig {
+            h.retain(|(k, _)| *k != "svix-signature");
+            h.push(("svix-signature", sig.to_string()));
+        }
+        h
+    };
+    let path = format!("/api/webhooks/signals?key_id={key}");
+    let (st, v) = app
+        .post_raw(&path, &svix("msg_svix_1", None), body.clone())
+        .await;
+    assert_eq!(
+        (st, v.clone()),
+        (StatusCode::OK, json!({"ok": true})),
+        "{v}"
+    );
+    let (st, v) = app
+        .post_raw(&path, &svix("msg_svix_1", None), body.clone())
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["duplicate"], true, "{v}");
+    // A wrong signature under the svix name is refused like any other.
+    let (st, v) = app
+        .post_raw(
+            &path,
+            &svix(
+                "msg_svix_2",
+                Some("v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            ),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_signature", "{v}");
+    app.drain().await;
+    let signals = app.signals(&ws).await;
+    assert_eq!(signals.len(), 1, "{signals:?}");
+    assert_eq!(signals[0]["verbatim"], "sent by a Svix library");
+    assert_eq!(signals[0]["source_ref"], "msg_svix_1");
+    app.stop().await;
 }
