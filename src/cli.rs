@@ -25,6 +25,15 @@ pub struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Print only these fields of the JSON answer (comma-separated), tab-separated on one line;
+    /// for a list, one line per item. For scripts: `WS=$(signalbox workspace create --name A --get id)`.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FIELD[,FIELD…]",
+        value_delimiter = ','
+    )]
+    pub get: Vec<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -526,7 +535,50 @@ async fn admin(cfg: &Config) -> anyhow::Result<Admin> {
     })
 }
 
+/// The fields `--get` asked for (set once, before any command prints).
+static GET_FIELDS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// `--get a,b`: the fields of `v` (or of each of its `items`), tab-separated; an error naming
+/// the fields there are when one is missing.
+fn get_fields(v: &Value, fields: &[String]) -> Result<String, String> {
+    let one = |o: &Value| -> Result<String, String> {
+        fields
+            .iter()
+            .map(|f| match o.get(f) {
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(Value::Null) => Ok(String::new()),
+                Some(other) => Ok(other.to_string()),
+                None => Err(format!(
+                    "--get {f}: the answer has no field {f:?}; it has: {}",
+                    o.as_object()
+                        .map(|m| m.keys().cloned().collect::<Vec<_>>().join(", "))
+                        .unwrap_or_default()
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|vals| vals.join("\t"))
+    };
+    match v.get("items").and_then(Value::as_array) {
+        Some(items) if fields.iter().all(|f| v.get(f).is_none()) => items
+            .iter()
+            .map(one)
+            .collect::<Result<Vec<_>, _>>()
+            .map(|lines| lines.join("\n")),
+        _ => one(v),
+    }
+}
+
 fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
+    if let Some(fields) = GET_FIELDS.get().filter(|f| !f.is_empty()) {
+        match get_fields(v, fields) {
+            Ok(text) => write_stdout(&text),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        }
+        return;
+    }
     let text = if json_out {
         serde_json::to_string_pretty(v).unwrap_or_default()
     } else {
@@ -571,6 +623,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(cli.config.as_deref())?;
     init_tracing(cfg.log_format);
     let j = cli.json;
+    let _ = GET_FIELDS.set(
+        cli.get
+            .iter()
+            .map(|f| f.trim().to_string())
+            .filter(|f| !f.is_empty())
+            .collect(),
+    );
     let who = Principal::Admin;
     match cli.command {
         Command::Serve => {

@@ -40,8 +40,8 @@ fn the_five_minute_tour_works_as_written() {
         eprintln!("SKIPPED: the README tour needs curl");
         return;
     }
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let block = sh_block_after(&readme, "## Five-minute tour");
     assert!(
         block.contains("127.0.0.1:8080"),
@@ -89,8 +89,18 @@ fn the_five_minute_tour_works_as_written() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let (mut out, mut err) = (String::new(), String::new());
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let log = std::fs::read_to_string(dir.path().join("signalbox.log")).unwrap_or_default();
     assert!(
         status.success(),
@@ -101,7 +111,10 @@ fn the_five_minute_tour_works_as_written() {
         out.contains("Export to CSV times out"),
         "the signal is not listed:\n{out}\nstderr:\n{err}"
     );
-    assert!(!out.contains(" INFO "), "server log in the tour's output:\n{out}");
+    assert!(
+        !out.contains(" INFO "),
+        "server log in the tour's output:\n{out}"
+    );
     assert!(!log.is_empty(), "the server wrote no log to signalbox.log");
     // The database is where the tour ran.
     assert!(dir.path().join("signalbox.db").exists());
