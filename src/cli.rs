@@ -43,7 +43,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server and the workers (the main job).
-    Serve,
+    Serve(ServeArgs),
     /// Apply migrations and exit.
     Migrate,
     /// Configuration.
@@ -73,8 +73,26 @@ pub enum Command {
     /// Sign and send a sample delivery to a running server.
     #[command(subcommand)]
     Send(SendCmd),
+    /// Print a shell completion script: `signalbox completions bash > /etc/bash_completion.d/signalbox`
+    /// (zsh: into a directory of $fpath as `_signalbox`; fish: ~/.config/fish/completions/signalbox.fish).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Load-and-verify benchmark (docs/PERFORMANCE.md).
     Bench(crate::bench::BenchArgs),
+}
+
+/// `serve` flags; each wins over its environment variable and the config file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen address, HOST:PORT (default 127.0.0.1:8080; env SIGNALBOX_BIND).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub bind: Option<String>,
+    /// Database: sqlite://PATH or postgres://… (default sqlite://signalbox.db; env
+    /// SIGNALBOX_DATABASE_URL).
+    #[arg(long, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 /// `config …`
@@ -82,6 +100,8 @@ pub enum Command {
 pub enum ConfigCmd {
     /// Print the effective configuration, secrets redacted.
     Print,
+    /// Print a commented signalbox.toml with every key and its default.
+    Example,
 }
 
 /// `workspace …`
@@ -311,6 +331,11 @@ pub enum SignalsCmd {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+    /// One signal: text, source, metadata.
+    Show {
+        /// Signal id (`sig_…`).
+        id: String,
+    },
 }
 
 /// `deliveries …`
@@ -392,7 +417,8 @@ pub enum SendCmd {
         /// Message id (default: random).
         #[arg(long)]
         webhook_id: Option<String>,
-        /// Server base URL (default SIGNALBOX_PUBLIC_URL).
+        /// Server base URL (default: SIGNALBOX_PUBLIC_URL, else http://{SIGNALBOX_BIND}, i.e.
+        /// http://127.0.0.1:8080).
         #[arg(long)]
         url: Option<String>,
     },
@@ -419,7 +445,8 @@ pub enum SendCmd {
         /// Event id (default: random).
         #[arg(long)]
         event_id: Option<String>,
-        /// Server base URL.
+        /// Server base URL (default: SIGNALBOX_PUBLIC_URL, else http://{SIGNALBOX_BIND}, i.e.
+        /// http://127.0.0.1:8080).
         #[arg(long)]
         url: Option<String>,
     },
@@ -437,16 +464,18 @@ pub enum SendCmd {
         /// Title.
         #[arg(long, default_value = "Sample ticket")]
         title: String,
-        /// Body HTML.
-        #[arg(long, default_value = "<p>Hello from <b>signalbox send</b></p>")]
-        body_html: String,
+        /// Body HTML (default: none, so the signal's text is the title, as for a ticket
+        /// with an empty body).
+        #[arg(long)]
+        body_html: Option<String>,
         /// Event name.
         #[arg(long, default_value = "issue_new")]
         event: String,
         /// x-pylon-signature (default) or timestamped.
         #[arg(long, default_value = "x-pylon-signature")]
         scheme: String,
-        /// Server base URL.
+        /// Server base URL (default: SIGNALBOX_PUBLIC_URL, else http://{SIGNALBOX_BIND}, i.e.
+        /// http://127.0.0.1:8080).
         #[arg(long)]
         url: Option<String>,
     },
@@ -456,8 +485,12 @@ pub enum SendCmd {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -522,7 +555,34 @@ fn trim_one_newline(mut s: String) -> String {
     s
 }
 
+/// The database an admin command works on: said on stderr, and never created (only `serve`
+/// and `migrate` create one): a command run from the wrong directory would otherwise make a
+/// fresh empty `signalbox.db` and `signalbox.key` there.
+fn existing_database(cfg: &Config) -> anyhow::Result<()> {
+    let Some(path) = cfg.sqlite_path().filter(|_| cfg.is_sqlite()) else {
+        tracing::info!(
+            "using database {}",
+            crate::config::redact_url(cfg.database_url.expose_secret())
+        );
+        return Ok(());
+    };
+    let abs = std::path::absolute(&path).unwrap_or(path);
+    if !abs.exists() {
+        anyhow::bail!(
+            "no database at {} (SIGNALBOX_DATABASE_URL={}; a relative path is relative to the \
+             current directory). Run this command where `signalbox serve` runs, point \
+             SIGNALBOX_DATABASE_URL (or --config) at the server's database, or create a new one \
+             with `signalbox migrate`",
+            abs.display(),
+            crate::config::redact_url(cfg.database_url.expose_secret())
+        );
+    }
+    tracing::info!("using database SQLite {}", abs.display());
+    Ok(())
+}
+
 async fn admin(cfg: &Config) -> anyhow::Result<Admin> {
+    existing_database(cfg)?;
     let store = Store::connect(cfg).await?;
     let (keyring, note) = credentials::load_keyring(cfg)?;
     tracing::debug!("{note}");
@@ -618,9 +678,37 @@ fn items(v: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// What `serve` tells the operator once it listens: where, on which database, and what next.
+fn startup_summary(cfg: &Config, addr: std::net::SocketAddr) {
+    let database = match cfg.sqlite_path() {
+        Some(p) if cfg.is_sqlite() => {
+            format!("SQLite {}", std::path::absolute(&p).unwrap_or(p).display())
+        }
+        _ => crate::config::redact_url(cfg.database_url.expose_secret()),
+    };
+    tracing::info!(
+        "signalbox {} serving http://{addr} (public URL {}), database {database}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.public_url,
+    );
+    tracing::info!(
+        "next: `signalbox workspace create --name Acme`, then README \"Five-minute tour\"; \
+         stop with Ctrl-C (SIGTERM): in-flight deliveries are committed first"
+    );
+}
+
 /// Runs the CLI.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cfg = Config::load(cli.config.as_deref())?;
+    let mut overrides = Vec::new();
+    if let Command::Serve(a) = &cli.command {
+        if let Some(b) = &a.bind {
+            overrides.push(("bind", b.clone()));
+        }
+        if let Some(u) = &a.database_url {
+            overrides.push(("database_url", u.clone()));
+        }
+    }
+    let cfg = Config::load_with(cli.config.as_deref(), &overrides)?;
     init_tracing(cfg.log_format);
     let j = cli.json;
     let _ = GET_FIELDS.set(
@@ -632,8 +720,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     );
     let who = Principal::Admin;
     match cli.command {
-        Command::Serve => {
-            let app = Application::build(cfg).await?;
+        Command::Serve(_) => {
+            let app = Application::build(cfg.clone()).await?;
+            startup_summary(&cfg, app.local_addr());
             app.run_until_stopped(crate::app::shutdown_signal()).await?;
         }
         Command::Migrate => {
@@ -641,6 +730,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print(j, &json!({"ok": true, "backend": store.backend()}), |_| {
                 format!("migrations applied ({})", store.backend())
             });
+        }
+        Command::Config(ConfigCmd::Example) => {
+            write_stdout(crate::config::example_toml().trim_end())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "signalbox", &mut buf);
+            write_stdout(String::from_utf8_lossy(&buf).trim_end());
         }
         Command::Config(ConfigCmd::Print) => {
             let lines = cfg.redacted_lines();
@@ -918,6 +1016,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Signals(SignalsCmd::Show { id }) => {
+            let a = admin(&cfg).await?;
+            let v = a.get_signal(&who, &id).await?;
+            print(j, &v, |v| {
+                let meta = v
+                    .get("source_metadata")
+                    .map(|m| serde_json::to_string_pretty(m).unwrap_or_default())
+                    .unwrap_or_default();
+                format!(
+                    "{}  {}  {}  {}\nworkspace {}  source_ref {}  updated {}\n\n{}\n\nmetadata:\n{meta}",
+                    s(v, "id"),
+                    s(v, "source"),
+                    s(v, "status"),
+                    s(v, "created_at"),
+                    s(v, "workspace_id"),
+                    s(v, "source_ref"),
+                    s(v, "updated_at"),
+                    s(v, "verbatim"),
+                )
+            });
+        }
         Command::Signals(SignalsCmd::List {
             workspace,
             source,
@@ -1016,6 +1135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             });
         }
         Command::Keys(KeysCmd::Rotate) => {
+            existing_database(&cfg)?;
             let store = Store::connect(&cfg).await?;
             let (keyring, _) = credentials::load_keyring(&cfg)?;
             let (rotated, skipped) = credentials::rotate_all(&store, &keyring).await?;
@@ -1145,9 +1265,11 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
             url,
         } => {
             let secret = secret.resolve()?;
-            let body = json!({"event": event, "issue_id": issue_id, "issue_title": title, "issue_body": body_html})
-                .to_string()
-                .into_bytes();
+            let mut payload = json!({"event": event, "issue_id": issue_id, "issue_title": title});
+            if let Some(b) = body_html {
+                payload["issue_body"] = json!(b);
+            }
+            let body = payload.to_string().into_bytes();
             let headers = match scheme.as_str() {
                 "timestamped" => vec![
                     ("pylon-webhook-timestamp".into(), now.to_string()),

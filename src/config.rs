@@ -164,6 +164,130 @@ const KEYS: &[(&str, Option<&str>)] = &[
     ("retention", Some("keep")),
 ];
 
+/// One line on each key, for `signalbox config example` (every key of [`KEYS`] has one; a test
+/// checks it).
+const KEY_DOCS: &[(&str, &str)] = &[
+    (
+        "database_url",
+        "sqlite://PATH (created on first `serve`) or postgres://USER:PASSWORD@HOST:PORT/DB",
+    ),
+    (
+        "bind",
+        "listen address, HOST:PORT (host names are resolved at start)",
+    ),
+    (
+        "public_url",
+        "base of the webhook URLs printed for Slack and Pylon (default http://{bind})",
+    ),
+    (
+        "admin_token",
+        "bearer token of the HTTP admin API; you choose it, at least 16 characters (secret)",
+    ),
+    (
+        "master_keys",
+        "ID:BASE64(32 bytes)[,ID:…], first active (`signalbox keys generate`); required on PostgreSQL (secret)",
+    ),
+    (
+        "key_file",
+        "master key file (default: signalbox.key beside the SQLite database, created 0600)",
+    ),
+    (
+        "slack_signing_secret",
+        "signing secret of the shared (distributed) Slack app (secret)",
+    ),
+    (
+        "slack_client_id",
+        "OAuth install flow: the Slack app's client id",
+    ),
+    (
+        "slack_client_secret",
+        "OAuth install flow: the Slack app's client secret (secret)",
+    ),
+    ("slack_api_base", "Slack Web API base URL"),
+    (
+        "slack_authorize_url",
+        "where the install link sends the browser",
+    ),
+    (
+        "slack_scopes",
+        "bot scopes the install link asks for, comma-separated",
+    ),
+    ("pylon_api_base", "Pylon API base URL"),
+    ("max_body_bytes", "larger webhook bodies get 413"),
+    (
+        "signature_tolerance_secs",
+        "allowed clock skew of signed timestamps, both directions",
+    ),
+    (
+        "worker_concurrency",
+        "worker tasks per process (0: a node that only receives)",
+    ),
+    (
+        "worker_batch_size",
+        "deliveries a worker claims per round trip",
+    ),
+    ("max_attempts", "attempts before a delivery is dead"),
+    (
+        "retry_base_delay_ms",
+        "first retry delay (doubling, with jitter)",
+    ),
+    ("retry_max_delay_secs", "longest retry delay"),
+    (
+        "lease_secs",
+        "how long a claimed delivery stays with its worker",
+    ),
+    (
+        "storage_deadline_ms",
+        "longest a webhook or /readyz waits for storage before answering 503",
+    ),
+    ("poll_interval_ms", "polling backstop of the workers"),
+    (
+        "inbox_capacity",
+        "deliveries waiting for their commit (503 beyond)",
+    ),
+    ("inbox_batch_max", "most deliveries per group commit"),
+    (
+        "credential_cache_ttl_secs",
+        "how long credentials are cached",
+    ),
+    (
+        "secret_grace_secs",
+        "default grace of a rotated secret (at most 2592000, 30 days)",
+    ),
+    ("log_format", "text or json (level via RUST_LOG)"),
+    ("shutdown_timeout_secs", "graceful shutdown bound"),
+    (
+        "sqlite_synchronous",
+        "full (an ack survives power loss), normal (a process crash) or extra",
+    ),
+    ("db_max_connections", "database pool size"),
+    (
+        "retention",
+        "keep, or how long bodies, headers and activity are kept (30d, 12h, 90s)",
+    ),
+];
+
+/// A commented `signalbox.toml` with every key: set keys show their default, unset ones are
+/// commented out. It parses back to the defaults.
+pub fn example_toml() -> String {
+    let mut out = String::from(
+        "# signalbox.toml: every key, with its default. Environment variables SIGNALBOX_<KEY>\n\
+         # (upper case) win over this file, and `serve` flags over both.\n",
+    );
+    for (key, default) in KEYS {
+        let doc = KEY_DOCS
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or("", |(_, d)| d);
+        out.push_str(&format!("\n# {doc}\n"));
+        match default {
+            Some(v) => out.push_str(&format!("{key} = {}\n", toml::Value::String((*v).into()))),
+            None => out.push_str(&format!("# {key} = \"\"\n")),
+        }
+    }
+    out
+}
+
 const SECRET_KEYS: &[&str] = &[
     "admin_token",
     "master_keys",
@@ -284,18 +408,17 @@ impl RawConfig {
             ));
         }
         let bind_raw = self.get("bind").ok_or_else(|| err("bind", "must be set"))?;
-        let bind: SocketAddr = bind_raw.parse().map_err(|_| {
-            err(
-                "bind",
-                format!("expected HOST:PORT like 127.0.0.1:8080, got {bind_raw:?}"),
-            )
-        })?;
+        let bind = parse_bind(bind_raw).map_err(|m| err("bind", m))?;
         let public_url = match self.get("public_url") {
             Some(u) => {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
                     return Err(err("public_url", "must start with http:// or https://"));
                 }
                 u.trim_end_matches('/').to_string()
+            }
+            // A host name stays a name (what the operator wrote is what a browser can use).
+            None if bind_raw.parse::<SocketAddr>().is_err() => {
+                format!("http://{}", bind_raw.trim())
             }
             None => format!("http://{bind}"),
         };
@@ -407,6 +530,15 @@ impl Config {
     /// Loads defaults, then `file` (or `./signalbox.toml` if it exists), then the process
     /// environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with(file, &[])
+    }
+
+    /// [`Config::load`], then `overrides` (command-line flags: `(key, value)`), which win over
+    /// the environment, which wins over the file.
+    pub fn load_with(
+        file: Option<&Path>,
+        overrides: &[(&str, String)],
+    ) -> Result<Config, ConfigError> {
         let mut raw = RawConfig::defaults();
         let env_file = std::env::var(format!("{ENV_PREFIX}CONFIG"))
             .ok()
@@ -421,6 +553,9 @@ impl Config {
             }
         }
         raw.merge_env(std::env::vars());
+        for (k, v) in overrides {
+            raw.set(k, v.clone());
+        }
         raw.build()
     }
 
@@ -636,6 +771,28 @@ pub fn is_secret_key(key: &str) -> bool {
     SECRET_KEYS.contains(&key)
 }
 
+/// Parses `SIGNALBOX_BIND`: `IP:PORT` (`127.0.0.1:8080`, `[::1]:8080`) or `HOST:PORT`
+/// (`localhost:8080`, resolved now; the first address wins).
+pub fn parse_bind(v: &str) -> Result<SocketAddr, String> {
+    let v = v.trim();
+    if let Ok(a) = v.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let hint = "expected HOST:PORT like 127.0.0.1:8080, [::1]:8080 or localhost:8080";
+    if v.rsplit_once(':')
+        .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+    {
+        return Err(format!("{hint}, got {v:?}"));
+    }
+    use std::net::ToSocketAddrs;
+    let mut addrs = v
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {v:?}: {e} ({hint})"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{v:?} resolves to no address ({hint})"))
+}
+
 /// Parses `SIGNALBOX_RETENTION`: `keep` (or empty: nothing is purged) or a whole number
 /// followed by `d`, `h`, `m` or `s` (`30d`, `12h`, `90s`), at least one second and at most
 /// ten years.
@@ -668,6 +825,7 @@ pub fn parse_retention(v: &str) -> Result<Option<Duration>, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may panic on unexpected results
 mod tests {
     use super::*;
 
@@ -802,6 +960,57 @@ mod tests {
             let e = raw.build().expect_err(bad);
             assert_eq!(e.key, "SIGNALBOX_SECRET_GRACE_SECS");
         }
+    }
+
+    #[test]
+    fn the_example_has_every_key_and_parses_back_to_the_defaults() {
+        let text = example_toml();
+        for (key, _) in KEYS {
+            assert!(
+                KEY_DOCS.iter().any(|(k, _)| k == key),
+                "{key} has no doc line"
+            );
+            assert!(
+                text.contains(&format!("\n{key} = ")) || text.contains(&format!("\n# {key} = ")),
+                "{key} missing from the example"
+            );
+        }
+        assert_eq!(
+            KEY_DOCS.len(),
+            KEYS.len(),
+            "a doc line for a key that does not exist"
+        );
+        let mut raw = RawConfig::default();
+        raw.merge_toml_str(&text)
+            .expect("the example is valid TOML of known keys");
+        let from_example = raw.build().expect("the example is a valid configuration");
+        let defaults = RawConfig::defaults().build().unwrap();
+        assert_eq!(from_example.redacted_lines(), defaults.redacted_lines());
+    }
+
+    #[test]
+    fn bind_takes_addresses_and_host_names() {
+        assert_eq!(
+            parse_bind("127.0.0.1:8080").unwrap().to_string(),
+            "127.0.0.1:8080"
+        );
+        assert_eq!(parse_bind("[::1]:9").unwrap().to_string(), "[::1]:9");
+        assert!(parse_bind("localhost:8080").unwrap().ip().is_loopback());
+        for bad in [
+            "8080",
+            "localhost",
+            ":8080",
+            "localhost:http",
+            "localhost:99999",
+        ] {
+            let e = parse_bind(bad).unwrap_err();
+            assert!(e.contains("localhost:8080"), "{bad}: {e}");
+        }
+        let mut raw = RawConfig::defaults();
+        raw.set("bind", "localhost:8181");
+        let c = raw.build().unwrap();
+        assert_eq!(c.public_url, "http://localhost:8181");
+        assert_eq!(c.bind.port(), 8181);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub fn load_keyring(cfg: &Config) -> anyhow::Result<(Keyring, String)> {
              or SIGNALBOX_KEY_FILE; a key file is only created automatically beside a SQLite database"
         );
     };
+    // Absolute, so that the log says which file (the default is relative to the directory).
+    let path = std::path::absolute(&path).unwrap_or(path);
     let (kr, created) = Keyring::load_or_create_file(&path)
         .map_err(|e| anyhow::anyhow!("master key file {}: {e}", path.display()))?;
     let note = if created {

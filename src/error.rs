@@ -32,6 +32,9 @@ pub enum ApiError {
     /// 401 signature failures.
     #[error("{0}")]
     Signature(SignatureError),
+    /// 401 `stale_timestamp`, with the timestamp, the server's clock and the window.
+    #[error("{0}")]
+    StaleTimestamp(String),
     /// 401 `unknown_integration` (also for unknown webhook keys).
     #[error("unknown or inactive integration or key")]
     UnknownIntegration,
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::MissingParam(code, _) => code,
             ApiError::Signature(e) => e.code(),
+            ApiError::StaleTimestamp(_) => "stale_timestamp",
             ApiError::UnknownIntegration => "unknown_integration",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
@@ -96,9 +100,10 @@ impl ApiError {
             | ApiError::InvalidPayload(_)
             | ApiError::InvalidRequest(_)
             | ApiError::MissingParam(..) => StatusCode::BAD_REQUEST,
-            ApiError::Signature(_) | ApiError::UnknownIntegration | ApiError::Unauthorized => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::Signature(_)
+            | ApiError::StaleTimestamp(_)
+            | ApiError::UnknownIntegration
+            | ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,

@@ -14,7 +14,17 @@ async fn main() -> std::process::ExitCode {
     match signalbox::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once: wrappers often repeat their source's text.
+            let mut text = String::new();
+            for cause in e.chain().map(ToString::to_string) {
+                if !text.contains(&cause) {
+                    if !text.is_empty() {
+                        text.push_str(": ");
+                    }
+                    text.push_str(&cause);
+                }
+            }
+            eprintln!("error: {text}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -105,6 +105,34 @@ pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A signature failure as the sender should read it: a stale timestamp says how far off it
+/// was, the allowed window, and whether it looks like milliseconds instead of seconds.
+pub fn signature_error(
+    e: crate::protocol::SignatureError,
+    timestamp: Option<&str>,
+    now: i64,
+    tolerance_secs: i64,
+) -> ApiError {
+    let ts = timestamp.and_then(|t| t.trim().parse::<i64>().ok());
+    match (e, ts) {
+        (crate::protocol::SignatureError::Stale, Some(ts)) => {
+            let off = ts.saturating_sub(now);
+            let side = if off < 0 { "behind" } else { "ahead of" };
+            let ms = if ts > 100_000_000_000 {
+                "; it looks like milliseconds: send Unix seconds"
+            } else {
+                ""
+            };
+            ApiError::StaleTimestamp(format!(
+                "timestamp {ts} is {} s {side} the server's clock ({now}); the allowed window is \
+                 ±{tolerance_secs} s{ms}",
+                off.unsigned_abs()
+            ))
+        }
+        (e, _) => e.into(),
+    }
+}
+
 /// The headers worth keeping with a delivery (never signatures or authorisation), as a JSON
 /// object with keys sorted and at most 256 characters per value. Built without a `Value` tree:
 /// this runs for every delivery.
@@ -120,10 +148,83 @@ pub fn kept_headers(headers: &HeaderMap, names: &[&str]) -> String {
     serde_json::to_string(&m).unwrap_or_else(|_| "{}".to_string())
 }
 
-/// Counts a rejection and returns the error.
+/// Counts a rejection, logs it at info (at most [`REJECTION_LINES_PER_SEC`] lines a second, so
+/// a flood cannot fill the disk; the rest are counted in a summary line) and returns the error.
 pub fn reject(state: &AppState, source: &str, e: ApiError) -> ApiError {
     state.metrics.rejection(source, e.code());
+    let verdict = REJECTIONS
+        .lock()
+        .map(|mut l| l.admit(Instant::now()))
+        .unwrap_or(Admit::Drop);
+    if let Admit::Log { suppressed } = verdict {
+        if suppressed > 0 {
+            tracing::info!(
+                suppressed,
+                "rejected webhooks not logged in the last second"
+            );
+        }
+        tracing::info!(source, code = e.code(), reason = %e, "rejected webhook");
+    }
     e
+}
+
+/// Most rejection lines logged per second.
+pub const REJECTION_LINES_PER_SEC: u32 = 10;
+
+static REJECTIONS: std::sync::Mutex<LogLimiter> =
+    std::sync::Mutex::new(LogLimiter::new(REJECTION_LINES_PER_SEC));
+
+/// Whether to log one more line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Log it; `suppressed` lines were dropped since the last one logged.
+    Log {
+        /// Lines dropped before this one.
+        suppressed: u64,
+    },
+    /// Drop it (counted for the next summary).
+    Drop,
+}
+
+/// At most `per_sec` lines in each one-second window.
+#[derive(Debug)]
+pub struct LogLimiter {
+    per_sec: u32,
+    window: Option<Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// A limiter of `per_sec` lines a second.
+    pub const fn new(per_sec: u32) -> LogLimiter {
+        LogLimiter {
+            per_sec,
+            window: None,
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// The verdict for a line at `now`.
+    pub fn admit(&mut self, now: Instant) -> Admit {
+        let fresh = self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= std::time::Duration::from_secs(1));
+        if fresh {
+            self.window = Some(now);
+            self.logged = 0;
+        }
+        if self.logged < self.per_sec {
+            self.logged += 1;
+            Admit::Log {
+                suppressed: std::mem::take(&mut self.suppressed),
+            }
+        } else {
+            self.suppressed += 1;
+            Admit::Drop
+        }
+    }
 }
 
 /// Stores a verified delivery through the inbox and builds the contract's ack.
@@ -248,5 +349,37 @@ mod tests {
         let v: Value = serde_json::from_str(&kept_headers(&h, &["x-long"])).unwrap();
         assert_eq!(v["x-long"].as_str().map(str::len), Some(256));
         assert_eq!(kept_headers(&HeaderMap::new(), &["x"]), "{}");
+    }
+}
+
+#[cfg(test)]
+mod limiter_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_flood_logs_ten_lines_a_second_and_counts_the_rest() {
+        let mut l = LogLimiter::new(10);
+        let t0 = Instant::now();
+        let verdicts: Vec<Admit> = (0..1000)
+            .map(|i| l.admit(t0 + Duration::from_micros(i)))
+            .collect();
+        assert_eq!(
+            verdicts
+                .iter()
+                .filter(|v| matches!(v, Admit::Log { .. }))
+                .count(),
+            10
+        );
+        assert_eq!(verdicts[0], Admit::Log { suppressed: 0 });
+        // The next second's first line carries the count of what was dropped.
+        assert_eq!(
+            l.admit(t0 + Duration::from_secs(1)),
+            Admit::Log { suppressed: 990 }
+        );
+        assert_eq!(
+            l.admit(t0 + Duration::from_millis(1001)),
+            Admit::Log { suppressed: 0 }
+        );
     }
 }

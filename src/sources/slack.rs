@@ -108,20 +108,21 @@ pub async fn receive(
                     return Err(reject(&state, SOURCE, ApiError::UnknownIntegration));
                 };
                 proto::verify(&[secret], ts, sig, &body, now, tol)
-                    .map_err(|e| reject(&state, SOURCE, e.into()))?;
+                    .map_err(|e| reject(&state, SOURCE, super::signature_error(e, ts, now, tol)))?;
                 let env = parse(&state, &body)?;
                 let found = candidates(&state, &env).await?;
                 let targets = found.choose(|i| i.row.id == integ.row.id);
                 (env, targets, Verifier::App)
             } else {
-                verify_own(&integ).map_err(|e| reject(&state, SOURCE, e.into()))?;
+                verify_own(&integ)
+                    .map_err(|e| reject(&state, SOURCE, super::signature_error(e, ts, now, tol)))?;
                 (parse(&state, &body)?, vec![integ], Verifier::Own)
             }
         } else if let Some(secret) = app_secret {
             // (b) one distributed app: routed by installation among its integrations (those
             // with a signing secret of their own belong to other apps)
             proto::verify(&[secret], ts, sig, &body, now, tol)
-                .map_err(|e| reject(&state, SOURCE, e.into()))?;
+                .map_err(|e| reject(&state, SOURCE, super::signature_error(e, ts, now, tol)))?;
             let env = parse(&state, &body)?;
             let found = candidates(&state, &env).await?;
             let targets = found.choose(|i| i.row.webhook_secret_enc.is_none());
@@ -142,7 +143,11 @@ pub async fn receive(
                 let targets = found.choose(|i| verify_own(i).is_ok());
                 if targets.is_empty() {
                     let e = verify_own(first).err().unwrap_or(SignatureError::Invalid);
-                    return Err(reject(&state, SOURCE, e.into()));
+                    return Err(reject(
+                        &state,
+                        SOURCE,
+                        super::signature_error(e, ts, now, tol),
+                    ));
                 }
                 (env, targets, Verifier::Own)
             }

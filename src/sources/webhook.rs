@@ -119,14 +119,14 @@ pub async fn receive(
         signature: either("webhook-signature", "svix-signature"),
     };
     let keys = valid_keys(&key.secrets, now_micros());
-    standard_webhooks::verify(
-        &keys,
-        &h,
-        &body,
-        now_secs(),
-        state.cfg.signature_tolerance_secs,
-    )
-    .map_err(|e| reject(&state, SOURCE, e.into()))?;
+    let (now, tol) = (now_secs(), state.cfg.signature_tolerance_secs);
+    standard_webhooks::verify(&keys, &h, &body, now, tol).map_err(|e| {
+        reject(
+            &state,
+            SOURCE,
+            super::signature_error(e, h.timestamp, now, tol),
+        )
+    })?;
     let msg_id = h.id.unwrap_or_default().trim().to_string();
     let value = parse_json_object(&body).map_err(|e| reject(&state, SOURCE, e))?;
     validate(&value).map_err(|m| reject(&state, SOURCE, ApiError::InvalidPayload(m)))?;

@@ -56,6 +56,50 @@ pub enum StoreError {
     Writer(String),
 }
 
+/// A PostgreSQL connection failure in words that name the server, the database and the cause.
+/// The pool's own error after its acquire timeout says only that it timed out, so one direct
+/// connection attempt finds the cause (refused, unknown host, no such database, password).
+async fn pg_connect_error(opts: &PgConnectOptions, e: sqlx::Error) -> StoreError {
+    use sqlx::ConnectOptions;
+    let cause = match e {
+        sqlx::Error::PoolTimedOut => {
+            match tokio::time::timeout(Duration::from_secs(3), opts.connect()).await {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => sqlx::Error::PoolTimedOut,
+                Err(_) => sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer within 3 s",
+                )),
+            }
+        }
+        e => e,
+    };
+    let hint = match &cause {
+        sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "; is PostgreSQL running and listening on that port?"
+        }
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("3D000") => {
+            "; create it (`createdb NAME`) or fix SIGNALBOX_DATABASE_URL"
+        }
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("28P01") => {
+            "; check the user and password in SIGNALBOX_DATABASE_URL"
+        }
+        _ => "",
+    };
+    let cause = match &cause {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    };
+    StoreError::Writer(format!(
+        "cannot connect to PostgreSQL at {}:{} (database {:?}, user {:?}): {cause}{hint}",
+        opts.get_host(),
+        opts.get_port(),
+        opts.get_database().unwrap_or_default(),
+        opts.get_username(),
+    ))
+}
+
 /// Whether the database is known to be unreachable: opened by the first failure that says so
 /// ([`StoreError::is_unreachable`]), closed by a probe that reaches it again. While it is open
 /// webhooks and `/readyz` answer 503 at once instead of each waiting for the pool's acquire
@@ -260,9 +304,20 @@ impl Store {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => {
+                    let abs = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+                    let hint = match abs.parent() {
+                        Some(dir) if !dir.exists() => {
+                            format!("; the directory {} does not exist", dir.display())
+                        }
+                        Some(dir) => {
+                            format!("; check that {} is writable by this user", dir.display())
+                        }
+                        None => String::new(),
+                    };
                     return Err(StoreError::Writer(format!(
-                        "creating the SQLite database {} (mode 0600): {e}",
-                        path.display()
+                        "cannot create the SQLite database {} (mode 0600): {e}{hint} \
+                         (SIGNALBOX_DATABASE_URL)",
+                        abs.display()
                     )));
                 }
             }
@@ -297,17 +352,27 @@ impl Store {
                     .acquire_timeout(Duration::from_secs(10))
                     .after_release(|conn, _| Box::pin(release_if_clean(conn)))
                     .connect_with(opts)
-                    .await?,
+                    .await
+                    .map_err(|e| {
+                        let path = cfg.sqlite_path().unwrap_or_default();
+                        let abs = std::path::absolute(&path).unwrap_or(path);
+                        StoreError::Writer(format!(
+                            "cannot open the SQLite database {}: {e} (SIGNALBOX_DATABASE_URL)",
+                            abs.display()
+                        ))
+                    })?,
             )
         } else {
             let opts = PgConnectOptions::from_str(url)?;
-            Pool::Postgres(
-                PgPoolOptions::new()
-                    .max_connections(cfg.db_max_connections)
-                    .acquire_timeout(Duration::from_secs(5))
-                    .connect_with(opts)
-                    .await?,
-            )
+            let pool = PgPoolOptions::new()
+                .max_connections(cfg.db_max_connections)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(opts.clone())
+                .await;
+            match pool {
+                Ok(p) => Pool::Postgres(p),
+                Err(e) => return Err(pg_connect_error(&opts, e).await),
+            }
         };
         let turn: std::sync::Arc<tokio::sync::Mutex<()>> = Default::default();
         let sqlite = match &pool {

@@ -16,6 +16,7 @@ both_backends!(
     duplicate_webhook_ids_make_one_signal,
     storage_down_answers_503,
     svix_header_names_are_the_same_scheme,
+    a_stale_timestamp_says_how_far_off_and_the_window,
 );
 
 async fn signed_delivery_becomes_a_signal(b: Backend) {
@@ -440,5 +441,33 @@ async fn svix_header_names_are_the_same_scheme(b: Backend) {
     assert_eq!(signals.len(), 1, "{signals:?}");
     assert_eq!(signals[0]["verbatim"], "sent by a Svix library");
     assert_eq!(signals[0]["source_ref"], "msg_svix_1");
+    app.stop().await;
+}
+
+async fn a_stale_timestamp_says_how_far_off_and_the_window(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    let body = br#"{"verbatim": "late"}"#.to_vec();
+    let path = format!("/api/webhooks/signals?key_id={key}");
+    let now = signalbox::clock::now_secs();
+    for (ts, says) in [
+        (now - 3600, "behind"),
+        (now + 3600, "ahead of"),
+        (now * 1000, "milliseconds"),
+    ] {
+        let h = generic_headers(&secret, "msg_late", ts, &body);
+        let (st, v) = app.post_raw(&path, &h, body.clone()).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+        assert_eq!(v["error"]["code"], "stale_timestamp", "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(
+            m.contains(&ts.to_string()) && m.contains("±300 s") && m.contains(says),
+            "{m}"
+        );
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 0);
     app.stop().await;
 }
