@@ -121,18 +121,49 @@ pub struct SecretsUpdate {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntegrationUpdate {
-    /// New name.
+    /// New name (`null` is refused: an integration always has one).
+    #[serde(default, deserialize_with = "not_null_name")]
     pub name: Option<String>,
-    /// Replacement config.
+    /// Replacement config (`null` is refused).
+    #[serde(default, deserialize_with = "not_null_config")]
     pub config: Option<Value>,
-    /// Activate / deactivate.
+    /// Activate / deactivate (`null` is refused).
+    #[serde(default, deserialize_with = "not_null_is_active")]
     pub is_active: Option<bool>,
-    /// Secrets to replace.
+    /// Secrets to replace (`null` is refused).
+    #[serde(default, deserialize_with = "not_null_secrets")]
     pub secrets: Option<SecretsUpdate>,
-    /// Slack bot user id.
+    /// Slack bot user id; `null` or `""` clears it.
+    #[serde(default, deserialize_with = "null_clears")]
     pub slack_bot_user_id: Option<String>,
-    /// Slack team name.
+    /// Slack team name; `null` or `""` clears it.
+    #[serde(default, deserialize_with = "null_clears")]
     pub slack_team_name: Option<String>,
+}
+
+/// A PATCH field that cannot be cleared: `null` would otherwise parse as "absent" and the
+/// request would answer 200 having changed nothing.
+macro_rules! not_null {
+    ($f:ident, $t:ty, $field:literal) => {
+        fn $f<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<$t>, D::Error> {
+            match Option::<$t>::deserialize(d)? {
+                Some(v) => Ok(Some(v)),
+                None => Err(serde::de::Error::custom(concat!(
+                    $field,
+                    " cannot be null: leave it out to keep the current value"
+                ))),
+            }
+        }
+    };
+}
+not_null!(not_null_name, String, "name");
+not_null!(not_null_config, Value, "config");
+not_null!(not_null_is_active, bool, "is_active");
+not_null!(not_null_secrets, SecretsUpdate, "secrets");
+
+/// A present `null` is "clear this field" (stored as empty, like `""`).
+fn null_clears<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d).map(|v| Some(v.unwrap_or_default()))
 }
 
 /// Input of `PATCH /api/v1/workspaces/{ws}`. `retention`: a duration (`30d`, `12h`, `90s`),
@@ -408,12 +439,12 @@ impl Admin {
 
     async fn workspace_visible(&self, who: &Principal, ws: &str) -> ApiResult<Workspace> {
         if !who.can_see(ws) {
-            return Err(ApiError::NotFound("workspace"));
+            return Err(ApiError::not_found("workspace", ws));
         }
         self.store
             .get_workspace(ws)
             .await?
-            .ok_or(ApiError::NotFound("workspace"))
+            .ok_or_else(|| ApiError::not_found("workspace", ws))
     }
 
     // ---------------------------------------------------------------- workspaces
@@ -511,7 +542,7 @@ impl Admin {
             .store
             .update_workspace(id, name.as_deref(), retention)
             .await?
-            .ok_or(ApiError::NotFound("workspace"))?;
+            .ok_or_else(|| ApiError::not_found("workspace", id))?;
         let mut changed = Map::new();
         if let Some(n) = &name {
             changed.insert("name".into(), json!(n));
@@ -589,7 +620,7 @@ impl Admin {
             .get_webhook_key(id)
             .await?
             .filter(|k| who.can_see(&k.workspace_id))
-            .ok_or(ApiError::NotFound("webhook key"))?;
+            .ok_or_else(|| ApiError::not_found("webhook key", id))?;
         Ok(key)
     }
 
@@ -620,7 +651,7 @@ impl Admin {
     ) -> ApiResult<Value> {
         let key = self.key_visible(who, id).await?;
         if !key.is_active {
-            return Err(ApiError::NotFound("webhook key"));
+            return Err(ApiError::not_found("webhook key", id));
         }
         let grace = check_grace(grace_secs, self.cfg.secret_grace.as_secs())?;
         let secret = standard_webhooks::generate_secret();
@@ -813,7 +844,7 @@ impl Admin {
             .get_integration(id)
             .await?
             .filter(|i| who.can_see(&i.workspace_id))
-            .ok_or(ApiError::NotFound("integration"))
+            .ok_or_else(|| ApiError::not_found("integration", id))
     }
 
     /// One integration.
@@ -937,7 +968,7 @@ impl Admin {
             .await
             .map_err(|e| slack_conflict(e, &row))?
         {
-            return Err(ApiError::NotFound("integration"));
+            return Err(ApiError::not_found("integration", id));
         }
         self.creds.changed(id).await;
         self.store
@@ -1066,7 +1097,7 @@ impl Admin {
             .get_api_token(id)
             .await?
             .filter(|t| who.can_see(&t.workspace_id))
-            .ok_or(ApiError::NotFound("token"))?;
+            .ok_or_else(|| ApiError::not_found("token", id))?;
         self.store.revoke_api_token(id).await?;
         self.store
             .log_activity(
@@ -1110,11 +1141,11 @@ impl Admin {
     // ---------------------------------------------------------------- signals, deliveries, activity
 
     /// Lists signals with cursor pagination.
-    pub async fn list_signals(&self, who: &Principal, mut f: SignalFilter) -> ApiResult<Value> {
+    pub async fn list_signals(&self, who: &Principal, f: SignalFilter) -> ApiResult<Value> {
         one_of("source", f.source.as_deref(), crate::sources::SOURCES)?;
         one_of("status", f.status.as_deref(), SIGNAL_STATUSES)?;
         self.workspace_visible(who, &f.workspace_id).await?;
-        f.limit = f.limit.clamp(1, 500);
+        check_limit(f.limit)?;
         let items = self.store.list_signals(&f).await?;
         let next = (items.len() == f.limit)
             .then(|| items.last().map(|s| s.id.clone()))
@@ -1129,7 +1160,7 @@ impl Admin {
             .get_signal(id)
             .await?
             .filter(|s| who.can_see(&s.workspace_id))
-            .ok_or(ApiError::NotFound("signal"))?;
+            .ok_or_else(|| ApiError::not_found("signal", id))?;
         Ok(signal_json(&s))
     }
 
@@ -1143,7 +1174,7 @@ impl Admin {
         one_of("status", f.status.as_deref(), DELIVERY_STATUSES)?;
         if let Some(scope) = who.scope() {
             match &f.workspace_id {
-                Some(ws) if ws != scope => return Err(ApiError::NotFound("workspace")),
+                Some(ws) if ws != scope => return Err(ApiError::not_found("workspace", ws)),
                 _ => f.workspace_id = Some(scope.to_string()),
             }
         }
@@ -1154,7 +1185,7 @@ impl Admin {
                 "status must be pending, processed, filtered, failed or dead",
             ));
         }
-        f.limit = f.limit.clamp(1, 500);
+        check_limit(f.limit)?;
         let items = self.store.list_deliveries(&f).await?;
         let next = (items.len() == f.limit)
             .then(|| items.last().map(|s| s.id.clone()))
@@ -1173,7 +1204,7 @@ impl Admin {
                 (Some(s), Some(ws)) => s == ws,
                 (Some(_), None) => false,
             })
-            .ok_or(ApiError::NotFound("delivery"))
+            .ok_or_else(|| ApiError::not_found("delivery", id))
     }
 
     /// One delivery.
@@ -1220,7 +1251,7 @@ impl Admin {
         cursor: Option<&str>,
     ) -> ApiResult<Value> {
         self.workspace_visible(who, ws).await?;
-        let limit = limit.clamp(1, 500);
+        check_limit(limit)?;
         let items = self.store.list_activity(ws, limit, cursor).await?;
         let next = (items.len() == limit)
             .then(|| items.last().map(|s| s.id.clone()))
@@ -1243,7 +1274,7 @@ impl Admin {
             .store
             .delivery_body(id)
             .await?
-            .ok_or(ApiError::NotFound("delivery"))?;
+            .ok_or_else(|| ApiError::not_found("delivery", id))?;
         if b.purged_at.is_some() {
             return Err(ApiError::Purged(
                 "this delivery's body was purged (retention or erasure)",
@@ -1265,7 +1296,7 @@ impl Admin {
             .get_signal(id)
             .await?
             .filter(|s| who.can_see(&s.workspace_id))
-            .ok_or(ApiError::NotFound("signal"))?;
+            .ok_or_else(|| ApiError::not_found("signal", id))?;
         self.store
             .erase_signals(&s.workspace_id, std::slice::from_ref(&s.id), who.actor())
             .await?;
@@ -1305,6 +1336,21 @@ impl Admin {
             )
             .await?;
         Ok(counts)
+    }
+}
+
+/// Largest page a list answers.
+pub const MAX_LIMIT: usize = 500;
+
+/// A page size out of range is refused rather than quietly clamped: the caller would
+/// otherwise page with a size it did not ask for.
+fn check_limit(limit: usize) -> ApiResult<()> {
+    if (1..=MAX_LIMIT).contains(&limit) {
+        Ok(())
+    } else {
+        Err(ApiError::InvalidRequest(format!(
+            "limit must be between 1 and {MAX_LIMIT} (got {limit})"
+        )))
     }
 }
 

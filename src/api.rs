@@ -1,12 +1,15 @@
 //! The admin HTTP API (`/api/v1/…`, bearer token) plus health, readiness and metrics. Handlers
 //! are thin: they parse the request, resolve the principal and call [`Admin`].
 
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+
+pub use crate::extract::JsonBody;
+use crate::extract::{Path, Query};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -90,22 +93,6 @@ impl FromRequestParts<AppState> for Auth {
             .filter(|t| !t.is_empty())
             .ok_or(ApiError::Unauthorized)?;
         Ok(Auth(state.admin.authenticate(token).await?))
-    }
-}
-
-/// JSON body extractor whose rejections use the contract's error shape.
-pub struct JsonBody<T>(pub T);
-
-impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::InvalidJson(e.body_text()))?;
-        let v: T = serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
-        Ok(JsonBody(v))
     }
 }
 

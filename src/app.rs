@@ -80,7 +80,16 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::api::routes())
         .merge(crate::sources::routes())
         .merge(crate::oauth::routes())
-        .fallback(|| async { crate::error::ApiError::NotFound("route") })
+        // Both fallbacks answer with the JSON envelope (axum's defaults have empty bodies).
+        .fallback(|uri: axum::http::Uri| async move {
+            crate::error::ApiError::NotFound(format!("route {}", uri.path()))
+        })
+        .method_not_allowed_fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
+            crate::error::ApiError::MethodNotAllowed(format!(
+                "{m} is not allowed on {} (see /api/v1/openapi.json)",
+                uri.path()
+            ))
+        })
         .with_state(state)
         .layer(
             TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {

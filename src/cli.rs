@@ -324,8 +324,8 @@ pub enum SignalsCmd {
         /// Workspace id.
         #[arg(long)]
         workspace: String,
-        /// Only this source (slack, pylon, webhook).
-        #[arg(long)]
+        /// Only this source.
+        #[arg(long, value_parser = ["slack", "pylon", "webhook"])]
         source: Option<String>,
         /// How many.
         #[arg(long, default_value_t = 20)]
@@ -686,8 +686,13 @@ fn startup_summary(cfg: &Config, addr: std::net::SocketAddr) {
         }
         _ => crate::config::redact_url(cfg.database_url.expose_secret()),
     };
+    let key = match cfg.effective_key_file() {
+        _ if cfg.master_keys.is_some() => "from SIGNALBOX_MASTER_KEYS".to_string(),
+        Some(p) => std::path::absolute(&p).unwrap_or(p).display().to_string(),
+        None => "(none)".to_string(),
+    };
     tracing::info!(
-        "signalbox {} serving http://{addr} (public URL {}), database {database}",
+        "signalbox {} serving http://{addr} (public URL {}), database {database}, credential key {key}",
         env!("CARGO_PKG_VERSION"),
         cfg.public_url,
     );

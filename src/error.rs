@@ -47,9 +47,12 @@ pub enum ApiError {
     /// 403 `forbidden`: a workspace-scoped token asked for a global action.
     #[error("{0}")]
     Forbidden(String),
-    /// 404 `not_found`.
+    /// 404 `not_found`: names what was looked for and its id (see [`ApiError::not_found`]).
     #[error("{0} not found")]
-    NotFound(&'static str),
+    NotFound(String),
+    /// 405 `method_not_allowed`: the path exists, the method does not (message names both).
+    #[error("{0}")]
+    MethodNotAllowed(String),
     /// 409 `conflict`.
     #[error("{0}")]
     Conflict(String),
@@ -84,6 +87,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::Purged(_) => "purged",
             ApiError::RequestTimeout => "request_timeout",
@@ -106,6 +110,7 @@ impl ApiError {
             | ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Purged(_) => StatusCode::GONE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -113,6 +118,12 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// 404 naming what was looked for and the id asked for ("workspace ws_1 not found"); the same
+    /// answer whether it does not exist or belongs to another workspace.
+    pub fn not_found(what: &str, id: &str) -> Self {
+        ApiError::NotFound(format!("{what} {id}"))
     }
 
     /// Shorthand for a 400 naming a field.

@@ -13,6 +13,7 @@ pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod error;
+pub mod extract;
 pub mod ids;
 pub mod ingest;
 pub mod metrics;

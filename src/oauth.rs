@@ -3,7 +3,9 @@
 //! or updates the workspace's Slack integration with encrypted tokens.
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
+
+use crate::extract::Query;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -51,7 +53,7 @@ pub async fn install_url(
         .as_deref()
         .ok_or_else(|| ApiError::invalid("Slack OAuth is not configured: set SIGNALBOX_SLACK_CLIENT_ID and SIGNALBOX_SLACK_CLIENT_SECRET"))?;
     if !who.can_see(workspace_id) || store.get_workspace(workspace_id).await?.is_none() {
-        return Err(ApiError::NotFound("workspace"));
+        return Err(ApiError::not_found("workspace", workspace_id));
     }
     if let Some(team) = team {
         if !crate::protocol::slack::is_team_id(team) {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
+
+use crate::extract::{Path, Query};
 use axum::http::HeaderMap;
 use secrecy::ExposeSecret;
 use serde::Deserialize;

@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
+
+use crate::extract::Query;
 use axum::http::HeaderMap;
 use secrecy::ExposeSecret;
 use serde::Deserialize;

@@ -5,6 +5,7 @@ mod helpers;
 mod amplification;
 mod blackhole;
 mod credentials;
+mod errors;
 mod generic;
 mod hostile;
 mod lists;
