@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
 
 use crate::clock::{now_micros, rfc3339, rfc3339_opt};
 use crate::config::Config;
@@ -14,8 +15,11 @@ use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::{sha256_hex, standard_webhooks};
 use crate::store::{
-    Activity, ApiToken, Delivery, DeliveryFilter, Integration, Signal, SignalFilter, Store,
-    WebhookKey, Workspace,
+    ApiToken, Delivery, DeliveryFilter, Integration, SignalFilter, Store, WebhookKey, Workspace,
+};
+use crate::views::{
+    ActivityView, DeliveryView, Done, ErasureView, IntegrationView, Items, Page, SignalView,
+    TokenView, WebhookKeyView, WorkspaceView, valid_until,
 };
 
 /// Who is calling.
@@ -71,67 +75,371 @@ pub struct Admin {
     pub cfg: Arc<Config>,
 }
 
-/// Input of integration creation (API body and CLI flags).
+/// Input of integration creation (API body and CLI flags). The API documents it per platform
+/// ([`NewIntegrationDoc`]); this is the union the server parses and then checks.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewIntegration {
     /// `slack` or `pylon`.
     pub platform: String,
-    /// Display name.
+    /// Display name (1 to 200 characters).
     pub name: String,
-    /// Slack team id (`T…`).
+    /// Slack team id (`T…`, or `E…` for an org-wide install); required for Slack.
     pub slack_team_id: Option<String>,
     /// Slack team name.
     pub slack_team_name: Option<String>,
-    /// Slack signing secret (per-customer app).
+    /// Slack signing secret of a per-customer app (8 to 4096 characters).
     pub signing_secret: Option<String>,
-    /// Slack bot token.
+    /// Slack bot token (8 to 4096 characters).
     pub bot_token: Option<String>,
-    /// The app's bot user id.
+    /// The app's bot user id (its own messages are filtered).
     pub slack_bot_user_id: Option<String>,
-    /// Pylon webhook secret.
+    /// Pylon webhook secret (8 to 4096 characters); required for Pylon.
     pub webhook_secret: Option<String>,
-    /// Pylon API token.
+    /// Pylon API token (8 to 4096 characters).
     pub api_token: Option<String>,
     /// Pylon account id.
     pub pylon_account_id: Option<String>,
     /// Value of the required shared header (`config.required_header` names it).
     pub required_header_value: Option<String>,
-    /// Platform config.
+    /// Platform settings: Slack `slack_channels` (channel ids), `channel_types`; Pylon
+    /// `pylon_events`, `signature_scheme` (`auto`, `x-pylon-signature`, `timestamped`),
+    /// `required_header`.
     pub config: Option<Value>,
 }
 
+impl NewIntegration {
+    /// The first field given that belongs to the other platform (a Slack secret on a Pylon
+    /// integration would otherwise be dropped without a word).
+    fn foreign_field(&self, platform: &str) -> Option<&'static str> {
+        let slack = [
+            ("slack_team_id", self.slack_team_id.is_some()),
+            ("slack_team_name", self.slack_team_name.is_some()),
+            ("signing_secret", self.signing_secret.is_some()),
+            ("bot_token", self.bot_token.is_some()),
+            ("slack_bot_user_id", self.slack_bot_user_id.is_some()),
+        ];
+        let pylon = [
+            ("webhook_secret", self.webhook_secret.is_some()),
+            ("api_token", self.api_token.is_some()),
+            ("pylon_account_id", self.pylon_account_id.is_some()),
+            (
+                "required_header_value",
+                self.required_header_value.is_some(),
+            ),
+        ];
+        let other: &[(&str, bool)] = match platform {
+            "slack" => &pylon,
+            "pylon" => &slack,
+            _ => &[],
+        };
+        other.iter().find(|(_, given)| *given).map(|(f, _)| *f)
+    }
+}
+
+/// `POST /api/v1/workspaces/{ws}/integrations` as the API documents it: one shape per
+/// platform (and, for Pylon, per use of a required shared header). Only its schema is used;
+/// the server parses [`NewIntegration`] and refuses what does not fit the platform.
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[schema(as = NewIntegration)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum NewIntegrationDoc {
+    /// A Slack integration.
+    Slack(NewSlackIntegration),
+    /// A Pylon integration.
+    Pylon(NewPylonIntegration),
+    /// A Pylon integration that also requires a shared header on every request.
+    PylonWithHeader(NewPylonIntegrationWithHeader),
+}
+
+/// A platform name.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum SlackPlatform {
+    /// Slack.
+    #[serde(rename = "slack")]
+    Slack,
+}
+
+/// A platform name.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum PylonPlatform {
+    /// Pylon.
+    #[serde(rename = "pylon")]
+    Pylon,
+}
+
+/// A Slack integration: a team, and either a per-customer app's signing secret or (admin
+/// token, server with SIGNALBOX_SLACK_SIGNING_SECRET) the shared app.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct NewSlackIntegration {
+    /// `slack`.
+    platform: SlackPlatform,
+    /// Display name (1 to 200 characters).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    name: String,
+    /// Slack team (`T…`, or `E…` for an org-wide install).
+    #[schema(pattern = "^[TE][A-Z0-9]{1,20}$", example = "T0123ABCD")]
+    slack_team_id: String,
+    /// Slack team name.
+    #[schema(nullable = false)]
+    slack_team_name: Option<String>,
+    /// Signing secret of a per-customer Slack app (8 to 4096 characters).
+    #[schema(
+        nullable = false,
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    signing_secret: Option<String>,
+    /// Bot token (`xoxb-…`, 8 to 4096 characters): names channels and users.
+    #[schema(
+        nullable = false,
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    bot_token: Option<String>,
+    /// The app's bot user id (its own messages are filtered).
+    #[schema(nullable = false)]
+    slack_bot_user_id: Option<String>,
+    /// Settings.
+    #[schema(nullable = false)]
+    config: Option<SlackConfig>,
+}
+
+/// Slack settings.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct SlackConfig {
+    /// Only messages in these channels become signals (empty: every channel the app is in).
+    #[schema(nullable = false)]
+    slack_channels: Option<Vec<SlackChannelId>>,
+    /// Only these conversation types (`channel`, `group`, `im`, `mpim`, `app_home`).
+    #[schema(nullable = false)]
+    channel_types: Option<Vec<ChannelType>>,
+}
+
+/// A Slack channel id.
+#[derive(Deserialize, ToSchema)]
+#[schema(value_type = String, pattern = "^[CGD][A-Z0-9]{2,}$", example = "C0123ABCD")]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct SlackChannelId(String);
+
+/// A Slack conversation type.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum ChannelType {
+    /// Public channel.
+    Channel,
+    /// Private channel.
+    Group,
+    /// Direct message.
+    Im,
+    /// Group direct message.
+    Mpim,
+    /// The app's home tab.
+    AppHome,
+}
+
+/// A Pylon integration.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct NewPylonIntegration {
+    /// `pylon`.
+    platform: PylonPlatform,
+    /// Display name (1 to 200 characters).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    name: String,
+    /// The webhook secret set on the Pylon action (8 to 4096 characters).
+    #[schema(
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    webhook_secret: String,
+    /// Pylon API token (8 to 4096 characters): fetches full ticket text.
+    #[schema(
+        nullable = false,
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    api_token: Option<String>,
+    /// Pylon account id.
+    #[schema(nullable = false)]
+    pylon_account_id: Option<String>,
+    /// Settings.
+    #[schema(nullable = false)]
+    config: Option<PylonConfig>,
+}
+
+/// A Pylon integration whose requests must also carry a shared header.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct NewPylonIntegrationWithHeader {
+    /// `pylon`.
+    platform: PylonPlatform,
+    /// Display name (1 to 200 characters).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    name: String,
+    /// The webhook secret set on the Pylon action (8 to 4096 characters).
+    #[schema(
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    webhook_secret: String,
+    /// Pylon API token (8 to 4096 characters).
+    #[schema(
+        nullable = false,
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    api_token: Option<String>,
+    /// Pylon account id.
+    #[schema(nullable = false)]
+    pylon_account_id: Option<String>,
+    /// The value the header named by `config.required_header` must have (8 to 4096 characters).
+    #[schema(
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
+    required_header_value: String,
+    /// Settings, with `required_header`.
+    config: PylonHeaderConfig,
+}
+
+/// Pylon settings.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct PylonConfig {
+    /// Only these events become signals (empty: all).
+    #[schema(nullable = false)]
+    pylon_events: Option<Vec<EventName>>,
+    /// How requests are signed (default `auto`).
+    #[schema(nullable = false)]
+    signature_scheme: Option<SignatureScheme>,
+}
+
+/// Pylon settings with a required shared header.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct PylonHeaderConfig {
+    /// Only these events become signals (empty: all).
+    #[schema(nullable = false)]
+    pylon_events: Option<Vec<EventName>>,
+    /// How requests are signed (default `auto`).
+    #[schema(nullable = false)]
+    signature_scheme: Option<SignatureScheme>,
+    /// A header every request must carry with `required_header_value`.
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", example = "x-signalbox-token")]
+    required_header: String,
+}
+
+/// A Pylon event name.
+#[derive(Deserialize, ToSchema)]
+#[schema(value_type = String, pattern = r"[\s\S]", example = "ticket.created")]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub struct EventName(String);
+
+/// How Pylon signs requests.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum SignatureScheme {
+    /// Either scheme, as the request shows.
+    #[serde(rename = "auto")]
+    Auto,
+    /// `X-Pylon-Signature`: hex HMAC-SHA256 of the body.
+    #[serde(rename = "x-pylon-signature")]
+    XPylonSignature,
+    /// `pylon-webhook-timestamp` + `pylon-webhook-signature`.
+    #[serde(rename = "timestamped")]
+    Timestamped,
+}
+
 /// Secrets in an integration update.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretsUpdate {
     /// New signing/webhook secret.
     #[serde(alias = "signing_secret")]
+    #[schema(
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     pub webhook_secret: Option<String>,
     /// New bot/API token (`null`-like empty string clears it).
     #[serde(alias = "bot_token")]
+    #[schema(
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     pub api_token: Option<String>,
     /// New required header value.
+    #[schema(
+        min_length = 8,
+        max_length = 4096,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     pub required_header_value: Option<String>,
-    /// Seconds the previous webhook secret stays valid (default `SIGNALBOX_SECRET_GRACE_SECS`).
+    /// Seconds the previous webhook secret stays valid (default `SIGNALBOX_SECRET_GRACE_SECS`,
+    /// at most 30 days).
+    #[schema(minimum = 0, maximum = 2592000)]
+    #[serde(default, deserialize_with = "whole_secs")]
     pub grace_period_secs: Option<u64>,
 }
 
 /// Input of an integration update (PATCH).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IntegrationUpdate {
     /// New name (`null` is refused: an integration always has one).
     #[serde(default, deserialize_with = "not_null_name")]
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 200,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     pub name: Option<String>,
     /// Replacement config (`null` is refused).
     #[serde(default, deserialize_with = "not_null_config")]
+    #[schema(value_type = Object)]
     pub config: Option<Value>,
     /// Activate / deactivate (`null` is refused).
     #[serde(default, deserialize_with = "not_null_is_active")]
+    #[schema(nullable = false)]
     pub is_active: Option<bool>,
     /// Secrets to replace (`null` is refused).
     #[serde(default, deserialize_with = "not_null_secrets")]
+    #[schema(nullable = false)]
     pub secrets: Option<SecretsUpdate>,
     /// Slack bot user id; `null` or `""` clears it.
     #[serde(default, deserialize_with = "null_clears")]
@@ -161,6 +469,24 @@ not_null!(not_null_config, Value, "config");
 not_null!(not_null_is_active, bool, "is_active");
 not_null!(not_null_secrets, SecretsUpdate, "secrets");
 
+/// A count of seconds given as a JSON number: `49723` or `49723.0` (JSON Schema counts both as
+/// an integer, and so do many JSON encoders); `null` is absent; a fraction or a negative is
+/// refused.
+pub fn whole_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some(u) = n.as_u64() {
+        return Ok(Some(u));
+    }
+    match n.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= 9.0e15 => Ok(Some(f as u64)),
+        _ => Err(serde::de::Error::custom(format!(
+            "expected a whole number of seconds, got {n}"
+        ))),
+    }
+}
+
 /// A present `null` is "clear this field" (stored as empty, like `""`).
 fn null_clears<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Option::<String>::deserialize(d).map(|v| Some(v.unwrap_or_default()))
@@ -169,14 +495,16 @@ fn null_clears<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>,
 /// Input of `PATCH /api/v1/workspaces/{ws}`. `retention`: a duration (`30d`, `12h`, `90s`),
 /// `"keep"` (never purge this workspace) or `null` (follow `SIGNALBOX_RETENTION`); absent:
 /// unchanged.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceUpdate {
     /// New name (`null` is refused: a workspace always has one).
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 200, pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]")]
     pub name: Option<Value>,
-    /// New retention.
+    /// New retention: a duration (`30d`, `12h`, `90s`), `keep`, or `null` (the server's).
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, required = false, example = "30d")]
     pub retention: Option<Value>,
 }
 
@@ -197,7 +525,7 @@ pub fn format_retention(secs: i64) -> String {
     }
 }
 
-fn duration_secs(d: Option<std::time::Duration>) -> i64 {
+pub fn duration_secs(d: Option<std::time::Duration>) -> i64 {
     d.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
@@ -212,7 +540,7 @@ fn string_list(cfg: &Map<String, Value>, key: &str) -> ApiResult<Vec<String>> {
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Value::String(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+                Value::String(s) if !s.is_empty() => Ok(s.clone()),
                 _ => Err(ApiError::invalid(format!(
                     "config.{key}[{i}] must be a non-empty string"
                 ))),
@@ -236,6 +564,11 @@ pub fn validate_config(platform: &str, config: Option<&Value>) -> ApiResult<Valu
         "pylon" => PYLON_CONFIG_KEYS,
         _ => return Err(ApiError::invalid("platform must be slack or pylon")),
     };
+    if let Some((k, _)) = obj.iter().find(|(_, v)| v.is_null()) {
+        return Err(ApiError::invalid(format!(
+            "config.{k} cannot be null: leave it out instead"
+        )));
+    }
     if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(ApiError::invalid(format!(
             "config.{k} is not a {platform} setting (allowed: {})",
@@ -352,9 +685,12 @@ fn one_of(field: &str, value: Option<&str>, allowed: &[&str]) -> ApiResult<()> {
     }
 }
 
+/// A display name: 1 to 200 characters, not blank. The OpenAPI documents say "not blank" as a
+/// pattern that lists Unicode `White_Space` (what `str::trim` removes) character by character,
+/// because `\s` means a different set in Rust, ECMAScript and Python.
 fn check_name(name: &str) -> ApiResult<String> {
     let n = name.trim();
-    if n.is_empty() || n.chars().count() > 200 {
+    if n.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::invalid("name must be 1 to 200 characters"));
     }
     Ok(n.to_string())
@@ -364,7 +700,8 @@ fn check_secret(field: &str, s: &str) -> ApiResult<()> {
     if s.trim().is_empty() {
         return Err(ApiError::invalid(format!("{field} must not be empty")));
     }
-    if s.len() < 8 || s.len() > 4096 {
+    let chars = s.chars().count();
+    if !(8..=4096).contains(&chars) {
         return Err(ApiError::invalid(format!(
             "{field} must be 8 to 4096 characters"
         )));
@@ -450,7 +787,7 @@ impl Admin {
     // ---------------------------------------------------------------- workspaces
 
     /// Creates a workspace (admin only).
-    pub async fn create_workspace(&self, who: &Principal, name: &str) -> ApiResult<Value> {
+    pub async fn create_workspace(&self, who: &Principal, name: &str) -> ApiResult<WorkspaceView> {
         if who != &Principal::Admin {
             return Err(ApiError::Forbidden(
                 "creating a workspace needs the admin token (SIGNALBOX_ADMIN_TOKEN); \
@@ -469,20 +806,23 @@ impl Admin {
                 &json!({"name": ws.name}),
             )
             .await?;
-        Ok(workspace_json(&ws, self.cfg.retention))
+        Ok(WorkspaceView::new(&ws, self.cfg.retention))
     }
 
     /// Lists the workspaces the caller may see.
-    pub async fn list_workspaces(&self, who: &Principal) -> ApiResult<Value> {
+    pub async fn list_workspaces(&self, who: &Principal) -> ApiResult<Items<WorkspaceView>> {
         let items = self.store.list_workspaces(who.scope()).await?;
-        Ok(
-            json!({"items": items.iter().map(|w| workspace_json(w, self.cfg.retention)).collect::<Vec<_>>()}),
-        )
+        Ok(Items {
+            items: items
+                .iter()
+                .map(|w| WorkspaceView::new(w, self.cfg.retention))
+                .collect(),
+        })
     }
 
     /// One workspace.
-    pub async fn get_workspace(&self, who: &Principal, id: &str) -> ApiResult<Value> {
-        Ok(workspace_json(
+    pub async fn get_workspace(&self, who: &Principal, id: &str) -> ApiResult<WorkspaceView> {
+        Ok(WorkspaceView::new(
             &self.workspace_visible(who, id).await?,
             self.cfg.retention,
         ))
@@ -496,7 +836,7 @@ impl Admin {
         who: &Principal,
         id: &str,
         up: WorkspaceUpdate,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<WorkspaceView> {
         let ws = self.workspace_visible(who, id).await?;
         let name = match up.name {
             None => None,
@@ -536,7 +876,7 @@ impl Admin {
             }
         }
         if name.is_none() && retention.is_none() {
-            return Ok(workspace_json(&ws, server));
+            return Ok(WorkspaceView::new(&ws, server));
         }
         let row = self
             .store
@@ -560,7 +900,7 @@ impl Admin {
                 &Value::Object(changed),
             )
             .await?;
-        Ok(workspace_json(&row, server))
+        Ok(WorkspaceView::new(&row, server))
     }
 
     // ---------------------------------------------------------------- webhook keys
@@ -571,7 +911,7 @@ impl Admin {
         who: &Principal,
         ws: &str,
         name: Option<String>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<WebhookKeyView> {
         self.workspace_visible(who, ws).await?;
         let now = now_micros();
         let id = new_id(prefix::WEBHOOK_KEY);
@@ -602,16 +942,23 @@ impl Admin {
                 &json!({}),
             )
             .await?;
-        let mut v = self.key_json(&key);
-        v["secret"] = json!(secret);
-        Ok(v)
+        Ok(WebhookKeyView {
+            secret: Some(secret),
+            ..self.key_view(&key)
+        })
     }
 
     /// Lists a workspace's keys (no secrets).
-    pub async fn list_webhook_keys(&self, who: &Principal, ws: &str) -> ApiResult<Value> {
+    pub async fn list_webhook_keys(
+        &self,
+        who: &Principal,
+        ws: &str,
+    ) -> ApiResult<Items<WebhookKeyView>> {
         self.workspace_visible(who, ws).await?;
         let keys = self.store.list_webhook_keys(ws).await?;
-        Ok(json!({"items": keys.iter().map(|k| self.key_json(k)).collect::<Vec<_>>()}))
+        Ok(Items {
+            items: keys.iter().map(|k| self.key_view(k)).collect(),
+        })
     }
 
     async fn key_visible(&self, who: &Principal, id: &str) -> ApiResult<WebhookKey> {
@@ -625,7 +972,7 @@ impl Admin {
     }
 
     /// Deactivates a key.
-    pub async fn delete_webhook_key(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+    pub async fn delete_webhook_key(&self, who: &Principal, id: &str) -> ApiResult<Done> {
         let key = self.key_visible(who, id).await?;
         self.store.deactivate_webhook_key(id).await?;
         self.creds.changed(id).await;
@@ -639,7 +986,10 @@ impl Admin {
                 &json!({}),
             )
             .await?;
-        Ok(json!({"ok": true, "id": id}))
+        Ok(Done {
+            ok: true,
+            id: id.to_string(),
+        })
     }
 
     /// Rotates a key's secret; the previous one keeps verifying for the grace period.
@@ -648,7 +998,7 @@ impl Admin {
         who: &Principal,
         id: &str,
         grace_secs: Option<u64>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<WebhookKeyView> {
         let key = self.key_visible(who, id).await?;
         if !key.is_active {
             return Err(ApiError::not_found("webhook key", id));
@@ -693,23 +1043,25 @@ impl Admin {
             )
             .await?;
         let key = self.key_visible(who, id).await?;
-        let mut v = self.key_json(&key);
-        v["secret"] = json!(secret);
-        Ok(v)
+        Ok(WebhookKeyView {
+            secret: Some(secret),
+            ..self.key_view(&key)
+        })
     }
 
     /// JSON view of a key (never the secret).
-    pub fn key_json(&self, k: &WebhookKey) -> Value {
-        json!({
-            "id": k.id,
-            "workspace_id": k.workspace_id,
-            "name": k.name,
-            "is_active": k.is_active,
-            "webhook_url": self.webhook_url("webhook", &k.id),
-            "previous_secret_valid_until": rfc3339_opt(k.previous_expires_at.filter(|t| *t > now_micros())),
-            "last_used_at": rfc3339_opt(k.last_used_at),
-            "created_at": rfc3339(k.created_at),
-        })
+    pub fn key_view(&self, k: &WebhookKey) -> WebhookKeyView {
+        WebhookKeyView {
+            id: k.id.clone(),
+            workspace_id: k.workspace_id.clone(),
+            name: k.name.clone(),
+            is_active: k.is_active,
+            webhook_url: self.webhook_url("webhook", &k.id),
+            previous_secret_valid_until: valid_until(k.previous_expires_at),
+            last_used_at: rfc3339_opt(k.last_used_at),
+            created_at: rfc3339(k.created_at),
+            secret: None,
+        }
     }
 
     // ---------------------------------------------------------------- integrations
@@ -720,9 +1072,15 @@ impl Admin {
         who: &Principal,
         ws: &str,
         input: NewIntegration,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<IntegrationView> {
         self.workspace_visible(who, ws).await?;
         let platform = input.platform.trim().to_lowercase();
+        if let Some(field) = input.foreign_field(&platform) {
+            return Err(ApiError::invalid(format!(
+                "{field} is not a {platform} field (see the {platform} shape of NewIntegration in \
+                 /api/v1/openapi.json)"
+            )));
+        }
         let config = validate_config(&platform, input.config.as_ref())?;
         let name = check_name(&input.name)?;
         let now = now_micros();
@@ -748,9 +1106,14 @@ impl Admin {
         };
         match platform.as_str() {
             "slack" => {
-                let team = non_empty(&input.slack_team_id).ok_or_else(|| {
-                    ApiError::invalid("slack_team_id is required for a Slack integration")
-                })?;
+                // Not trimmed: an id with spaces around it is a paste error worth naming.
+                let team = input
+                    .slack_team_id
+                    .clone()
+                    .filter(|t| !t.is_empty())
+                    .ok_or_else(|| {
+                        ApiError::invalid("slack_team_id is required for a Slack integration")
+                    })?;
                 if !crate::protocol::slack::is_team_id(&team) {
                     return Err(ApiError::invalid(
                         "slack_team_id must look like T0123ABCD (or E0123ABCD for an org-wide install)",
@@ -796,6 +1159,13 @@ impl Admin {
                         "required_header_value is required when config.required_header is set",
                     ));
                 }
+                if config.get("required_header").is_none() && input.required_header_value.is_some()
+                {
+                    // Stored but never checked, it would look like protection it is not.
+                    return Err(ApiError::invalid(
+                        "required_header_value needs config.required_header (the header's name)",
+                    ));
+                }
                 row.required_header_value_enc =
                     enc("required_header_value_enc", &input.required_header_value)?;
             }
@@ -816,7 +1186,7 @@ impl Admin {
                 &json!({"platform": platform, "name": row.name}),
             )
             .await?;
-        Ok(self.integration_json(&row))
+        Ok(self.integration_view(&row))
     }
 
     /// Refuses to bind Slack installation `team` (of enterprise `enterprise`, if known) to the
@@ -848,18 +1218,24 @@ impl Admin {
     }
 
     /// One integration.
-    pub async fn get_integration(&self, who: &Principal, id: &str) -> ApiResult<Value> {
-        Ok(self.integration_json(&self.integration_visible(who, id).await?))
+    pub async fn get_integration(&self, who: &Principal, id: &str) -> ApiResult<IntegrationView> {
+        Ok(self.integration_view(&self.integration_visible(who, id).await?))
     }
 
     /// Integrations of a workspace, or every visible one.
-    pub async fn list_integrations(&self, who: &Principal, ws: Option<&str>) -> ApiResult<Value> {
+    pub async fn list_integrations(
+        &self,
+        who: &Principal,
+        ws: Option<&str>,
+    ) -> ApiResult<Items<IntegrationView>> {
         if let Some(ws) = ws {
             self.workspace_visible(who, ws).await?;
         }
         let ws = ws.or(who.scope());
         let rows = self.store.list_integrations(ws).await?;
-        Ok(json!({"items": rows.iter().map(|r| self.integration_json(r)).collect::<Vec<_>>()}))
+        Ok(Items {
+            items: rows.iter().map(|r| self.integration_view(r)).collect(),
+        })
     }
 
     /// Updates name, config, active flag and/or secrets.
@@ -868,7 +1244,7 @@ impl Admin {
         who: &Principal,
         id: &str,
         up: IntegrationUpdate,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<IntegrationView> {
         let mut row = self.integration_visible(who, id).await?;
         let mut changed = Vec::new();
         if let Some(n) = &up.name {
@@ -985,7 +1361,11 @@ impl Admin {
     }
 
     /// Deactivates an integration (signals are kept).
-    pub async fn deactivate_integration(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+    pub async fn deactivate_integration(
+        &self,
+        who: &Principal,
+        id: &str,
+    ) -> ApiResult<IntegrationView> {
         let row = self.integration_visible(who, id).await?;
         let mut up = row.clone();
         up.is_active = false;
@@ -1005,38 +1385,37 @@ impl Admin {
     }
 
     /// JSON view of an integration (never a secret or token).
-    pub fn integration_json(&self, r: &Integration) -> Value {
-        let config: Value = serde_json::from_str(&r.config).unwrap_or_else(|_| json!({}));
-        json!({
-            "id": r.id,
-            "workspace_id": r.workspace_id,
-            "platform": r.platform,
-            "name": r.name,
-            "is_active": r.is_active,
-            "needs_reauth": r.needs_reauth,
-            "has_webhook_secret": r.webhook_secret_enc.is_some(),
-            "has_access_token": r.access_token_enc.is_some(),
-            "has_refresh_token": r.refresh_token_enc.is_some(),
-            "has_required_header_value": r.required_header_value_enc.is_some(),
-            "token_expires_at": rfc3339_opt(r.token_expires_at),
-            "previous_secret_valid_until": rfc3339_opt(r.previous_secret_expires_at.filter(|t| *t > now_micros())),
-            "slack_team_id": r.slack_team_id,
-            "slack_team_name": r.slack_team_name,
-            "slack_bot_user_id": r.slack_bot_user_id,
-            "slack_enterprise_id": r.slack_enterprise_id,
-            "pylon_account_id": r.pylon_account_id,
-            "config": config,
-            "webhook_url": if r.platform == "slack" && r.webhook_secret_enc.is_none() {
+    pub fn integration_view(&self, r: &Integration) -> IntegrationView {
+        IntegrationView {
+            id: r.id.clone(),
+            workspace_id: r.workspace_id.clone(),
+            platform: r.platform.clone(),
+            name: r.name.clone(),
+            is_active: r.is_active,
+            needs_reauth: r.needs_reauth,
+            has_webhook_secret: r.webhook_secret_enc.is_some(),
+            has_access_token: r.access_token_enc.is_some(),
+            has_refresh_token: r.refresh_token_enc.is_some(),
+            has_required_header_value: r.required_header_value_enc.is_some(),
+            token_expires_at: rfc3339_opt(r.token_expires_at),
+            previous_secret_valid_until: valid_until(r.previous_secret_expires_at),
+            slack_team_id: r.slack_team_id.clone(),
+            slack_team_name: r.slack_team_name.clone(),
+            slack_bot_user_id: r.slack_bot_user_id.clone(),
+            slack_enterprise_id: r.slack_enterprise_id.clone(),
+            pylon_account_id: r.pylon_account_id.clone(),
+            config: serde_json::from_str(&r.config).unwrap_or_else(|_| json!({})),
+            webhook_url: if r.platform == "slack" && r.webhook_secret_enc.is_none() {
                 // Verified with the app-level secret and routed by team: the plain URL.
                 format!("{}/api/webhooks/slack/events", self.cfg.public_url)
             } else {
                 self.webhook_url(&r.platform, &r.id)
             },
-            "last_used_at": rfc3339_opt(r.last_used_at),
-            "created_at": rfc3339(r.created_at),
-            "updated_at": rfc3339(r.updated_at),
-            "created_by": r.created_by,
-        })
+            last_used_at: rfc3339_opt(r.last_used_at),
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+            created_by: r.created_by.clone(),
+        }
     }
 
     // ---------------------------------------------------------------- tokens
@@ -1047,7 +1426,7 @@ impl Admin {
         who: &Principal,
         ws: &str,
         name: Option<String>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<TokenView> {
         // Another workspace stays 404 (tenant isolation); one's own is 403: a global action.
         self.workspace_visible(who, ws).await?;
         if who != &Principal::Admin {
@@ -1078,20 +1457,23 @@ impl Admin {
                 &json!({}),
             )
             .await?;
-        let mut v = token_json(&t);
-        v["token"] = json!(token);
-        Ok(v)
+        Ok(TokenView {
+            token: Some(token),
+            ..TokenView::from(&t)
+        })
     }
 
     /// Lists a workspace's tokens (no token values).
-    pub async fn list_tokens(&self, who: &Principal, ws: &str) -> ApiResult<Value> {
+    pub async fn list_tokens(&self, who: &Principal, ws: &str) -> ApiResult<Items<TokenView>> {
         self.workspace_visible(who, ws).await?;
         let items = self.store.list_api_tokens(ws).await?;
-        Ok(json!({"items": items.iter().map(token_json).collect::<Vec<_>>()}))
+        Ok(Items {
+            items: items.iter().map(TokenView::from).collect(),
+        })
     }
 
     /// Revokes a token.
-    pub async fn revoke_token(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+    pub async fn revoke_token(&self, who: &Principal, id: &str) -> ApiResult<Done> {
         let t = self
             .store
             .get_api_token(id)
@@ -1109,7 +1491,10 @@ impl Admin {
                 &json!({}),
             )
             .await?;
-        Ok(json!({"ok": true, "id": id}))
+        Ok(Done {
+            ok: true,
+            id: id.to_string(),
+        })
     }
 
     /// Resolves a bearer token to a principal.
@@ -1141,27 +1526,32 @@ impl Admin {
     // ---------------------------------------------------------------- signals, deliveries, activity
 
     /// Lists signals with cursor pagination.
-    pub async fn list_signals(&self, who: &Principal, f: SignalFilter) -> ApiResult<Value> {
+    pub async fn list_signals(
+        &self,
+        who: &Principal,
+        f: SignalFilter,
+    ) -> ApiResult<Page<SignalView>> {
         one_of("source", f.source.as_deref(), crate::sources::SOURCES)?;
         one_of("status", f.status.as_deref(), SIGNAL_STATUSES)?;
         self.workspace_visible(who, &f.workspace_id).await?;
         check_limit(f.limit)?;
         let items = self.store.list_signals(&f).await?;
-        let next = (items.len() == f.limit)
-            .then(|| items.last().map(|s| s.id.clone()))
-            .flatten();
-        Ok(json!({"items": items.iter().map(signal_json).collect::<Vec<_>>(), "next_cursor": next}))
+        Ok(Page::new(
+            items.iter().map(SignalView::from).collect(),
+            f.limit,
+            |s| &s.id,
+        ))
     }
 
     /// One signal.
-    pub async fn get_signal(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+    pub async fn get_signal(&self, who: &Principal, id: &str) -> ApiResult<SignalView> {
         let s = self
             .store
             .get_signal(id)
             .await?
             .filter(|s| who.can_see(&s.workspace_id))
             .ok_or_else(|| ApiError::not_found("signal", id))?;
-        Ok(signal_json(&s))
+        Ok(SignalView::from(&s))
     }
 
     /// Lists deliveries with cursor pagination.
@@ -1169,7 +1559,7 @@ impl Admin {
         &self,
         who: &Principal,
         mut f: DeliveryFilter,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Page<DeliveryView>> {
         one_of("source", f.source.as_deref(), crate::sources::SOURCES)?;
         one_of("status", f.status.as_deref(), DELIVERY_STATUSES)?;
         if let Some(scope) = who.scope() {
@@ -1187,12 +1577,11 @@ impl Admin {
         }
         check_limit(f.limit)?;
         let items = self.store.list_deliveries(&f).await?;
-        let next = (items.len() == f.limit)
-            .then(|| items.last().map(|s| s.id.clone()))
-            .flatten();
-        Ok(
-            json!({"items": items.iter().map(delivery_json).collect::<Vec<_>>(), "next_cursor": next}),
-        )
+        Ok(Page::new(
+            items.iter().map(DeliveryView::from).collect(),
+            f.limit,
+            |d| &d.id,
+        ))
     }
 
     async fn delivery_visible(&self, who: &Principal, id: &str) -> ApiResult<Delivery> {
@@ -1208,12 +1597,12 @@ impl Admin {
     }
 
     /// One delivery.
-    pub async fn get_delivery(&self, who: &Principal, id: &str) -> ApiResult<Value> {
-        Ok(delivery_json(&self.delivery_visible(who, id).await?))
+    pub async fn get_delivery(&self, who: &Principal, id: &str) -> ApiResult<DeliveryView> {
+        Ok(DeliveryView::from(&self.delivery_visible(who, id).await?))
     }
 
     /// Re-runs a delivery.
-    pub async fn replay_delivery(&self, who: &Principal, id: &str) -> ApiResult<Value> {
+    pub async fn replay_delivery(&self, who: &Principal, id: &str) -> ApiResult<DeliveryView> {
         let d = self.delivery_visible(who, id).await?;
         if d.workspace_id.is_none() {
             return Err(ApiError::Conflict(
@@ -1249,16 +1638,15 @@ impl Admin {
         ws: &str,
         limit: usize,
         cursor: Option<&str>,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<Page<ActivityView>> {
         self.workspace_visible(who, ws).await?;
         check_limit(limit)?;
         let items = self.store.list_activity(ws, limit, cursor).await?;
-        let next = (items.len() == limit)
-            .then(|| items.last().map(|s| s.id.clone()))
-            .flatten();
-        Ok(
-            json!({"items": items.iter().map(activity_json).collect::<Vec<_>>(), "next_cursor": next}),
-        )
+        Ok(Page::new(
+            items.iter().map(ActivityView::from).collect(),
+            limit,
+            |a| &a.id,
+        ))
     }
 }
 
@@ -1311,7 +1699,7 @@ impl Admin {
         who: &Principal,
         ws: &str,
         customer_email: &str,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<ErasureView> {
         self.workspace_visible(who, ws).await?;
         let email = customer_email.trim();
         if email.is_empty() || email.len() > 320 {
@@ -1321,10 +1709,10 @@ impl Admin {
         }
         let ids = self.store.signals_with_customer_email(ws, email).await?;
         let erased = self.store.erase_signals(ws, &ids, who.actor()).await?;
-        let counts = json!({
-            "signals_erased": erased.signals,
-            "deliveries_purged": erased.deliveries,
-        });
+        let counts = ErasureView {
+            signals_erased: erased.signals,
+            deliveries_purged: erased.deliveries,
+        };
         self.store
             .log_activity(
                 ws,
@@ -1332,7 +1720,7 @@ impl Admin {
                 "workspace.erasure",
                 "workspace",
                 ws,
-                &counts,
+                &json!(counts),
             )
             .await?;
         Ok(counts)
@@ -1352,56 +1740,6 @@ fn check_limit(limit: usize) -> ApiResult<()> {
             "limit must be between 1 and {MAX_LIMIT} (got {limit})"
         )))
     }
-}
-
-/// JSON view of a workspace.
-/// JSON view of a workspace: `retention` is its own setting (`null`: the server's), and
-/// `effective_retention` what applies (`keep`: nothing is purged).
-pub fn workspace_json(w: &Workspace, server: Option<std::time::Duration>) -> Value {
-    json!({
-        "id": w.id, "name": w.name, "created_at": rfc3339(w.created_at),
-        "retention": w.retention_secs.map(format_retention),
-        "effective_retention": format_retention(duration_secs(w.retention(server))),
-    })
-}
-
-/// JSON view of a token (never the token).
-pub fn token_json(t: &ApiToken) -> Value {
-    json!({
-        "id": t.id, "workspace_id": t.workspace_id, "name": t.name,
-        "created_at": rfc3339(t.created_at), "revoked_at": rfc3339_opt(t.revoked_at),
-    })
-}
-
-/// JSON view of a signal.
-pub fn signal_json(s: &Signal) -> Value {
-    let meta: Value = serde_json::from_str(&s.source_metadata).unwrap_or_else(|_| json!({}));
-    json!({
-        "id": s.id, "workspace_id": s.workspace_id, "verbatim": s.verbatim, "source": s.source,
-        "source_ref": s.source_ref, "source_metadata": meta, "status": s.status,
-        "created_at": rfc3339(s.created_at), "updated_at": rfc3339(s.updated_at),
-    })
-}
-
-/// JSON view of a delivery.
-pub fn delivery_json(d: &Delivery) -> Value {
-    json!({
-        "id": d.id, "workspace_id": d.workspace_id, "integration_id": d.integration_id,
-        "webhook_key_id": d.webhook_key_id, "source": d.source, "dedupe_key": d.dedupe_key,
-        "status": d.status, "attempts": d.attempts, "last_error": d.last_error,
-        "filter_reason": d.filter_reason, "signal_id": d.signal_id,
-        "received_at": rfc3339(d.received_at), "processed_at": rfc3339_opt(d.processed_at),
-    })
-}
-
-/// JSON view of an activity entry.
-pub fn activity_json(a: &Activity) -> Value {
-    let meta: Value = serde_json::from_str(&a.metadata).unwrap_or_else(|_| json!({}));
-    json!({
-        "id": a.id, "workspace_id": a.workspace_id, "actor": a.actor, "action": a.action,
-        "target_type": a.target_type, "target_id": a.target_id, "metadata": meta,
-        "created_at": rfc3339(a.created_at),
-    })
 }
 
 #[cfg(test)]

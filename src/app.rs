@@ -77,9 +77,8 @@ pub struct Application {
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     Router::new()
-        .merge(crate::api::routes())
-        .merge(crate::sources::routes())
-        .merge(crate::oauth::routes())
+        // The routes and the OpenAPI document come from one list (`api::all_routes`).
+        .merge(crate::api::all_routes().split_for_parts().0)
         // Both fallbacks answer with the JSON envelope (axum's defaults have empty bodies).
         .fallback(|uri: axum::http::Uri| async move {
             crate::error::ApiError::NotFound(format!("route {}", uri.path()))

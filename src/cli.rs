@@ -79,6 +79,9 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Print the OpenAPI 3.1 document of the HTTP API (as served at /api/v1/openapi.json;
+    /// docs/openapi.json is this output).
+    Openapi,
     /// Load-and-verify benchmark (docs/PERFORMANCE.md).
     Bench(crate::bench::BenchArgs),
 }
@@ -628,7 +631,8 @@ fn get_fields(v: &Value, fields: &[String]) -> Result<String, String> {
     }
 }
 
-fn print(json_out: bool, v: &Value, human: impl FnOnce(&Value) -> String) {
+fn print(json_out: bool, v: &impl serde::Serialize, human: impl FnOnce(&Value) -> String) {
+    let v = &serde_json::to_value(v).unwrap_or(Value::Null);
     if let Some(fields) = GET_FIELDS.get().filter(|f| !f.is_empty()) {
         match get_fields(v, fields) {
             Ok(text) => write_stdout(&text),
@@ -738,6 +742,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Config(ConfigCmd::Example) => {
             write_stdout(crate::config::example_toml().trim_end())
+        }
+        Command::Openapi => {
+            let doc = crate::api::document().to_pretty_json()?;
+            write_stdout(&doc);
         }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -23,4 +23,5 @@ pub mod server;
 pub mod slack_api;
 pub mod sources;
 pub mod store;
+pub mod views;
 pub mod worker;

@@ -2,16 +2,16 @@
 //! `state` bound to the workspace) and the redirect endpoint that exchanges the code and creates
 //! or updates the workspace's Slack integration with encrypted tokens.
 
-use axum::Router;
 use axum::extract::State;
 
 use crate::extract::Query;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::admin::Principal;
 use crate::api::Auth;
@@ -26,11 +26,11 @@ use crate::store::Integration;
 /// How long an install link stays valid.
 pub const STATE_TTL_SECS: i64 = 600;
 
-/// OAuth routes.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/integrations/slack/install", get(install))
-        .route("/api/webhooks/slack/oauth", get(callback))
+/// OAuth routes, each with its OpenAPI operation.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(install))
+        .routes(routes!(callback))
 }
 
 /// The redirect URI registered with Slack.
@@ -89,12 +89,30 @@ pub async fn install_url(
     Ok(url)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct InstallQuery {
+    /// The workspace (`ws_…`) the installation will belong to.
+    #[param(required = true, min_length = 1)]
     workspace_id: Option<String>,
+    /// Slack team (`T…`) or enterprise (`E…`) to preselect; 409 when another workspace owns it.
+    #[param(pattern = "^([TE][A-Z0-9]{1,20})?$")]
     team_id: Option<String>,
 }
 
+/// Redirects to Slack's OAuth v2 authorize page with a single-use state (valid 10 minutes).
+#[utoipa::path(get, path = "/api/integrations/slack/install", tag = "slack",
+    security(("bearer" = [])), params(InstallQuery),
+    responses(
+        (status = 302, description = "To Slack's authorize URL",
+         headers(("Location" = String, description = "Slack's authorize URL"))),
+        (status = 400, description = "`workspace_id` missing, or Slack OAuth not configured \
+                        (SIGNALBOX_SLACK_CLIENT_ID, SIGNALBOX_SLACK_CLIENT_SECRET)",
+         body = crate::views::ErrorBody),
+        (status = 409, description = "The team is already connected to another workspace",
+         body = crate::views::ErrorBody),
+        crate::api::AdminErrors,
+    ))]
 async fn install(
     State(state): State<AppState>,
     Auth(who): Auth,
@@ -109,10 +127,14 @@ async fn install(
     Ok((StatusCode::FOUND, [(header::LOCATION, url)]).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct CallbackQuery {
+    /// The authorization code Slack issued.
     code: Option<String>,
+    /// The single-use state from the install link.
     state: Option<String>,
+    /// Set by Slack when the install was cancelled (`access_denied`) or failed.
     error: Option<String>,
 }
 
@@ -134,6 +156,17 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
         .into_response()
 }
 
+/// Slack's OAuth redirect: exchanges the code, stores the encrypted tokens, and answers a
+/// page saying what happened.
+#[utoipa::path(get, path = "/api/webhooks/slack/oauth", tag = "slack",
+    params(CallbackQuery),
+    responses(
+        (status = 200, description = "Connected", content_type = "text/html", body = String),
+        (status = 400, description = "Cancelled, or a missing, reused or expired state",
+         content_type = "text/html", body = String),
+        (status = 502, description = "Slack refused the code", content_type = "text/html", body = String),
+        (status = 503, description = "Storage unavailable; retry", content_type = "text/html", body = String),
+    ))]
 async fn callback(State(state): State<AppState>, Query(q): Query<CallbackQuery>) -> Response {
     if let Some(err) = q.error.as_deref() {
         let msg = if err == "access_denied" {

@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::Router;
 use axum::body::Body;
 use axum::http::HeaderMap;
-use axum::routing::post;
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use serde::Serialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
@@ -27,16 +29,44 @@ use crate::store::{ClaimedDelivery, NewDelivery, Stored};
 /// Every source's name (a signal's and a delivery's `source`).
 pub const SOURCES: &[&str] = &[webhook::SOURCE, slack::SOURCE, pylon::SOURCE];
 
-/// Webhook routes of every source.
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/api/webhooks/signals", post(webhook::receive))
-        .route("/api/webhooks/slack/events", post(slack::receive))
-        .route("/api/webhooks/pylon", post(pylon::receive))
-        .route(
-            "/api/webhooks/pylon/{integration_id}",
-            post(pylon::receive_path),
-        )
+/// Webhook routes of every source, each with its OpenAPI operation.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(webhook::receive))
+        .routes(routes!(slack::receive))
+        .routes(routes!(pylon::receive))
+        .routes(routes!(pylon::receive_path))
+}
+
+/// The answer to a stored delivery: the sender may stop retrying.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ack {
+    /// Always `true`: the request is stored (or was already).
+    pub ok: bool,
+    /// `true` when this request was already stored (a retry); nothing new was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
+}
+
+/// The errors every webhook receiver can answer; a sender retries 408 and 503.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum WebhookErrors {
+    /// Missing routing id, or (after verification) a body that is not the expected JSON.
+    #[response(status = 400)]
+    Invalid(crate::views::ErrorBody),
+    /// Signature missing or wrong, timestamp outside the window, or an unknown integration.
+    #[response(status = 401)]
+    Unauthorized(crate::views::ErrorBody),
+    /// The body did not arrive in time.
+    #[response(status = 408)]
+    Timeout(crate::views::ErrorBody),
+    /// The body is larger than `SIGNALBOX_MAX_BODY_BYTES`.
+    #[response(status = 413)]
+    TooLarge(crate::views::ErrorBody),
+    /// Not stored (storage is unavailable or full); retry after `Retry-After` seconds.
+    #[response(status = 503)]
+    Unavailable(crate::views::ErrorBody),
 }
 
 /// The worker step for one claimed delivery, by source.
@@ -287,11 +317,10 @@ pub async fn store_all_and_ack(
         .ack_latency
         .get_or_create(&vec![("source", source.clone())])
         .observe(started.elapsed().as_secs_f64());
-    Ok(Json(if all_duplicates {
-        json!({"ok": true, "duplicate": true})
-    } else {
-        json!({"ok": true})
-    }))
+    Ok(Json(json!(Ack {
+        ok: true,
+        duplicate: all_duplicates.then_some(true),
+    })))
 }
 
 /// Parses a body as a JSON object (after verification): 400 `invalid_json` otherwise.

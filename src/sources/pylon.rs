@@ -34,8 +34,15 @@ use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, 
 pub const SOURCE: &str = "pylon";
 
 /// Query of the endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PylonQuery {
+    /// The Pylon integration (`int_…`).
+    #[param(
+        required = true,
+        min_length = 1,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     integration_id: Option<String>,
 }
 
@@ -46,7 +53,13 @@ const KEPT: &[&str] = &[
     "content-type",
 ];
 
-/// `POST /api/webhooks/pylon?integration_id=…`
+/// Pylon "Send webhook" action: one signal per ticket and per later customer message.
+/// Signed with `X-Pylon-Signature` (hex HMAC-SHA256 of the body) or the timestamped scheme
+/// (`pylon-webhook-timestamp`, `pylon-webhook-signature`), as `config.signature_scheme` says.
+#[utoipa::path(post, path = "/api/webhooks/pylon", tag = "webhooks", params(PylonQuery),
+    request_body(content = Object, description = "The action's JSON body template"),
+    responses((status = 200, description = "Stored (or a duplicate)", body = super::Ack),
+              super::WebhookErrors))]
 pub async fn receive(
     State(state): State<AppState>,
     Query(q): Query<PylonQuery>,
@@ -56,7 +69,12 @@ pub async fn receive(
     handle(state, q.integration_id, headers, body).await
 }
 
-/// `POST /api/webhooks/pylon/{integration_id}`
+/// As `POST /api/webhooks/pylon`, with the integration in the path.
+#[utoipa::path(post, path = "/api/webhooks/pylon/{integration_id}", tag = "webhooks",
+    params(("integration_id" = String, Path, description = "The Pylon integration (`int_…`)")),
+    request_body(content = Object, description = "The action's JSON body template"),
+    responses((status = 200, description = "Stored (or a duplicate)", body = super::Ack),
+              super::WebhookErrors))]
 pub async fn receive_path(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -33,9 +33,43 @@ use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, 
 pub const SOURCE: &str = "slack";
 
 /// Query of the endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SlackQuery {
+    /// A per-customer Slack app's integration (`int_…`); absent: the shared app, routed by team.
     integration_id: Option<String>,
+}
+
+/// Slack's signature headers.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // only its OpenAPI description is used
+struct SlackHeaders {
+    /// Unix seconds; outside the window (default ±300 s) the request is refused.
+    #[param(rename = "X-Slack-Request-Timestamp")]
+    timestamp: Option<String>,
+    /// `v0=` + hex HMAC-SHA256 of `v0:{timestamp}:{body}` with the signing secret.
+    #[param(rename = "X-Slack-Signature")]
+    signature: Option<String>,
+}
+
+/// The answer to Slack's `url_verification`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code)] // only its OpenAPI description is used
+struct Challenge {
+    /// The `challenge` Slack sent.
+    challenge: String,
+}
+
+/// What the Events endpoint answers with 200.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // only its OpenAPI description is used
+enum AckOrChallenge {
+    /// An event was stored.
+    Ack(super::Ack),
+    /// A `url_verification` was answered.
+    Challenge(Challenge),
 }
 
 const KEPT: &[&str] = &[
@@ -62,7 +96,14 @@ enum Verifier {
     Own,
 }
 
-/// `POST /api/webhooks/slack/events`
+/// Slack Events API: `url_verification` is answered with its challenge, `event_callback`
+/// stored and acknowledged within Slack's 3 s.
+#[utoipa::path(post, path = "/api/webhooks/slack/events", tag = "webhooks",
+    params(SlackQuery, SlackHeaders),
+    request_body(content = Object, description = "A Slack Events API envelope"),
+    responses((status = 200, description = "Stored (or a duplicate), or the challenge",
+               body = AckOrChallenge),
+              super::WebhookErrors))]
 pub async fn receive(
     State(state): State<AppState>,
     Query(q): Query<SlackQuery>,

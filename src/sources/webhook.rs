@@ -26,9 +26,55 @@ use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, 
 pub const SOURCE: &str = "webhook";
 
 /// Query of the endpoint.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct KeyQuery {
+    /// The webhook key (`whk_…`) whose secret signed the request.
+    #[param(
+        required = true,
+        min_length = 1,
+        pattern = r"[^\t\n\u000B\f\r \u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]"
+    )]
     key_id: Option<String>,
+}
+
+/// The Standard Webhooks (or Svix) signature headers; `svix-id`, `svix-timestamp` and
+/// `svix-signature` are accepted in their place.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // only its OpenAPI description is used
+struct SignatureParams {
+    /// Unique message id; a resend with the same id is the same delivery.
+    #[param(rename = "webhook-id")]
+    webhook_id: Option<String>,
+    /// Unix seconds; outside the window (default ±300 s) the request is refused.
+    #[param(rename = "webhook-timestamp")]
+    webhook_timestamp: Option<String>,
+    /// `v1,<base64 HMAC-SHA256>` (space-separated when several).
+    #[param(rename = "webhook-signature")]
+    webhook_signature: Option<String>,
+}
+
+/// The body a sender posts (after verification; documented here for senders).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // only its OpenAPI description is used
+struct GenericPayload {
+    /// The customer's words (required, not blank).
+    #[schema(min_length = 1)]
+    verbatim: String,
+    /// Your id of the message (1 to 512 characters); a second payload with the same one
+    /// updates the signal instead of adding one.
+    #[schema(min_length = 1, max_length = 512)]
+    source_ref: Option<String>,
+    /// Where it came from (e.g. `intercom`).
+    source_name: Option<String>,
+    /// Link back to it.
+    source_url: Option<String>,
+    /// The customer's email.
+    customer_email: Option<String>,
+    /// Anything else, kept in the signal's metadata.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Value>,
 }
 
 /// The payload a sender posts.
@@ -75,7 +121,11 @@ fn validate(v: &Value) -> Result<Payload, String> {
     Ok(p)
 }
 
-/// `POST /api/webhooks/signals?key_id=…`
+/// Generic Standard Webhooks delivery: one signal per payload.
+#[utoipa::path(post, path = "/api/webhooks/signals", tag = "webhooks",
+    params(KeyQuery, SignatureParams), request_body = GenericPayload,
+    responses((status = 200, description = "Stored (or a duplicate)", body = super::Ack),
+              super::WebhookErrors))]
 pub async fn receive(
     State(state): State<AppState>,
     Query(q): Query<KeyQuery>,

@@ -15,6 +15,8 @@ both_backends!(
     unknown_routes_and_methods_are_json,
     not_found_names_the_id,
     patch_refuses_null_for_what_cannot_be_cleared,
+    create_refuses_what_the_platform_would_ignore,
+    optional_bodies_may_be_empty_or_null,
 );
 
 fn assert_envelope(st: StatusCode, v: &Value, want: StatusCode, code: &str, needle: &str) {
@@ -127,5 +129,119 @@ async fn patch_refuses_null_for_what_cannot_be_cleared(b: Backend) {
         "a refused PATCH changes nothing: {now}"
     );
     assert_eq!(now["is_active"], true, "{now}");
+    app.stop().await;
+}
+
+/// Each refusal here used to be accepted with the field silently dropped; the OpenAPI document
+/// describes one body shape per platform, and the server holds to it.
+async fn create_refuses_what_the_platform_would_ignore(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let path = format!("/api/v1/workspaces/{ws}/integrations");
+    let pylon =
+        json!({"platform": "pylon", "name": "Support", "webhook_secret": "s3cr3t-s3cr3t-s3cr3t"});
+    let with = |k: &str, v: Value| {
+        let mut b = pylon.clone();
+        b[k] = v;
+        b
+    };
+    for (body, needle) in [
+        (
+            with("signing_secret", json!("slack-secret-123")),
+            "signing_secret is not a pylon field",
+        ),
+        (
+            with("slack_team_id", json!("T0123ABCD")),
+            "slack_team_id is not a pylon field",
+        ),
+        (with("api_token", Value::Null), "api_token cannot be null"),
+        (
+            with("required_header_value", json!("header-value-123")),
+            "required_header_value needs config.required_header",
+        ),
+        (
+            with("config", json!({"signature_scheme": null})),
+            "config.signature_scheme cannot be null",
+        ),
+        (
+            json!({"platform": "slack", "name": "S", "slack_team_id": "T0123ABCD",
+                   "signing_secret": "slack-secret-123", "webhook_secret": "pylon-secret-123"}),
+            "webhook_secret is not a slack field",
+        ),
+        (
+            json!({"platform": "slack", "name": "S", "slack_team_id": " T0123ABCD",
+                   "signing_secret": "slack-secret-123"}),
+            "slack_team_id must look like",
+        ),
+    ] {
+        let (st, v) = app.api("POST", &path, Some(body.clone())).await;
+        assert_envelope(st, &v, StatusCode::BAD_REQUEST, "invalid_request", needle);
+    }
+    let (_, list) = app.api("GET", &path, None).await;
+    assert_eq!(
+        list["items"].as_array().unwrap().len(),
+        0,
+        "nothing was created: {list}"
+    );
+    // The documented shapes are accepted.
+    let (st, v) = app.api("POST", &path, Some(pylon)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v) = app
+        .api(
+            "POST",
+            &path,
+            Some(json!({"platform": "pylon", "name": "Gated", "webhook_secret": "s3cr3t-s3cr3t-s3cr3t",
+                        "required_header_value": "header-value-123",
+                        "config": {"required_header": "X-Gate"}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["config"]["required_header"], "x-gate", "{v}");
+    assert_eq!(v["has_required_header_value"], true, "{v}");
+    app.stop().await;
+}
+
+/// Bodies the document marks optional: absent, empty or `null` all mean "none given"; a
+/// grace period may be written `30.0` (JSON Schema's integer) but not `1.5`.
+async fn optional_bodies_may_be_empty_or_null(b: Backend) {
+    let Some(app) = spawn_app(b).await else {
+        return;
+    };
+    let ws = app.workspace("Acme").await;
+    let keys = format!("/api/v1/workspaces/{ws}/webhook-keys");
+    let (st, v) = app.api("POST", &keys, None).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, v) = app.api("POST", &keys, Some(Value::Null)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert!(v["name"].is_null(), "{v}");
+    let id = v["id"].as_str().unwrap();
+    let rotate = format!("/api/v1/webhook-keys/{id}/rotate");
+    let (st, v) = app
+        .api("POST", &rotate, Some(json!({"grace_period_secs": 30.0})))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(v["previous_secret_valid_until"].is_string(), "{v}");
+    let (st, v) = app
+        .api("POST", &rotate, Some(json!({"grace_period_secs": 1.5})))
+        .await;
+    assert_envelope(
+        st,
+        &v,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "whole number",
+    );
+    let (st, v) = app
+        .api("POST", &rotate, Some(json!({"grace_period": 30})))
+        .await;
+    assert_envelope(
+        st,
+        &v,
+        StatusCode::BAD_REQUEST,
+        "invalid_request",
+        "grace_period",
+    );
     app.stop().await;
 }
