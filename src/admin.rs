@@ -289,7 +289,9 @@ pub struct NewPylonIntegration {
     config: Option<PylonConfig>,
 }
 
-/// A Pylon integration whose requests must also carry a shared header.
+/// A Pylon integration whose requests must also carry a shared header. It repeats
+/// [`NewPylonIntegration`]'s fields instead of flattening them: a flattened schema becomes an
+/// `allOf`, and closed objects (`additionalProperties: false`) cannot be combined that way.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)] // only its OpenAPI description is used
