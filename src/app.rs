@@ -75,6 +75,7 @@ pub struct Application {
 
 /// The HTTP router with every layer.
 pub fn router(state: AppState) -> Router {
+    let body_read_timeout = state.cfg.body_read_timeout;
     let request_id = HeaderName::from_static("x-request-id");
     Router::new()
         // The routes and the OpenAPI document come from one list (`api::all_routes`).
@@ -108,7 +109,7 @@ pub fn router(state: AppState) -> Router {
             }),
         )
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            crate::server::BODY_READ_TIMEOUT,
+            body_read_timeout,
         ))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
@@ -253,7 +254,12 @@ impl Application {
         let app = router(state.clone());
         let http_stop = CancellationToken::new();
         let stop = http_stop.clone();
-        let server = tokio::spawn(crate::server::serve(listener, app, stop));
+        let server = tokio::spawn(crate::server::serve(
+            listener,
+            app,
+            state.cfg.header_read_timeout,
+            stop,
+        ));
         shutdown.await;
         tracing::info!("shutting down: no new connections; finishing in-flight requests");
         http_stop.cancel();

@@ -67,6 +67,10 @@ pub struct Config {
     /// Longest a webhook or `/readyz` waits for storage before answering 503 (well under
     /// Slack's 3 s, so a sender or a probe sees a 503, not a hang).
     pub storage_deadline: Duration,
+    /// A client must send its request line and headers within this time.
+    pub header_read_timeout: Duration,
+    /// A client must send its whole body within this time (408 otherwise).
+    pub body_read_timeout: Duration,
     /// Polling backstop when no wake-up arrives.
     pub poll_interval: Duration,
     /// Capacity of the inbox writer queue; beyond it webhooks get 503.
@@ -152,6 +156,8 @@ const KEYS: &[(&str, Option<&str>)] = &[
     ("retry_max_delay_secs", Some("3600")),
     ("lease_secs", Some("60")),
     ("storage_deadline_ms", Some("2000")),
+    ("header_read_timeout_ms", Some("10000")),
+    ("body_read_timeout_ms", Some("15000")),
     ("poll_interval_ms", Some("1000")),
     ("inbox_capacity", Some("8192")),
     ("inbox_batch_max", Some("512")),
@@ -239,6 +245,14 @@ const KEY_DOCS: &[(&str, &str)] = &[
     (
         "storage_deadline_ms",
         "longest a webhook or /readyz waits for storage before answering 503",
+    ),
+    (
+        "header_read_timeout_ms",
+        "a client must send its request line and headers within this time",
+    ),
+    (
+        "body_read_timeout_ms",
+        "a client must send its whole body within this time (408 otherwise)",
     ),
     ("poll_interval_ms", "polling backstop of the workers"),
     (
@@ -503,6 +517,16 @@ impl RawConfig {
                 50u64,
                 60_000,
             )?),
+            header_read_timeout: Duration::from_millis(self.num(
+                "header_read_timeout_ms",
+                10u64,
+                600_000,
+            )?),
+            body_read_timeout: Duration::from_millis(self.num(
+                "body_read_timeout_ms",
+                10u64,
+                600_000,
+            )?),
             poll_interval: Duration::from_millis(self.num("poll_interval_ms", 10u64, 60_000)?),
             inbox_capacity: self.num("inbox_capacity", 1usize, 1_000_000)?,
             inbox_batch_max: self.num("inbox_batch_max", 1usize, 10_000)?,
@@ -636,6 +660,14 @@ impl Config {
             (
                 "storage_deadline_ms",
                 self.storage_deadline.as_millis().to_string(),
+            ),
+            (
+                "header_read_timeout_ms",
+                self.header_read_timeout.as_millis().to_string(),
+            ),
+            (
+                "body_read_timeout_ms",
+                self.body_read_timeout.as_millis().to_string(),
             ),
             (
                 "poll_interval_ms",

@@ -1,6 +1,6 @@
 //! The HTTP accept loop: hyper with a timer, so slow clients are cut off (headers must arrive
-//! within `HEADER_READ_TIMEOUT`; at most 100 headers; bodies are bounded by size and by
-//! `BODY_READ_TIMEOUT` in the router), and graceful shutdown that lets in-flight requests finish.
+//! within `header_read_timeout`; at most 100 headers; bodies are bounded by size and by
+//! `body_read_timeout` in the router), and graceful shutdown that lets in-flight requests finish.
 
 use std::time::Duration;
 
@@ -16,21 +16,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-/// A client must send its request line and headers within this time.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A client must send its whole body within this time (408 otherwise).
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Requests with more headers than this are refused (431).
 pub const MAX_HEADERS: usize = 100;
 
 /// Serves `app` on `listener` until `stop` fires, then waits for open connections to finish
-/// their in-flight requests.
-pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken) {
+/// their in-flight requests. A client must send its request line and headers within
+/// `header_read_timeout`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    stop: CancellationToken,
+) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         .max_headers(MAX_HEADERS);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
