@@ -308,7 +308,7 @@ impl Report {
 
 /// Runs the benchmark; fails when any scenario fails verification.
 pub async fn run(args: BenchArgs, json_out: bool) -> anyhow::Result<()> {
-    crate::app::install_crypto_provider();
+    crate::state::install_crypto_provider();
     check_args(&args)?;
     if args.scenario == ScenarioArg::Lists {
         return lists::run(&args, json_out).await;

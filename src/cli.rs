@@ -595,6 +595,7 @@ async fn admin(cfg: &Config) -> anyhow::Result<Admin> {
         store,
         creds,
         cfg: Arc::new(cfg.clone()),
+        sources: crate::sources::SOURCES,
     })
 }
 
@@ -744,7 +745,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             write_stdout(crate::config::example_toml().trim_end())
         }
         Command::Openapi => {
-            let doc = crate::api::document().to_pretty_json()?;
+            let doc = crate::http::api::document().to_pretty_json()?;
             write_stdout(&doc);
         }
         Command::Completions { shell } => {
@@ -870,7 +871,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     let bot_token =
                         files.resolve("--bot-token", bot_token, bot_token_file.as_deref())?;
                     if print_install_url {
-                        let url = crate::oauth::install_url(&a, &who, &workspace, None).await?;
+                        let url =
+                            crate::sources::slack::oauth::install_url(&a, &who, &workspace, None)
+                                .await?;
                         print(j, &json!({"install_url": url}), |_| url.clone());
                         return Ok(());
                     }
@@ -1193,7 +1196,7 @@ impl SendSecret {
 }
 
 async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
-    let http = crate::app::http_client()?;
+    let http = crate::state::http_client()?;
     let now = crate::clock::now_secs();
     let (url, headers, body): (String, Vec<(String, String)>, Vec<u8>) = match c {
         SendCmd::Webhook {

@@ -169,3 +169,30 @@ impl IntoResponse for ApiError {
 
 /// Result alias of handlers.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// The errors every admin operation can answer.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its OpenAPI description is used
+pub enum AdminErrors {
+    /// A bad query, path or body: the message names the field.
+    #[response(status = 400)]
+    Invalid(crate::admin::views::ErrorBody),
+    /// No or an unknown bearer token.
+    #[response(status = 401)]
+    Unauthorized(crate::admin::views::ErrorBody),
+    /// A workspace token asked for what needs the admin token.
+    #[response(status = 403)]
+    Forbidden(crate::admin::views::ErrorBody),
+    /// No such id visible to this token (another workspace's ids answer the same).
+    #[response(status = 404)]
+    NotFound(crate::admin::views::ErrorBody),
+    /// The body did not arrive in time.
+    #[response(status = 408)]
+    Timeout(crate::admin::views::ErrorBody),
+    /// The body is larger than the limit.
+    #[response(status = 413)]
+    TooLarge(crate::admin::views::ErrorBody),
+    /// Storage cannot answer now; retry after `Retry-After` seconds.
+    #[response(status = 503)]
+    Unavailable(crate::admin::views::ErrorBody),
+}

@@ -23,7 +23,7 @@ use crate::clock::now_micros;
 use crate::metrics::Metrics;
 use crate::protocol::Effect;
 use crate::store::{
-    ClaimedDelivery, DeliveryStatus, InsertLease, NewDelivery, Store, StoreError, Stored,
+    Applied, ClaimedDelivery, DeliveryStatus, InsertLease, NewDelivery, Store, StoreError, Stored,
 };
 
 /// Why a delivery could not be stored.
@@ -323,14 +323,7 @@ async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
                 let new = matches!(outcome, Stored::New(_));
                 let _ = reply.send(Ok(outcome));
                 if let Some(applied) = applied {
-                    crate::worker::note_outcome(
-                        &w.metrics,
-                        &d.source,
-                        &d.id,
-                        1,
-                        d.received_at,
-                        applied,
-                    );
+                    note_outcome(&w.metrics, &d.source, &d.id, 1, d.received_at, applied);
                 } else if new && leased {
                     handed.push(ClaimedDelivery::first_attempt(d));
                 } else if new && d.status == DeliveryStatus::Pending {
@@ -377,4 +370,34 @@ async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
 
 fn short_store_error(e: &StoreError) -> String {
     e.to_string().chars().take(300).collect()
+}
+
+/// Counts and logs a committed outcome: a worker's, or one its receiver decided and the inbox
+/// committed with the row.
+pub fn note_outcome(
+    metrics: &Metrics,
+    source: &str,
+    id: &str,
+    attempt: i32,
+    received_at: i64,
+    outcome: Applied,
+) {
+    let span = tracing::info_span!("delivery", delivery_id = %id, source = %source, attempt);
+    match outcome {
+        Applied::Done {
+            status,
+            signal_id,
+            action,
+        } => {
+            metrics.delivery(source, status.as_str());
+            metrics
+                .processing_latency
+                .get_or_create(&vec![("source", source.to_string())])
+                .observe((now_micros() - received_at).max(0) as f64 / 1e6);
+            tracing::info!(parent: &span, status = status.as_str(), signal_id = ?signal_id, action = ?action, "delivery processed");
+        }
+        Applied::LeaseLost => {
+            tracing::warn!(parent: &span, "lease lost before commit; another worker owns the delivery");
+        }
+    }
 }

@@ -4,7 +4,6 @@
 //! [`worker`] → signal + activity log. See ARCHITECTURE.md.
 
 pub mod admin;
-pub mod api;
 pub mod app;
 pub mod bench;
 pub mod cli;
@@ -13,15 +12,12 @@ pub mod config;
 pub mod credentials;
 pub mod crypto;
 pub mod error;
-pub mod extract;
+pub mod http;
 pub mod ids;
 pub mod ingest;
 pub mod metrics;
-pub mod oauth;
 pub mod protocol;
-pub mod server;
-pub mod slack_api;
 pub mod sources;
+pub mod state;
 pub mod store;
-pub mod views;
 pub mod worker;

@@ -15,13 +15,12 @@ use futures::FutureExt;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::AppState;
 use crate::clock::now_micros;
 use crate::ids::new_id;
-use crate::ingest::HandedOff;
-use crate::metrics::Metrics;
+use crate::ingest::{HandedOff, note_outcome};
 use crate::protocol::Effect;
 use crate::sources::{self, ProcessError};
+use crate::state::AppState;
 use crate::store::{Applied, ClaimedDelivery};
 
 /// Runs one worker loop until `cancel` fires.
@@ -276,36 +275,6 @@ async fn record(state: &AppState, d: &ClaimedDelivery, outcome: Applied) {
         d.received_at,
         outcome,
     );
-}
-
-/// Counts and logs a committed outcome: a worker's, or one its receiver decided and the inbox
-/// committed with the row.
-pub fn note_outcome(
-    metrics: &Metrics,
-    source: &str,
-    id: &str,
-    attempt: i32,
-    received_at: i64,
-    outcome: Applied,
-) {
-    let span = tracing::info_span!("delivery", delivery_id = %id, source = %source, attempt);
-    match outcome {
-        Applied::Done {
-            status,
-            signal_id,
-            action,
-        } => {
-            metrics.delivery(source, status.as_str());
-            metrics
-                .processing_latency
-                .get_or_create(&vec![("source", source.to_string())])
-                .observe((now_micros() - received_at).max(0) as f64 / 1e6);
-            tracing::info!(parent: &span, status = status.as_str(), signal_id = ?signal_id, action = ?action, "delivery processed");
-        }
-        Applied::LeaseLost => {
-            tracing::warn!(parent: &span, "lease lost before commit; another worker owns the delivery");
-        }
-    }
 }
 
 async fn schedule_retry(

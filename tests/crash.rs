@@ -104,7 +104,7 @@ async fn crash_and_recover(b: Backend, two_nodes: bool) {
     let mut server = node(port);
     // Multi-node: a second, independent node on the same database shares the load.
     let mut second = two_nodes.then(|| node(free_port()));
-    signalbox::app::install_crypto_provider();
+    signalbox::state::install_crypto_provider();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()

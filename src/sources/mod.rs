@@ -20,10 +20,10 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::ingest::InboxError;
 use crate::protocol::Effect;
+use crate::state::AppState;
 use crate::store::{ClaimedDelivery, NewDelivery, Stored};
 
 /// Every source's name (a signal's and a delivery's `source`).
@@ -54,19 +54,19 @@ pub struct Ack {
 pub enum WebhookErrors {
     /// Missing routing id, or (after verification) a body that is not the expected JSON.
     #[response(status = 400)]
-    Invalid(crate::views::ErrorBody),
+    Invalid(crate::admin::views::ErrorBody),
     /// Signature missing or wrong, timestamp outside the window, or an unknown integration.
     #[response(status = 401)]
-    Unauthorized(crate::views::ErrorBody),
+    Unauthorized(crate::admin::views::ErrorBody),
     /// The body did not arrive in time.
     #[response(status = 408)]
-    Timeout(crate::views::ErrorBody),
+    Timeout(crate::admin::views::ErrorBody),
     /// The body is larger than `SIGNALBOX_MAX_BODY_BYTES`.
     #[response(status = 413)]
-    TooLarge(crate::views::ErrorBody),
+    TooLarge(crate::admin::views::ErrorBody),
     /// Not stored (storage is unavailable or full); retry after `Retry-After` seconds.
     #[response(status = 503)]
-    Unavailable(crate::views::ErrorBody),
+    Unavailable(crate::admin::views::ErrorBody),
 }
 
 /// The worker step for one claimed delivery, by source.

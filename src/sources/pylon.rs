@@ -11,7 +11,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 
-use crate::extract::{Path, Query};
+use crate::http::extract::{Path, Query};
 use axum::http::HeaderMap;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
@@ -21,13 +21,13 @@ use super::{
     IntegrationRef, ProcessError, header, kept_headers, parse_json_object, read_body, reject,
     store_and_ack,
 };
-use crate::app::AppState;
 use crate::clock::{now_micros, now_secs};
 use crate::credentials::valid_keys;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::pylon::{self as proto, PylonSettings, Scheme, SignatureHeaders};
 use crate::protocol::{Effect, SignatureError, ct_eq};
+use crate::state::AppState;
 use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, Parsed};
 
 /// Source name stored with deliveries and signals.

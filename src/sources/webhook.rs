@@ -7,19 +7,19 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 
-use crate::extract::Query;
+use crate::http::extract::Query;
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{kept_headers, parse_json_object, read_body, reject, store_and_ack};
-use crate::app::AppState;
 use crate::clock::{now_micros, now_secs};
 use crate::credentials::valid_keys;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::standard_webhooks::{self, Headers};
 use crate::protocol::{Effect, Merge, NewSignal};
+use crate::state::AppState;
 use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, Parsed};
 
 /// Source name stored with deliveries and signals.

@@ -1369,7 +1369,7 @@ async fn scoped_tokens_see_only_their_workspace(b: Backend) {
 /// receivers and Slack's OAuth redirect are authenticated by the sender, not a bearer token,
 /// and are left out.
 fn routes() -> Vec<(String, String, bool)> {
-    let doc = signalbox::api::document();
+    let doc = signalbox::http::api::document();
     let mut out = Vec::new();
     for (path, item) in &doc.paths.paths {
         let ops = [

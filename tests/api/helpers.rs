@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use signalbox::app::{AppState, Application};
 use signalbox::config::RawConfig;
 use signalbox::crypto::MasterKey;
 use signalbox::protocol::standard_webhooks;
+use signalbox::{app::Application, state::AppState};
 use tokio::sync::oneshot;
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";

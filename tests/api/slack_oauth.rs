@@ -372,11 +372,11 @@ async fn tokens_near_expiry_are_refreshed_once_even_concurrently(b: Backend) {
     };
     let mut futs = Vec::new();
     for _ in 0..10 {
-        futs.push(signalbox::slack_api::bot_token(&app.state, &id, false));
+        futs.push(signalbox::sources::slack::bot_token(&app.state, &id, false));
     }
     if let Some(s) = &second {
         for _ in 0..10 {
-            futs.push(signalbox::slack_api::bot_token(&s.state, &id, false));
+            futs.push(signalbox::sources::slack::bot_token(&s.state, &id, false));
         }
     }
     let tokens = futures::future::join_all(futs).await;

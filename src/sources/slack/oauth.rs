@@ -4,7 +4,7 @@
 
 use axum::extract::State;
 
-use crate::extract::Query;
+use crate::http::extract::Query;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use secrecy::ExposeSecret;
@@ -14,13 +14,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::admin::Principal;
-use crate::api::Auth;
-use crate::app::AppState;
 use crate::clock::now_micros;
 use crate::config::Config;
 use crate::error::{ApiError, ApiResult};
+use crate::http::extract::Auth;
 use crate::ids::{new_id, prefix};
 use crate::protocol::{sha256_hex, url_encode as enc};
+use crate::state::AppState;
 use crate::store::Integration;
 
 /// How long an install link stays valid.
@@ -108,10 +108,10 @@ struct InstallQuery {
          headers(("Location" = String, description = "Slack's authorize URL"))),
         (status = 400, description = "`workspace_id` missing, or Slack OAuth not configured \
                         (SIGNALBOX_SLACK_CLIENT_ID, SIGNALBOX_SLACK_CLIENT_SECRET)",
-         body = crate::views::ErrorBody),
+         body = crate::admin::views::ErrorBody),
         (status = 409, description = "The team is already connected to another workspace",
-         body = crate::views::ErrorBody),
-        crate::api::AdminErrors,
+         body = crate::admin::views::ErrorBody),
+        crate::error::AdminErrors,
     ))]
 async fn install(
     State(state): State<AppState>,

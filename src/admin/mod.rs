@@ -2,12 +2,18 @@
 //! of secrets, activity logging, cache invalidation, and the JSON views of the contract (which
 //! never contain a secret or token).
 
+pub mod views;
+
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
 
+use crate::admin::views::{
+    ActivityView, DeliveryView, Done, ErasureView, IntegrationView, Items, Page, SignalView,
+    TokenView, WebhookKeyView, WorkspaceView, valid_until,
+};
 use crate::clock::{now_micros, rfc3339, rfc3339_opt};
 use crate::config::Config;
 use crate::credentials::Credentials;
@@ -16,10 +22,6 @@ use crate::ids::{new_id, prefix};
 use crate::protocol::{sha256_hex, standard_webhooks};
 use crate::store::{
     ApiToken, Delivery, DeliveryFilter, Integration, SignalFilter, Store, WebhookKey, Workspace,
-};
-use crate::views::{
-    ActivityView, DeliveryView, Done, ErasureView, IntegrationView, Items, Page, SignalView,
-    TokenView, WebhookKeyView, WorkspaceView, valid_until,
 };
 
 /// Who is calling.
@@ -73,6 +75,9 @@ pub struct Admin {
     pub creds: Credentials,
     /// Configuration.
     pub cfg: Arc<Config>,
+    /// Every source's name (a signal's and a delivery's `source`), from the registration in
+    /// [`crate::sources`]: list filters accept only these.
+    pub sources: &'static [&'static str],
 }
 
 /// Input of integration creation (API body and CLI flags). The API documents it per platform
@@ -1533,7 +1538,7 @@ impl Admin {
         who: &Principal,
         f: SignalFilter,
     ) -> ApiResult<Page<SignalView>> {
-        one_of("source", f.source.as_deref(), crate::sources::SOURCES)?;
+        one_of("source", f.source.as_deref(), self.sources)?;
         one_of("status", f.status.as_deref(), SIGNAL_STATUSES)?;
         self.workspace_visible(who, &f.workspace_id).await?;
         check_limit(f.limit)?;
@@ -1562,7 +1567,7 @@ impl Admin {
         who: &Principal,
         mut f: DeliveryFilter,
     ) -> ApiResult<Page<DeliveryView>> {
-        one_of("source", f.source.as_deref(), crate::sources::SOURCES)?;
+        one_of("source", f.source.as_deref(), self.sources)?;
         one_of("status", f.status.as_deref(), DELIVERY_STATUSES)?;
         if let Some(scope) = who.scope() {
             match &f.workspace_id {

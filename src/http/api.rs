@@ -2,27 +2,26 @@
 //! are thin: they parse the request, resolve the principal and call [`Admin`].
 
 use axum::Json;
-use axum::extract::{FromRequestParts, State};
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use crate::extract::JsonBody;
-use crate::extract::{Path, Query};
+pub use crate::http::extract::JsonBody;
+use crate::http::extract::{Auth, Path, Query};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::admin::{IntegrationUpdate, NewIntegration, Principal, WorkspaceUpdate};
-use crate::app::AppState;
-use crate::error::{ApiError, ApiResult};
-use crate::store::{DeliveryFilter, SignalFilter};
-use crate::views::{
+use crate::admin::views::{
     ActivityView, DeliveryView, Done, ErasureView, ErrorBody, IntegrationView, Items, Page,
     SignalView, TokenView, WebhookKeyView, WorkspaceView,
 };
+use crate::admin::{IntegrationUpdate, NewIntegration, WorkspaceUpdate};
+use crate::error::{AdminErrors, ApiError, ApiResult};
+use crate::state::AppState;
+use crate::store::{DeliveryFilter, SignalFilter};
 
 /// Routes of the admin API and the probes, each with its OpenAPI operation.
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -56,13 +55,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 /// Every HTTP route of the service with its operation: the admin API and probes, every
-/// source's webhook receiver and the Slack OAuth flow. [`crate::app::router`] serves these and
+/// source's webhook receiver and the Slack OAuth flow. [`crate::http::router`] serves these and
 /// [`document`] describes them, so the OpenAPI document lists exactly what is routed.
 pub fn all_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes())
         .merge(crate::sources::routes())
-        .merge(crate::oauth::routes())
+        .merge(crate::sources::slack::oauth::routes())
 }
 
 /// The OpenAPI 3.1 document, generated from the handlers and the types they take and answer.
@@ -114,58 +113,6 @@ impl utoipa::Modify for BearerAuth {
                         .build(),
                 ),
             );
-    }
-}
-
-/// The errors every admin operation can answer.
-#[derive(utoipa::IntoResponses)]
-#[allow(dead_code)] // only its OpenAPI description is used
-pub enum AdminErrors {
-    /// A bad query, path or body: the message names the field.
-    #[response(status = 400)]
-    Invalid(ErrorBody),
-    /// No or an unknown bearer token.
-    #[response(status = 401)]
-    Unauthorized(ErrorBody),
-    /// A workspace token asked for what needs the admin token.
-    #[response(status = 403)]
-    Forbidden(ErrorBody),
-    /// No such id visible to this token (another workspace's ids answer the same).
-    #[response(status = 404)]
-    NotFound(ErrorBody),
-    /// The body did not arrive in time.
-    #[response(status = 408)]
-    Timeout(ErrorBody),
-    /// The body is larger than the limit.
-    #[response(status = 413)]
-    TooLarge(ErrorBody),
-    /// Storage cannot answer now; retry after `Retry-After` seconds.
-    #[response(status = 503)]
-    Unavailable(ErrorBody),
-}
-
-/// The authenticated caller.
-pub struct Auth(pub Principal);
-
-impl FromRequestParts<AppState> for Auth {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(ApiError::Unauthorized)?;
-        Ok(Auth(state.admin.authenticate(token).await?))
     }
 }
 
@@ -813,7 +760,7 @@ mod tests {
     #[test]
     fn the_committed_copy_is_current() {
         let generated = super::document().to_pretty_json().expect("serialises");
-        let committed = include_str!("../docs/openapi.json");
+        let committed = include_str!("../../docs/openapi.json");
         assert!(
             committed.trim_end() == generated.trim_end(),
             "docs/openapi.json is stale: run `cargo run -q -- openapi > docs/openapi.json`"

@@ -1,4 +1,5 @@
-//! Request extractors whose every rejection is the contract's JSON error envelope.
+//! Request extractors whose every rejection is the contract's JSON error envelope, and
+//! [`Auth`], the bearer-token caller.
 //!
 //! axum's own `Query`, `Path` and `Json` answer a failed parse with a plain-text body
 //! (`Failed to deserialize query string…`); handlers use these instead, so a bad `limit=abc`
@@ -8,7 +9,11 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
+use axum::http::header;
+
+use crate::admin::Principal;
 use crate::error::ApiError;
+use crate::state::AppState;
 
 /// Query string (parsed by axum's `Query`, its rejection re-wrapped).
 pub struct Query<T>(pub T);
@@ -50,5 +55,30 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         let v: T = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::InvalidRequest(format!("invalid body: {e}")))?;
         Ok(JsonBody(v))
+    }
+}
+
+/// The authenticated caller.
+pub struct Auth(pub Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::Unauthorized)?;
+        Ok(Auth(state.admin.authenticate(token).await?))
     }
 }

@@ -7,26 +7,29 @@
 //! `url_verification`. A validly signed event we cannot route is acknowledged (200) and recorded
 //! as `filtered`: Slack disables the whole app when too many deliveries fail.
 
+pub mod api;
+pub mod oauth;
+
 use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 
-use crate::extract::Query;
+use crate::http::extract::Query;
 use axum::http::HeaderMap;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{IntegrationRef, header, kept_headers, read_body, reject, store_all_and_ack};
-use crate::app::AppState;
 use crate::clock::{now_micros, now_secs};
 use crate::credentials::valid_keys;
 use crate::error::{ApiError, ApiResult};
 use crate::ids::{new_id, prefix};
 use crate::protocol::slack::{self as proto, Envelope, NoNames, SlackSettings};
 use crate::protocol::{Effect, SignatureError};
+use crate::state::AppState;
 use crate::store::{ClaimedDelivery, DeliveryStatus, LastUsedTable, NewDelivery, Parsed};
 
 /// Source name stored with deliveries and signals.
@@ -531,7 +534,7 @@ fn outcome_at_the_edge(integ: &IntegrationRef, env: &Envelope) -> Option<Effect>
 
 /// Upper bound on the time enrichment may add to a delivery (and to the batch it is in: the
 /// deliveries of a batch are enriched concurrently). Longer than a Slack call may take
-/// ([`crate::slack_api::CALL_TIMEOUT`]), so a call that gets no answer fails and marks the API
+/// ([`crate::sources::slack::api::CALL_TIMEOUT`]), so a call that gets no answer fails and marks the API
 /// down before the deadline cuts it.
 const ENRICH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
 
@@ -592,13 +595,16 @@ impl Lookup {
 }
 
 async fn look_up(
-    api: &crate::slack_api::SlackApi,
+    api: &crate::sources::slack::api::SlackApi,
     id: &str,
     token: &secrecy::SecretString,
     channel: &str,
     ts: &str,
     l: Lookup,
-) -> (Lookup, Result<String, crate::slack_api::SlackError>) {
+) -> (
+    Lookup,
+    Result<String, crate::sources::slack::api::SlackError>,
+) {
     let r = match &l {
         Lookup::User(u) => api.user_name(id, token, u).await,
         Lookup::Channel(c) => api.channel_name(id, token, c).await,
@@ -611,7 +617,7 @@ fn keep(
     names: &mut Names,
     extra: &mut serde_json::Map<String, Value>,
     l: Lookup,
-    r: Result<String, crate::slack_api::SlackError>,
+    r: Result<String, crate::sources::slack::api::SlackError>,
 ) {
     match (l, r) {
         (Lookup::User(u), Ok(n)) => {
@@ -627,6 +633,22 @@ fn keep(
     }
 }
 
+/// The integration's usable bot token ([`api::bot_token`]: refreshed when it expires soon, or
+/// when `force`); `None` when there is none or the integration needs re-authorisation.
+pub async fn bot_token(
+    state: &AppState,
+    integration_id: &str,
+    force: bool,
+) -> Option<secrecy::SecretString> {
+    let tokens = api::Tokens {
+        api: &state.slack,
+        store: &state.store,
+        creds: &state.creds,
+        cfg: &state.cfg,
+    };
+    api::bot_token(tokens, integration_id, force).await
+}
+
 /// Looks up the author's, mentioned users' and channels' names and the permalink, all at once
 /// (the caller bounds the whole with [`ENRICH_DEADLINE`]). Each answer lands in `names` /
 /// `extra` as it arrives, so what was found before the deadline is kept. A method under
@@ -638,7 +660,6 @@ async fn enrich(
     names: &mut Names,
     extra: &mut serde_json::Map<String, Value>,
 ) {
-    use crate::slack_api::bot_token;
     use futures::StreamExt;
     use futures::stream::FuturesUnordered;
     let id = &integ.row.id;

@@ -22,9 +22,11 @@ use moka::sync::Cache;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 
-use crate::app::AppState;
 use crate::clock::now_micros;
+use crate::config::Config;
+use crate::credentials::Credentials;
 use crate::metrics::Metrics;
+use crate::store::Store;
 
 /// Refresh when less than this remains before expiry (Bolt uses the same margin).
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(2 * 3600);
@@ -611,6 +613,20 @@ impl SlackApi {
     }
 }
 
+/// What [`bot_token`] reads and writes, borrowed from the application's shared state (this
+/// module does not depend on it).
+#[derive(Clone, Copy)]
+pub struct Tokens<'a> {
+    /// The Web API client (refresh calls, single-flight locks).
+    pub api: &'a SlackApi,
+    /// The integration rows.
+    pub store: &'a Store,
+    /// Token encryption.
+    pub creds: &'a Credentials,
+    /// The app's client id and secret.
+    pub cfg: &'a Config,
+}
+
 /// The integration's usable bot token, refreshed first when it expires within
 /// [`REFRESH_MARGIN`] (or when `force`, after a `token_expired`/`invalid_auth`). `None` when
 /// there is no token or the integration needs re-authorisation.
@@ -618,11 +634,11 @@ impl SlackApi {
 /// Single-flight: one refresh per integration at a time in this process (a mutex) and across
 /// nodes (a lease column taken with a conditional `UPDATE`); losers wait for the winner's tokens.
 pub async fn bot_token(
-    state: &AppState,
+    state: Tokens<'_>,
     integration_id: &str,
     force: bool,
 ) -> Option<SecretString> {
-    let api = &state.slack;
+    let api = state.api;
     let fresh_enough = |row: &crate::store::Integration| {
         row.token_expires_at
             .is_none_or(|t| t - now_micros() > REFRESH_MARGIN.as_micros() as i64)
@@ -776,7 +792,7 @@ mod tests {
     use super::*;
 
     fn api(base: &str) -> SlackApi {
-        SlackApi::new(crate::app::http_client().unwrap(), base, Metrics::new())
+        SlackApi::new(crate::state::http_client().unwrap(), base, Metrics::new())
     }
 
     async fn calls(mock: &MockServer, p: &str) -> usize {
