@@ -6,11 +6,11 @@
 //! collapsed, block elements start new lines, paragraphs and headings are separated by a blank
 //! line, `script`/`style`/`title` and similar are dropped with their content.
 //!
-//! No tree is built. A document tree is what a renderer needs for layout, and building one is
-//! what made the previous converter (html2text) slow (~170 µs for a 3 KB ticket) and quadratic in
-//! nesting depth (html5ever's tree builder searches its stack of open elements per tag), which
-//! needed a depth-capping pre-pass. The tokenizer alone is linear in the input, so hostile
-//! nesting costs nothing special, and plain text needs only the block/inline distinction.
+//! No tree is built. A document tree is what a renderer needs for layout; building one costs
+//! most of a conversion's time and is quadratic in nesting depth (html5ever's tree builder
+//! searches its stack of open elements per tag), so hostile nesting would need a depth cap. The
+//! tokenizer alone is linear in the input, so hostile nesting costs nothing special, and plain
+//! text needs only the block/inline distinction.
 
 use std::cell::RefCell;
 
