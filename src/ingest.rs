@@ -149,7 +149,7 @@ impl Inbox {
     /// Whether a receiver's outcome ([`NewDelivery::outcome`]) may be committed with its row:
     /// in a node with local workers (their hand-off lease covers the row while it finishes).
     /// Otherwise receivers need not decide one (the inbox would drop it and a worker decide
-    /// again). Which outcomes a backend takes: `Store::finishes_at_insert`.
+    /// again). Which outcomes commit with their row: [`crate::store::finishes_at_insert`].
     pub fn takes_outcomes(&self) -> bool {
         self.takes_outcomes
     }
@@ -235,7 +235,7 @@ async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
         .iter_mut()
         .map(|(d, _)| {
             let o = d.outcome.take();
-            o.filter(|e| w.handoff.is_some() && w.store.finishes_at_insert(e))
+            o.filter(|e| w.handoff.is_some() && crate::store::finishes_at_insert(e))
         })
         .collect();
     // Take places in the hand-off budget for the other pending deliveries (as many as are free).

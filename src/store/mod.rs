@@ -12,11 +12,11 @@
 //! - a delivery's outcome, its signal change and its activity entry commit together, and only if
 //!   the worker still holds the delivery's lease (fencing).
 
-mod finish;
 mod models;
+mod outcome;
 mod sqlite_writer;
 
-use finish::Finish;
+use outcome::Finish;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -30,11 +30,13 @@ use sqlx::sqlite::{
 };
 
 pub use models::*;
+pub use outcome::finishes_at_insert;
+use outcome::{ExistingSignal, SignalChange};
 
 use crate::clock::{now_micros, rfc3339};
 use crate::config::Config;
 use crate::ids::{new_id, prefix};
-use crate::protocol::effect::{Effect, Merged, mark_deleted, merge_into};
+use crate::protocol::effect::Effect;
 
 /// Errors from storage.
 #[derive(Debug, thiserror::Error)]
@@ -981,24 +983,14 @@ impl Store {
         }
     }
 
-    /// Whether the inbox commits `effect` with its row ([`Store::insert_and_finish`]), on
-    /// either backend: a new or changed signal, a filter, a rejection — outcomes whose final
-    /// columns are known before the insert, so PostgreSQL writes the row once. A deletion (it
-    /// must not overtake the message it deletes, which may be waiting for enrichment in a
-    /// worker) and a deactivation (the worker refreshes the credential cache after it) go
-    /// through a worker.
-    pub fn finishes_at_insert(&self, effect: &Effect) -> bool {
-        finishes_at_insert(effect)
-    }
-
     /// [`Store::insert_deliveries`], and in the same transaction, for every *new* row whose
     /// `outcomes` entry is set, what [`Store::apply_effects`] would commit for it (signal,
     /// activity entry, final status). Such rows must be leased by `lease`: they are inserted
     /// held, then finished under that lease, so one transaction writes a delivery and its outcome
     /// instead of two. `outcomes` is parallel to `batch` (or empty); each new row with an
     /// outcome gets its `Applied`. A duplicate's outcome is dropped (the unique index decides,
-    /// as ever). Backends that do not [`finish at insert`](Store::finishes_at_insert) ignore
-    /// `outcomes`.
+    /// as ever). Only outcomes that [`finishes_at_insert`] allows are written
+    /// with their rows; the others are dropped (a worker decides those).
     pub async fn insert_and_finish(
         &self,
         batch: &[&NewDelivery],
@@ -1013,10 +1005,17 @@ impl Store {
                 _ => (None, None, 0),
             }
         };
+        // The rule of what commits with its row (`finishes_at_insert`), for rows inserted under
+        // a lease; both backends write what is left.
+        outcomes.resize_with(batch.len(), || None);
+        for (i, o) in outcomes.iter_mut().enumerate() {
+            if leased(i).0.is_none() || !o.as_ref().is_some_and(finishes_at_insert) {
+                *o = None;
+            }
+        }
         let p = match (&self.pool, &self.sqlite) {
             (Pool::Postgres(p), _) => p,
             (Pool::Sqlite(_), Some(w)) => {
-                outcomes.resize_with(batch.len(), || None);
                 let rows = batch
                     .iter()
                     .zip(outcomes)
@@ -1025,9 +1024,7 @@ impl Store {
                         let (owner, until, _) = leased(i);
                         let lease = owner.zip(until).map(|(o, u)| (o.to_string(), u));
                         sqlite_writer::InsertRow {
-                            finish: outcome
-                                .filter(|e| lease.is_some() && finishes_at_insert(e))
-                                .map(|e| sqlite_writer::ApplyItem::for_new(d, e)),
+                            finish: outcome.map(|e| sqlite_writer::ApplyItem::for_new(d, e)),
                             // The writer thread needs the columns, not the receiver's parse.
                             d: NewDelivery {
                                 parsed: Parsed::default(),
@@ -1042,20 +1039,18 @@ impl Store {
             }
             (Pool::Sqlite(_), None) => return Err(no_writer()),
         };
-        // PostgreSQL. Outcomes it can write with the row are decided first (final columns,
-        // signal id, activity entry); see `finishes_at_insert`.
-        outcomes.resize_with(batch.len(), || None);
+        // PostgreSQL. The final columns, signal id and activity entry of what commits with its
+        // row are decided first.
         let now = now_micros();
         let finishes: Vec<Option<PgFinish>> = batch
             .iter()
             .zip(outcomes)
-            .enumerate()
-            .map(|(i, (d, o))| {
-                let e = o.filter(|e| leased(i).0.is_some() && finishes_at_insert(e))?;
+            .map(|(d, o)| {
+                let e = o?;
                 let (finish, entry, signal_id) = match &e {
                     Effect::Upsert { signal, .. } => {
                         let sid = new_id(prefix::SIGNAL);
-                        let meta = finish::created_metadata(&d.source, &d.id, signal);
+                        let meta = outcome::created_metadata(&d.source, &d.id, signal);
                         let (f, entry) = Finish::created(sid.clone(), meta);
                         (f, entry, Some(sid))
                     }
@@ -1317,8 +1312,6 @@ async fn apply_effects_pg_in(
             }
         }
     }
-    let select_sql = "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
-         AND source = $2 AND source_ref = $3 FOR UPDATE";
     let mut acts: Vec<[Option<String>; 7]> = Vec::new();
     let mut fin: [Vec<Option<String>>; 5] = Default::default();
     let mut out = Vec::with_capacity(batch.len());
@@ -1330,7 +1323,7 @@ async fn apply_effects_pg_in(
         let source: &str = &delivery.source;
         let ws = delivery.workspace_id.clone().unwrap_or_default();
         let (done, entry) = match effect {
-            Effect::Upsert { signal, merge } => {
+            Effect::Upsert { signal, .. } => {
                 let mut created = new_ids[i].take();
                 if created.is_none() && !first_upserts.contains(&i) {
                     // Not in the bulk insert (an earlier item touched this signal): try now.
@@ -1355,71 +1348,23 @@ async fn apply_effects_pg_in(
                     }
                 }
                 if let Some(id) = created {
-                    Finish::created(id, finish::created_metadata(source, &delivery.id, signal))
+                    Finish::created(id, outcome::created_metadata(source, &delivery.id, signal))
                 } else {
                     // It exists: merge.
-                    let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
-                        .bind(&ws)
-                        .bind(source)
-                        .bind(&signal.source_ref)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                    match existing {
-                        Some((id, verbatim, meta)) => {
-                            let old_meta: Value =
-                                serde_json::from_str(&meta).unwrap_or(Value::Null);
-                            match merge_into(&verbatim, &old_meta, signal, *merge, &now_s) {
-                                Merged::Updated { verbatim, metadata } => {
-                                    sqlx::query(
-                                        "UPDATE signals SET verbatim = $2, \
-                                         source_metadata = $3, updated_at = $4 WHERE id = $1",
-                                    )
-                                    .bind(&id)
-                                    .bind(&verbatim)
-                                    .bind(metadata.to_string())
-                                    .bind(now)
-                                    .execute(&mut *tx)
-                                    .await?;
-                                    Finish::updated(source, &delivery.id, id, &verbatim)
-                                }
-                                Merged::Unchanged => (Finish::on_signal(id), None),
-                            }
-                        }
-                        None => (Finish::processed(), None),
-                    }
+                    let existing =
+                        existing_signal_pg(&mut *tx, &ws, source, &signal.source_ref).await?;
+                    let (change, done) =
+                        outcome::on_existing(effect, source, &delivery.id, existing, &now_s);
+                    write_change_pg(&mut *tx, change, now).await?;
+                    done
                 }
             }
-            Effect::MarkDeleted {
-                source_ref,
-                metadata,
-            } => {
-                let existing: Option<(String, String, String)> = sqlx::query_as(select_sql)
-                    .bind(&ws)
-                    .bind(source)
-                    .bind(source_ref)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                match existing {
-                    Some((id, _, meta)) => {
-                        let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
-                        if old_meta.get("deleted") == Some(&Value::Bool(true)) {
-                            (Finish::on_signal(id), None)
-                        } else {
-                            let new_meta = mark_deleted(&old_meta, metadata, &now_s);
-                            sqlx::query(
-                                "UPDATE signals SET source_metadata = $2, updated_at = $3, status = 'deleted' \
-                                 WHERE id = $1",
-                            )
-                            .bind(&id)
-                            .bind(new_meta.to_string())
-                            .bind(now)
-                            .execute(&mut *tx)
-                            .await?;
-                            Finish::deleted(source, &delivery.id, id)
-                        }
-                    }
-                    None => (Finish::never_seen(), None),
-                }
+            Effect::MarkDeleted { source_ref, .. } => {
+                let existing = existing_signal_pg(&mut *tx, &ws, source, source_ref).await?;
+                let (change, done) =
+                    outcome::on_existing(effect, source, &delivery.id, existing, &now_s);
+                write_change_pg(&mut *tx, change, now).await?;
+                done
             }
             Effect::Filter { reason } => (Finish::filtered(reason.as_str()), None),
             Effect::Reject { reason } => (Finish::failed(reason.as_str()), None),
@@ -2127,12 +2072,62 @@ where
     .collect())
 }
 
-/// See [`Store::finishes_at_insert`].
-fn finishes_at_insert(e: &Effect) -> bool {
-    matches!(
-        e,
-        Effect::Upsert { .. } | Effect::Filter { .. } | Effect::Reject { .. }
+/// The signal `(workspace, source, source_ref)` names, locked until the transaction ends.
+async fn existing_signal_pg(
+    tx: &mut sqlx::PgConnection,
+    workspace_id: &str,
+    source: &str,
+    source_ref: &str,
+) -> Result<Option<ExistingSignal>> {
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT id, verbatim, source_metadata FROM signals WHERE workspace_id = $1 \
+         AND source = $2 AND source_ref = $3 FOR UPDATE",
     )
+    .bind(workspace_id)
+    .bind(source)
+    .bind(source_ref)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(row.map(ExistingSignal::from))
+}
+
+/// Runs the write [`outcome::on_existing`] decided on an existing signal.
+async fn write_change_pg(
+    tx: &mut sqlx::PgConnection,
+    change: Option<SignalChange>,
+    now: i64,
+) -> Result<()> {
+    match change {
+        Some(SignalChange::Edit {
+            id,
+            verbatim,
+            metadata,
+        }) => {
+            sqlx::query(
+                "UPDATE signals SET verbatim = $2, source_metadata = $3, updated_at = $4 \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(verbatim)
+            .bind(metadata)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Some(SignalChange::Delete { id, metadata }) => {
+            sqlx::query(
+                "UPDATE signals SET source_metadata = $2, updated_at = $3, status = 'deleted' \
+                 WHERE id = $1",
+            )
+            .bind(id)
+            .bind(metadata)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 /// A receiver's outcome as the PostgreSQL inbox writes it with the row.
@@ -2140,7 +2135,7 @@ struct PgFinish {
     effect: Effect,
     /// The row's final columns (for an upsert: as if the signal is new).
     finish: Finish,
-    entry: Option<finish::Entry>,
+    entry: Option<outcome::Entry>,
     /// The new signal's id, for an upsert.
     signal_id: Option<String>,
 }
@@ -2255,7 +2250,7 @@ async fn insert_deliveries_pg<'l>(
             sig[2].push(&signal.verbatim);
             sig[3].push(&d.source);
             sig[4].push(&signal.source_ref);
-            sig_meta.push(finish::json_text(&signal.metadata));
+            sig_meta.push(outcome::json_text(&signal.metadata));
         }
     }
     let created: std::collections::HashSet<String> = if sig[0].is_empty() {
@@ -2478,37 +2473,4 @@ where
     .execute(exec)
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::protocol::effect::{Merge, NewSignal};
-
-    #[test]
-    fn deletions_and_deactivations_never_finish_at_insert() {
-        let upsert = Effect::Upsert {
-            signal: NewSignal {
-                source_ref: "slack-T1-C1-1.0".into(),
-                verbatim: "hello".into(),
-                metadata: serde_json::json!({}),
-            },
-            merge: Merge::Keep,
-        };
-        assert!(finishes_at_insert(&upsert));
-        assert!(finishes_at_insert(&Effect::filter("bot message")));
-        assert!(finishes_at_insert(&Effect::reject("no channel")));
-        // A deletion committed with its inbox row could overtake the message it deletes while
-        // that message waits in a worker for enrichment; it must go through a worker too.
-        let deletion = Effect::MarkDeleted {
-            source_ref: "slack-T1-C1-1.0".into(),
-            metadata: serde_json::json!({ "deleted_ts": "1.0" }),
-        };
-        assert!(!finishes_at_insert(&deletion));
-        // A deactivation is followed by a credential-cache refresh, which the worker does.
-        let deactivation = Effect::DeactivateIntegration {
-            reason: "app_uninstalled".into(),
-        };
-        assert!(!finishes_at_insert(&deactivation));
-    }
 }

@@ -21,14 +21,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use serde_json::Value;
 use tokio::sync::oneshot;
 
-use super::finish::{self, Finish, json_text};
+use super::outcome::{self, ExistingSignal, Finish, SignalChange, json_text};
 use super::{Applied, ClaimedDelivery, DeliveryStatus, NewDelivery, StoreError, Stored};
 use crate::clock::{now_micros, rfc3339};
 use crate::ids::{new_id, prefix};
-use crate::protocol::effect::{Effect, Merged, mark_deleted, merge_into};
+use crate::protocol::effect::Effect;
 
 /// One unit of work for the writer thread. Its statements run inside the cycle's transaction
 /// and its caller is answered only after that transaction commits. A job can run more than once
@@ -460,7 +459,7 @@ impl ApplyItem {
         let upsert_json = match &effect {
             Effect::Upsert { signal, .. } => Some((
                 json_text(&signal.metadata),
-                finish::created_metadata(source, id, signal),
+                outcome::created_metadata(source, id, signal),
             )),
             _ => None,
         };
@@ -1053,7 +1052,7 @@ fn apply<'a>(
         let ws = item.workspace_id.as_deref().unwrap_or_default();
         let source = item.source.as_str();
         let (done, entry) = match &item.effect {
-            Effect::Upsert { signal, merge } => {
+            Effect::Upsert { signal, .. } => {
                 // Insert first (the common case, a new signal); merge only on conflict. Ids are
                 // made here, under the write lock, so that id order is commit order.
                 let serialised;
@@ -1077,60 +1076,27 @@ fn apply<'a>(
                 if n == 1 {
                     let created = created
                         .cloned()
-                        .unwrap_or_else(|| finish::created_metadata(source, &item.id, signal));
+                        .unwrap_or_else(|| outcome::created_metadata(source, &item.id, signal));
                     Finish::created(id, created)
-                } else if let Some((id, verbatim, meta)) = find_signal
-                    .query_row(params![ws, source, signal.source_ref], row3)
-                    .optional()?
-                {
-                    let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
-                    match merge_into(&verbatim, &old_meta, signal, *merge, &now_s) {
-                        Merged::Updated { verbatim, metadata } => {
-                            conn.prepare_cached(
-                                "UPDATE signals SET verbatim = ?2, source_metadata = ?3, \
-                                 updated_at = ?4 WHERE id = ?1",
-                            )?
-                            .execute(params![
-                                id,
-                                verbatim,
-                                metadata.to_string(),
-                                now
-                            ])?;
-                            Finish::updated(source, &item.id, id, &verbatim)
-                        }
-                        Merged::Unchanged => (Finish::on_signal(id), None),
-                    }
                 } else {
-                    (Finish::processed(), None)
+                    let existing = find_signal
+                        .query_row(params![ws, source, signal.source_ref], row3)
+                        .optional()?;
+                    let (change, done) =
+                        outcome::on_existing(&item.effect, source, &item.id, existing, &now_s);
+                    write_change(conn, change, now)?;
+                    done
                 }
             }
-            Effect::MarkDeleted {
-                source_ref,
-                metadata,
-            } => match find_signal
-                .query_row(params![ws, source, source_ref], row3)
-                .optional()?
-            {
-                Some((id, _, meta)) => {
-                    let old_meta: Value = serde_json::from_str(&meta).unwrap_or(Value::Null);
-                    if old_meta.get("deleted") == Some(&Value::Bool(true)) {
-                        (Finish::on_signal(id), None)
-                    } else {
-                        let new_meta = mark_deleted(&old_meta, metadata, &now_s);
-                        conn.prepare_cached(
-                            "UPDATE signals SET source_metadata = ?2, updated_at = ?3, status = 'deleted' \
-                             WHERE id = ?1",
-                        )?
-                        .execute(params![
-                            id,
-                            new_meta.to_string(),
-                            now
-                        ])?;
-                        Finish::deleted(source, &item.id, id)
-                    }
-                }
-                None => (Finish::never_seen(), None),
-            },
+            Effect::MarkDeleted { source_ref, .. } => {
+                let existing = find_signal
+                    .query_row(params![ws, source, source_ref], row3)
+                    .optional()?;
+                let (change, done) =
+                    outcome::on_existing(&item.effect, source, &item.id, existing, &now_s);
+                write_change(conn, change, now)?;
+                done
+            }
             Effect::Filter { reason } => (Finish::filtered(reason.as_str()), None),
             Effect::Reject { reason } => (Finish::failed(reason.as_str()), None),
             Effect::DeactivateIntegration { reason } => match &item.integration_id {
@@ -1181,8 +1147,38 @@ fn apply<'a>(
     Ok(out)
 }
 
-fn row3(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, String)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+fn row3(r: &rusqlite::Row<'_>) -> rusqlite::Result<ExistingSignal> {
+    Ok(ExistingSignal {
+        id: r.get(0)?,
+        verbatim: r.get(1)?,
+        metadata: r.get(2)?,
+    })
+}
+
+/// Runs the write [`outcome::on_existing`] decided on an existing signal.
+fn write_change(conn: &Connection, change: Option<SignalChange>, now: i64) -> rusqlite::Result<()> {
+    match change {
+        Some(SignalChange::Edit {
+            id,
+            verbatim,
+            metadata,
+        }) => {
+            conn.prepare_cached(
+                "UPDATE signals SET verbatim = ?2, source_metadata = ?3, updated_at = ?4 \
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, verbatim, metadata, now])?;
+        }
+        Some(SignalChange::Delete { id, metadata }) => {
+            conn.prepare_cached(
+                "UPDATE signals SET source_metadata = ?2, updated_at = ?3, status = 'deleted' \
+                 WHERE id = ?1",
+            )?
+            .execute(params![id, metadata, now])?;
+        }
+        None => {}
+    }
+    Ok(())
 }
 
 #[cfg(test)]

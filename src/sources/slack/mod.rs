@@ -521,13 +521,12 @@ fn decide(integ: &IntegrationRef, env: &Envelope) -> Decision {
     Decision::Enrich(settings)
 }
 
-/// The outcome the receiver can pass to the inbox: the worker step's, when it needs no I/O (no
-/// enrichment) and no follow-up (a deactivation refreshes the credential cache after its
-/// commit, which the worker does). The inbox commits only some kinds with the row
-/// (`Store::finishes_at_insert`: not a deletion, which must not overtake its message).
+/// The outcome the receiver can offer the inbox: the worker step's, when it needs no I/O (no
+/// enrichment). Which offered outcomes commit with the row is decided in one place,
+/// [`crate::store::finishes_at_insert`].
 fn outcome_at_the_edge(integ: &IntegrationRef, env: &Envelope) -> Option<Effect> {
     match decide(integ, env) {
-        Decision::Done(Effect::DeactivateIntegration { .. }) | Decision::Enrich(_) => None,
+        Decision::Enrich(_) => None,
         Decision::Done(effect) => Some(effect),
     }
 }

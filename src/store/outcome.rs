@@ -1,12 +1,105 @@
-//! What finishing a delivery records, written once for both backends: the delivery's final
-//! columns and the activity entry of each outcome. The backends differ only in how they ask the
-//! database what the outcome is (rusqlite on SQLite's writer thread, sqlx on PostgreSQL); what
-//! they then write, and the text and metadata users see, comes from here.
+//! What applying an [`Effect`] writes, decided once for both backends and without the database:
+//! which effects commit with their inbox row ([`finishes_at_insert`]), what an effect does to
+//! the signal that is already there ([`on_existing`]), and the delivery's final columns and
+//! activity entry ([`Finish`]). The backends differ only in how they read the existing row and
+//! run the writes (rusqlite on SQLite's writer thread, sqlx on PostgreSQL); what they write,
+//! and the text and metadata users see, comes from here.
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::DeliveryStatus;
-use crate::protocol::effect::NewSignal;
+use crate::protocol::Effect;
+use crate::protocol::effect::{Merged, NewSignal, mark_deleted, merge_into};
+
+/// Whether the inbox commits `effect` with its row (the delivery is inserted finished, in the
+/// same transaction): a new or changed signal, a filter, a rejection — outcomes whose final
+/// columns are known before the insert. A deletion (it must not overtake the message it
+/// deletes, which may be waiting for enrichment in a worker) and a deactivation (the worker
+/// refreshes the credential cache after it) go through a worker. The one place this is
+/// decided: receivers offer any outcome they know without I/O, the inbox and both backends ask
+/// here.
+pub fn finishes_at_insert(effect: &Effect) -> bool {
+    matches!(
+        effect,
+        Effect::Upsert { .. } | Effect::Filter { .. } | Effect::Reject { .. }
+    )
+}
+
+/// A signal row that is already there, as read inside the applying transaction.
+pub(super) struct ExistingSignal {
+    pub id: String,
+    pub verbatim: String,
+    /// `source_metadata` as stored (JSON text).
+    pub metadata: String,
+}
+
+impl From<(String, String, String)> for ExistingSignal {
+    fn from((id, verbatim, metadata): (String, String, String)) -> Self {
+        ExistingSignal {
+            id,
+            verbatim,
+            metadata,
+        }
+    }
+}
+
+/// A write to an existing signal row, decided by [`on_existing`].
+pub(super) enum SignalChange {
+    /// Signal `id` gets new verbatim and metadata (an edit, or metadata merged in).
+    Edit {
+        id: String,
+        verbatim: String,
+        metadata: String,
+    },
+    /// Signal `id`'s metadata is marked deleted and its status `deleted`.
+    Delete { id: String, metadata: String },
+}
+
+/// What an upsert whose signal already exists, or a deletion, does: the write to that signal
+/// , if any, and the delivery's finish. `existing` is `None` when the
+/// row is not there (an upsert racing a purge, a deletion of a message never captured). `now`
+/// is the RFC 3339 time recorded in edit and deletion metadata. Other effects need no existing
+/// signal: `None` and a processed finish.
+pub(super) fn on_existing(
+    effect: &Effect,
+    source: &str,
+    delivery_id: &str,
+    existing: Option<ExistingSignal>,
+    now: &str,
+) -> (Option<SignalChange>, (Finish, Option<Entry>)) {
+    let old_meta =
+        |e: &ExistingSignal| -> Value { serde_json::from_str(&e.metadata).unwrap_or(Value::Null) };
+    match (effect, existing) {
+        (Effect::Upsert { signal, merge }, Some(e)) => {
+            match merge_into(&e.verbatim, &old_meta(&e), signal, *merge, now) {
+                Merged::Updated { verbatim, metadata } => {
+                    let done = Finish::updated(source, delivery_id, e.id.clone(), &verbatim);
+                    let change = SignalChange::Edit {
+                        id: e.id,
+                        verbatim,
+                        metadata: json_text(&metadata),
+                    };
+                    (Some(change), done)
+                }
+                Merged::Unchanged => (None, (Finish::on_signal(e.id), None)),
+            }
+        }
+        (Effect::MarkDeleted { metadata, .. }, Some(e)) => {
+            let old = old_meta(&e);
+            if old.get("deleted") == Some(&Value::Bool(true)) {
+                return (None, (Finish::on_signal(e.id), None));
+            }
+            let done = Finish::deleted(source, delivery_id, e.id.clone());
+            let change = SignalChange::Delete {
+                id: e.id,
+                metadata: json_text(&mark_deleted(&old, metadata, now)),
+            };
+            (Some(change), done)
+        }
+        (Effect::MarkDeleted { .. }, None) => (None, (Finish::never_seen(), None)),
+        _ => (None, (Finish::processed(), None)),
+    }
+}
 
 /// Longest verbatim excerpt kept in an activity entry, in characters.
 const PREVIEW_CHARS: usize = 100;
@@ -289,5 +382,117 @@ mod tests {
             (f.status, f.signal_id.as_deref(), f.action),
             (DeliveryStatus::Processed, Some("sig_9"), None)
         );
+    }
+
+    fn existing(verbatim: &str, metadata: &str) -> Option<ExistingSignal> {
+        Some(ExistingSignal {
+            id: "sig_1".into(),
+            verbatim: verbatim.into(),
+            metadata: metadata.into(),
+        })
+    }
+
+    fn upsert(verbatim: &str, merge: crate::protocol::Merge) -> Effect {
+        Effect::Upsert {
+            signal: signal(verbatim),
+            merge,
+        }
+    }
+
+    #[test]
+    fn an_edit_of_an_existing_signal_rewrites_it_and_is_logged() {
+        use crate::protocol::Merge;
+        let (change, (f, e)) = on_existing(
+            &upsert("new text", Merge::Edit),
+            "slack",
+            "dlv_2",
+            existing("old text", r#"{"channel":"C1"}"#),
+            "2026-12-08T00:00:00Z",
+        );
+        let Some(SignalChange::Edit {
+            id,
+            verbatim,
+            metadata,
+        }) = change
+        else {
+            panic!("an edit rewrites the signal");
+        };
+        assert_eq!((id.as_str(), verbatim.as_str()), ("sig_1", "new text"));
+        let meta = json(&metadata);
+        assert_eq!(meta["channel"], "C1");
+        assert_eq!(meta["edits"][0]["verbatim"], "old text");
+        assert_eq!(f.signal_id.as_deref(), Some("sig_1"));
+        assert_eq!(e.expect("logged").action, "signal.updated");
+        // The same text again changes nothing and logs nothing.
+        let (change, (f, e)) = on_existing(
+            &upsert("old text", Merge::Edit),
+            "slack",
+            "dlv_3",
+            existing("old text", "{}"),
+            "2026-12-08T00:00:00Z",
+        );
+        assert!(change.is_none() && e.is_none());
+        assert_eq!(f.signal_id.as_deref(), Some("sig_1"));
+    }
+
+    #[test]
+    fn a_deletion_marks_once_and_a_missing_signal_is_never_seen() {
+        let delete = Effect::MarkDeleted {
+            source_ref: "C1:1.2".into(),
+            metadata: json!({"deleted_by": "U1"}),
+        };
+        let now = "2026-12-08T00:00:00Z";
+        let (change, (f, e)) = on_existing(&delete, "slack", "dlv_4", existing("t", "{}"), now);
+        let Some(SignalChange::Delete { id, metadata }) = change else {
+            panic!("a deletion marks the signal");
+        };
+        assert_eq!(id, "sig_1");
+        let meta = json(&metadata);
+        assert_eq!(
+            (meta["deleted"].clone(), meta["deleted_by"].clone()),
+            (json!(true), json!("U1"))
+        );
+        assert_eq!(meta["deleted_at"], now);
+        assert_eq!(f.signal_id.as_deref(), Some("sig_1"));
+        assert_eq!(e.expect("logged").action, "signal.deleted");
+        // Already deleted: nothing to write, nothing logged.
+        let (change, (_, e)) = on_existing(
+            &delete,
+            "slack",
+            "dlv_5",
+            existing("t", r#"{"deleted":true}"#),
+            now,
+        );
+        assert!(change.is_none() && e.is_none());
+        let (change, (f, e)) = on_existing(&delete, "slack", "dlv_6", None, now);
+        assert!(change.is_none() && e.is_none());
+        assert_eq!(f.status, Finish::never_seen().status);
+    }
+
+    #[test]
+    fn deletions_and_deactivations_never_finish_at_insert() {
+        let upsert = Effect::Upsert {
+            signal: NewSignal {
+                source_ref: "slack-T1-C1-1.0".into(),
+                verbatim: "hello".into(),
+                metadata: serde_json::json!({}),
+            },
+            merge: crate::protocol::Merge::Keep,
+        };
+        assert!(finishes_at_insert(&upsert));
+        assert!(finishes_at_insert(&Effect::filter("bot message")));
+        assert!(finishes_at_insert(&Effect::reject("no channel")));
+        // A deletion committed with its inbox row could overtake the message it deletes while
+        // that message waits in a worker for enrichment; it must go through a worker too.
+        let deletion = Effect::MarkDeleted {
+            source_ref: "slack-T1-C1-1.0".into(),
+            metadata: serde_json::json!({ "deleted_ts": "1.0" }),
+        };
+        assert!(!finishes_at_insert(&deletion));
+        // A deactivation is followed by a credential-cache refresh, which the worker does.
+        let deactivation = Effect::DeactivateIntegration {
+            reason: "app_uninstalled".into(),
+        };
+        assert!(!finishes_at_insert(&deactivation));
     }
 }
