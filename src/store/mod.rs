@@ -13,6 +13,7 @@
 //!   the worker still holds the delivery's lease (fencing).
 
 mod finish;
+pub mod inspect;
 mod models;
 mod sqlite_writer;
 
