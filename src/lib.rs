@@ -6,7 +6,6 @@
 pub mod admin;
 pub mod api;
 pub mod app;
-pub mod bench;
 pub mod cli;
 pub mod clock;
 pub mod config;
