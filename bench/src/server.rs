@@ -29,11 +29,14 @@ pub(crate) fn server_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
             .with_file_name(format!("signalbox{}", std::env::consts::EXE_SUFFIX)),
     };
     if !path.is_file() {
-        bail!(
-            "no signalbox server executable at {}: build it with cargo build --release \
-             (cargo build for a debug signalbox-bench), or name one with --server PATH",
-            path.display()
-        );
+        match &args.server {
+            Some(_) => bail!("--server {}: no such executable", path.display()),
+            None => bail!(
+                "no signalbox server executable at {}: build it with cargo build --release \
+                 (cargo build for a debug signalbox-bench), or name one with --server PATH",
+                path.display()
+            ),
+        }
     }
     Ok(path)
 }
