@@ -2,7 +2,7 @@
 # Instructions per delivery, counted by callgrind: repeatable where timings are not.
 #
 # Runs `signalbox serve` (fresh SQLite file) under `valgrind --tool=callgrind`, drives it with
-# `signalbox bench --url … --rate R` for D seconds, and counts only the load phase (counters are
+# `signalbox-bench --url … --rate R` for D seconds, and counts only the load phase (counters are
 # zeroed when the load starts; the bench verifies from the database file, so the server does no
 # verification work). Prints user-space instructions per acked delivery, and the inclusive
 # count of the pipeline's main functions per delivery.
@@ -12,6 +12,9 @@
 # counts high). Compare builds with it, at the same rate; do not read the totals as speed.
 #
 # Usage: scripts/callgrind_delivery.sh BINARY [NAME]   (env: RATE=100 DUR=10 SCENARIO=slack)
+# BINARY is the signalbox server under test; the load comes from signalbox-bench (env BENCH,
+# default target/release/signalbox-bench: `cargo build --release -p signalbox-bench`), the same
+# for every BINARY compared.
 # Example (A/B):
 #   cp target/release/signalbox /tmp/sb_a   # … change, rebuild …
 #   scripts/callgrind_delivery.sh /tmp/sb_a a; scripts/callgrind_delivery.sh target/release/signalbox b
@@ -21,6 +24,9 @@ NAME=${2:-$(basename "$BIN")}
 RATE=${RATE:-100}
 DUR=${DUR:-10}
 SCENARIO=${SCENARIO:-slack}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=${BENCH:-${CARGO_TARGET_DIR:-$REPO/target}/release/signalbox-bench}
+[ -x "$BENCH" ] || { echo "$BENCH is missing: cargo build --release -p signalbox-bench (or set BENCH)" >&2; exit 1; }
 command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 1; }
 D=$(mktemp -d)
 PORT=$((20000 + RANDOM % 20000))
@@ -35,7 +41,7 @@ valgrind --tool=callgrind --callgrind-out-file="$PROFILE" --dump-instr=no "$BIN"
 VP=$!
 trap 'kill $VP 2>/dev/null || true; rm -rf "$D"' EXIT
 for _ in $(seq 1 240); do curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.5; done
-"$BIN" bench --url "http://127.0.0.1:$PORT" --database-url "sqlite://$D/sb.db" \
+"$BENCH" --url "http://127.0.0.1:$PORT" --database-url "sqlite://$D/sb.db" \
   --scenario "$SCENARIO" --rate "$RATE" --duration "$DUR" --warmup 0 --connections 16 \
   >"$D/bench.log" 2>&1 &
 BP=$!

@@ -82,8 +82,6 @@ pub enum Command {
     /// Print the OpenAPI 3.1 document of the HTTP API (as served at /api/v1/openapi.json;
     /// docs/openapi.json is this output).
     Openapi,
-    /// Load-and-verify benchmark (docs/PERFORMANCE.md).
-    Bench(crate::bench::BenchArgs),
 }
 
 /// `serve` flags; each wins over its environment variable and the config file.
@@ -1173,7 +1171,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Send(c) => send(&cfg, j, c).await?,
-        Command::Bench(args) => crate::bench::run(args, cli.json).await?,
     }
     Ok(())
 }
@@ -1385,7 +1382,7 @@ mod tests {
         }
         let mut seen = 0;
         let cli = Cli::command();
-        for sub in cli.get_subcommands().filter(|c| c.get_name() != "bench") {
+        for sub in cli.get_subcommands() {
             walk(sub, &format!("signalbox {}", sub.get_name()), &mut seen);
         }
         // send webhook/slack/pylon, add slack (2), add pylon (3), update (2).

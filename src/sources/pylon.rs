@@ -129,7 +129,7 @@ async fn handle(
         status: DeliveryStatus::Pending,
         filter_reason: None,
         received_at: now_micros(),
-        parsed: Parsed::new(value),
+        parsed: Parsed::Json(Arc::new(value)),
         // Converting a ticket's HTML is heavy CPU work that stays off the request path (see
         // `normalize_off_runtime`); the worker decides Pylon outcomes.
         outcome: None,
@@ -203,7 +203,7 @@ pub fn settings(integ: &IntegrationRef) -> PylonSettings {
 
 /// Worker step: parse flexibly, enrich thin payloads from the Pylon API, normalise.
 pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, ProcessError> {
-    let Ok(raw) = d.parsed_or(|b| serde_json::from_slice::<Value>(b)) else {
+    let Ok(raw) = d.json() else {
         return Ok(Effect::reject("stored body is not JSON"));
     };
     let parsed = match proto::parse(&raw) {

@@ -1,6 +1,7 @@
 //! The generic signed endpoint: `POST /api/webhooks/signals?key_id=whk_…`, Standard Webhooks
 //! signatures, one signal per message (`source_ref`, or the `webhook-id` when absent).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -217,7 +218,7 @@ pub async fn receive(
         status: DeliveryStatus::Pending,
         filter_reason: None,
         received_at: now_micros(),
-        parsed: Parsed::new(value),
+        parsed: Parsed::Json(Arc::new(value)),
         outcome,
     };
     store_and_ack(&state, d, started).await
@@ -225,7 +226,7 @@ pub async fn receive(
 
 /// Worker step: the stored payload becomes one signal (re-sends keep the first).
 pub fn process(d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
-    let Ok(value) = d.parsed_or(|b| serde_json::from_slice::<Value>(b)) else {
+    let Ok(value) = d.json() else {
         return Ok(Effect::reject("stored body is not JSON"));
     };
     Ok(effect_of(

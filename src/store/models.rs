@@ -1,41 +1,37 @@
 //! Row types, shared by both backends (`FromRow` is derived generically over the row type).
 
-use std::any::Any;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 /// What the receiver already parsed of a delivery's body, carried with it in memory to a local
-/// worker so that the body is not parsed twice (for Slack, the envelope; for Pylon and generic
-/// webhooks, the JSON value). Never stored: a delivery claimed from the database has none, and
-/// its source parses the stored body with the same function the receiver used.
+/// worker so that the body is not parsed twice. Never stored: a delivery claimed from the
+/// database has none, and its source parses the stored body with the same function the
+/// receiver used ([`ClaimedDelivery::json`], [`ClaimedDelivery::slack_envelope`]).
 #[derive(Clone, Default)]
-pub struct Parsed(Option<Arc<dyn Any + Send + Sync>>);
+pub enum Parsed {
+    /// Nothing carried (claimed from the database, or a receiver that does not parse).
+    #[default]
+    None,
+    /// The body as JSON (Pylon and generic webhooks).
+    Json(Arc<serde_json::Value>),
+    /// A Slack Events API envelope.
+    SlackEnvelope(Arc<crate::protocol::slack::Envelope>),
+}
 
 impl Parsed {
-    /// Carries `value`.
-    pub fn new<T: Any + Send + Sync>(value: T) -> Parsed {
-        Parsed(Some(Arc::new(value)))
-    }
-
-    /// The carried value, if there is one of type `T`.
-    pub fn get<T: Any>(&self) -> Option<&T> {
-        self.0.as_deref().and_then(|v| v.downcast_ref::<T>())
-    }
-
-    /// The carried value as a shared pointer (to move it to another thread).
-    pub fn shared<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
-        self.0.clone().and_then(|v| v.downcast::<T>().ok())
+    fn kind(&self) -> &'static str {
+        match self {
+            Parsed::None => "none",
+            Parsed::Json(_) => "JSON",
+            Parsed::SlackEnvelope(_) => "Slack envelope",
+        }
     }
 }
 
 impl std::fmt::Debug for Parsed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Parsed(..)"
-        } else {
-            "Parsed(none)"
-        })
+        write!(f, "Parsed({})", self.kind())
     }
 }
 
@@ -340,15 +336,47 @@ impl ClaimedDelivery {
         }
     }
 
-    /// The receiver's parse of the body when it came with the delivery, else `parse(body)`
-    /// (the function the receiver used, so both paths agree).
-    pub fn parsed_or<T: Any + Send + Sync, E>(
-        &self,
-        parse: impl FnOnce(&[u8]) -> Result<T, E>,
-    ) -> Result<Arc<T>, E> {
-        match self.parsed.shared::<T>() {
-            Some(v) => Ok(v),
-            None => parse(&self.body).map(Arc::new),
+    /// The body as JSON: the receiver's parse when it came with the delivery, else parsed from
+    /// the stored body.
+    pub fn json(&self) -> Result<Arc<serde_json::Value>, serde_json::Error> {
+        match &self.parsed {
+            Parsed::Json(v) => Ok(v.clone()),
+            other => {
+                self.unexpected(other, "JSON");
+                serde_json::from_slice(&self.body).map(Arc::new)
+            }
+        }
+    }
+
+    /// The Slack envelope: the receiver's parse when it came with the delivery, else parsed
+    /// from the stored body with the receiver's own function.
+    pub fn slack_envelope(&self) -> Result<Arc<crate::protocol::slack::Envelope>, String> {
+        match &self.parsed {
+            Parsed::SlackEnvelope(e) => Ok(e.clone()),
+            other => {
+                self.unexpected(other, "Slack envelope");
+                crate::protocol::slack::parse_envelope(&self.body).map(Arc::new)
+            }
+        }
+    }
+
+    /// A carried parse of another kind than the source's is a bug in a receiver: said loudly
+    /// (the body is parsed again, so the outcome is still right).
+    fn unexpected(&self, carried: &Parsed, wanted: &str) {
+        if !matches!(carried, Parsed::None) {
+            tracing::error!(
+                delivery_id = %self.id,
+                source = %self.source,
+                carried = carried.kind(),
+                wanted,
+                "a receiver handed over a parse of the wrong kind; parsing the stored body"
+            );
+            debug_assert!(
+                false,
+                "{} carried {} instead of {wanted}",
+                self.source,
+                carried.kind()
+            );
         }
     }
 }

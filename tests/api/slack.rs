@@ -474,9 +474,11 @@ async fn a_claimed_delivery_is_processed_like_a_handed_over_one(b: Backend) {
         .unwrap();
     assert_eq!(claimed.len(), 1);
     let from_db = claimed.remove(0);
-    assert!(from_db.parsed.get::<slack::Envelope>().is_none());
+    assert!(matches!(from_db.parsed, signalbox::store::Parsed::None));
     let mut handed = from_db.clone();
-    handed.parsed = signalbox::store::Parsed::new(slack::parse_envelope(&from_db.body).unwrap());
+    handed.parsed = signalbox::store::Parsed::SlackEnvelope(std::sync::Arc::new(
+        slack::parse_envelope(&from_db.body).unwrap(),
+    ));
     let effect = signalbox::sources::process(&app.state, &from_db)
         .await
         .unwrap();

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod oauth;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -214,10 +215,9 @@ pub async fn receive(
     let dedupe_key = env.dedupe_key(&body);
     let received_at = now_micros();
     let kept = kept_headers(&headers, KEPT);
-    let parsed = Parsed::new(env);
-    let Some(env) = parsed.get::<Envelope>() else {
-        return Err(ApiError::Internal(anyhow::anyhow!("envelope lost")));
-    };
+    let env = Arc::new(env);
+    let parsed = Parsed::SlackEnvelope(env.clone());
+    let env = &*env;
     let delivery = |integration: Option<&IntegrationRef>| {
         let (status, filter_reason) = status_at_the_edge(integration, env);
         let outcome = match integration {
@@ -447,7 +447,7 @@ pub fn settings(integ: &IntegrationRef, env: &Envelope) -> SlackSettings {
 
 /// Worker step.
 pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, super::ProcessError> {
-    let env = match d.parsed_or(proto::parse_envelope) {
+    let env = match d.slack_envelope() {
         Ok(env) => env,
         Err(e) => return Ok(Effect::reject(format!("stored body: {e}"))),
     };

@@ -1,19 +1,20 @@
 //! Micro-benchmarks of the pure protocol code on the hot paths: signature verification per
 //! source (done by the HTTP handler before the ack) and payload parsing/normalisation per source
-//! (done by the worker). The payloads are the load benchmark's (`signalbox::bench::payloads`).
+//! (done by the worker). The payloads are the load benchmark's (`signalbox_bench::payloads`).
 //!
-//! `cargo bench --bench protocol` (add `-- slack` to run only matching benchmarks).
+//! `cargo bench -p signalbox-bench --bench protocol` (add `-- slack` to run only matching
+//! benchmarks).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::Value;
-use signalbox::bench::payloads;
 use signalbox::protocol::html::html_to_text;
 use signalbox::protocol::pylon::{self, PylonSettings, Scheme, SignatureHeaders};
 use signalbox::protocol::slack::{self, NoNames, SlackSettings};
 use signalbox::protocol::standard_webhooks::{self, Headers};
+use signalbox_bench::payloads;
 
 const NOW: i64 = 1_764_000_000;
 
