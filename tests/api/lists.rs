@@ -507,6 +507,11 @@ async fn filtered_list_queries_use_an_index(backend: Backend) {
         let unselective = ["signals_workspace", "activity_logs_workspace"].contains(index);
         let accepted: Vec<&str> = if unselective {
             vec![index, &pkey]
+        } else if *index == "deliveries_integration_status" {
+            // Integration and status: PostgreSQL may instead range-scan the workspace's rows of
+            // that status (as few, for a rare status); which it picks depends on ANALYZE's
+            // random sample. Both read only rows of that status from the cursor.
+            vec![index, "deliveries_workspace_status"]
         } else {
             vec![index]
         };
