@@ -16,7 +16,7 @@ pub mod inspect;
 mod models;
 mod outcome;
 mod postgres;
-mod sqlite_writer;
+mod sqlite;
 
 use outcome::Finish;
 
@@ -52,7 +52,7 @@ pub enum StoreError {
     /// A unique constraint was hit.
     #[error("already exists")]
     Conflict,
-    /// SQLite's dedicated writer connection failed (see `sqlite_writer`).
+    /// SQLite's dedicated writer connection failed (see `sqlite`).
     #[error("database error: {0}")]
     Sqlite(rusqlite::Error),
     /// SQLite's writer thread is not running.
@@ -218,9 +218,9 @@ pub struct Store {
     /// SQLite allows one writer at a time. The hot writers of this process (inbox commits,
     /// claims, worker commits) take turns on this async lock instead of colliding inside
     /// SQLite, whose busy handler would make the losers sleep for milliseconds.
-    sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    write_turn: std::sync::Arc<tokio::sync::Mutex<()>>,
     /// SQLite: the dedicated connection for the per-delivery writes.
-    sqlite: Option<sqlite_writer::SqliteWriter>,
+    sqlite: Option<sqlite::SqliteWriter>,
 }
 
 /// Outcome of storing one delivery.
@@ -384,7 +384,7 @@ impl Store {
                 let path = cfg.sqlite_path().ok_or_else(|| {
                     StoreError::Writer("SQLite needs a database file, not :memory:".into())
                 })?;
-                Some(sqlite_writer::SqliteWriter::open(
+                Some(sqlite::SqliteWriter::open(
                     &path,
                     &cfg.sqlite_synchronous,
                     turn.clone(),
@@ -395,7 +395,7 @@ impl Store {
         Ok(Store {
             pool,
             health: Default::default(),
-            sqlite_writer: turn,
+            write_turn: turn,
             sqlite,
         })
     }
@@ -403,7 +403,7 @@ impl Store {
     /// Takes this process's SQLite write turn (no-op on PostgreSQL).
     async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
         match self.pool {
-            Pool::Sqlite(_) => Some(self.sqlite_writer.lock().await),
+            Pool::Sqlite(_) => Some(self.write_turn.lock().await),
             Pool::Postgres(_) => None,
         }
     }
@@ -1025,8 +1025,8 @@ impl Store {
                     .map(|(i, (d, outcome))| {
                         let (owner, until, _) = leased(i);
                         let lease = owner.zip(until).map(|(o, u)| (o.to_string(), u));
-                        sqlite_writer::InsertRow {
-                            finish: outcome.map(|e| sqlite_writer::ApplyItem::for_new(d, e)),
+                        sqlite::InsertRow {
+                            finish: outcome.map(|e| sqlite::ApplyItem::for_new(d, e)),
                             // The writer thread needs the columns, not the receiver's parse.
                             d: NewDelivery {
                                 parsed: Parsed::default(),
@@ -1191,7 +1191,7 @@ impl Store {
             (Pool::Sqlite(_), Some(w)) => {
                 let items = batch
                     .into_iter()
-                    .map(|(d, e)| sqlite_writer::ApplyItem::new(d, e))
+                    .map(|(d, e)| sqlite::ApplyItem::new(d, e))
                     .collect();
                 return w.apply(owner.to_string(), items).await;
             }
