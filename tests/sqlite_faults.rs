@@ -285,7 +285,7 @@ async fn a_commit_that_failed_on_a_full_disk_leaves_no_lock_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outgrown_wal_is_cut_back_once_nothing_pins_it() {
     const LIMIT: u64 = 16 << 20;
-    let (url, dir) = helpers::fresh_database(Backend::Sqlite).await.unwrap();
+    let (url, dir) = helpers::fresh_database(Backend::Sqlite).await;
     let path = dir.path().join("signalbox.db");
     let wal = dir.path().join("signalbox.db-wal");
     let keys = new_master_keys();
