@@ -475,12 +475,7 @@ async fn a_full_flow_leaks_no_secret(b: Backend) {
     )
     .await;
     for p in ["/healthz", "/readyz", "/metrics"] {
-        let resp = app
-            .client
-            .get(format!("{}{p}", app.base))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.get(p).await;
         assert_eq!(resp.status(), StatusCode::OK);
         seen.record(
             false,

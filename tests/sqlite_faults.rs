@@ -193,12 +193,7 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
         assert_eq!(st, StatusCode::OK, "after recovery: {v}");
         acked.push(n);
     }
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), StatusCode::OK, "/readyz after recovery");
 
     // Nothing acknowledged was lost.

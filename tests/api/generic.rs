@@ -330,12 +330,7 @@ async fn storage_down_answers_503(b: Backend) {
         .send_generic(&key, &secret, "before", &json!({"verbatim": "ok"}))
         .await;
     assert_eq!(st, StatusCode::OK);
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), StatusCode::OK);
     app.state.store.close().await;
     let (st, v) = app
@@ -343,19 +338,9 @@ async fn storage_down_answers_503(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     assert_eq!(v["error"]["code"], "unavailable");
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let health = app
-        .client
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
 }
 

@@ -435,16 +435,18 @@ impl TestApp {
         .await;
     }
 
-    /// The `/metrics` text.
-    pub async fn metrics(&self) -> String {
+    /// A GET of `path` without a token.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/metrics", self.base))
+            .get(format!("{}{path}", self.base))
             .send()
             .await
             .unwrap()
-            .text()
-            .await
-            .unwrap()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.text().await.unwrap()
     }
 
     /// Signals of a workspace via the API.

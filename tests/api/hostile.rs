@@ -218,12 +218,7 @@ async fn hostile_corpus_is_refused_and_writes_nothing(b: Backend) {
     );
     let growth = rss_kib().saturating_sub(rss_before);
     assert!(growth < 200 * 1024, "memory grew by {growth} KiB");
-    let health = app
-        .client
-        .get(format!("{}/healthz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let health = app.get("/healthz").await;
     assert_eq!(health.status(), StatusCode::OK);
     app.stop().await;
 }
@@ -328,12 +323,7 @@ async fn slow_and_oversized_clients_are_cut_off(b: Backend) {
     );
     // Still healthy, nothing written.
     let (st, v): (StatusCode, Value) = {
-        let r = app
-            .client
-            .get(format!("{}/healthz", app.base))
-            .send()
-            .await
-            .unwrap();
+        let r = app.get("/healthz").await;
         (r.status(), r.json().await.unwrap())
     };
     assert_eq!(st, StatusCode::OK, "{v}");

@@ -289,12 +289,7 @@ async fn admin_api_requires_a_token(b: Backend) {
         );
     }
     for p in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"] {
-        let resp = app
-            .client
-            .get(format!("{}{p}", app.base))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.get(p).await;
         assert_eq!(resp.status(), StatusCode::OK, "{p}");
     }
     app.stop().await;

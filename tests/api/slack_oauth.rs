@@ -84,12 +84,7 @@ pub(crate) async fn install(app: &TestApp, ws: &str, code: &str) -> (StatusCode,
 }
 
 pub(crate) async fn callback(app: &TestApp, query: &str) -> (StatusCode, String) {
-    let resp = app
-        .client
-        .get(format!("{}/api/webhooks/slack/oauth?{query}", app.base))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get(&format!("/api/webhooks/slack/oauth?{query}")).await;
     (resp.status(), resp.text().await.unwrap())
 }
 
