@@ -2,9 +2,13 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use common::free_port;
 
 fn signalbox(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_signalbox"));
@@ -23,14 +27,6 @@ fn run(dir: &Path, args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts `serve` with `args`, waits for `/readyz`, returns the child (stderr to `log`).

@@ -6,10 +6,14 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::free_port;
 
 /// The first ```sh block after the heading `heading`.
 fn sh_block_after(readme: &str, heading: &str) -> String {
@@ -20,14 +24,6 @@ fn sh_block_after(readme: &str, heading: &str) -> String {
     let start = rest.find("```sh\n").expect("a ```sh block") + "```sh\n".len();
     let len = rest[start..].find("```").expect("the block's end");
     rest[start..start + len].to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

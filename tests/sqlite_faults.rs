@@ -193,12 +193,7 @@ async fn a_full_disk_answers_503_and_recovers_by_itself() {
         assert_eq!(st, StatusCode::OK, "after recovery: {v}");
         acked.push(n);
     }
-    let ready = app
-        .client
-        .get(format!("{}/readyz", app.base))
-        .send()
-        .await
-        .unwrap();
+    let ready = app.get("/readyz").await;
     assert_eq!(ready.status(), StatusCode::OK, "/readyz after recovery");
 
     // Nothing acknowledged was lost.
@@ -285,7 +280,7 @@ async fn a_commit_that_failed_on_a_full_disk_leaves_no_lock_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outgrown_wal_is_cut_back_once_nothing_pins_it() {
     const LIMIT: u64 = 16 << 20;
-    let (url, dir) = helpers::fresh_database(Backend::Sqlite).await.unwrap();
+    let (url, dir) = helpers::fresh_database(Backend::Sqlite).await;
     let path = dir.path().join("signalbox.db");
     let wal = dir.path().join("signalbox.db-wal");
     let keys = new_master_keys();

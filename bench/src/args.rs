@@ -71,7 +71,7 @@ pub struct BenchArgs {
     #[arg(long, env = "SIGNALBOX_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
     /// The signalbox executable started as the server under test (`PATH serve`). Default: the
-    /// `signalbox` beside this executable (the same target/<profile>/ directory). Another
+    /// `signalbox` beside this executable (the same `target/<profile>/` directory). Another
     /// build here measures it with the same load generator, so builds can be alternated.
     #[arg(long, value_name = "PATH", conflicts_with = "url")]
     pub server: Option<PathBuf>,

@@ -1,5 +1,6 @@
 //! The admin HTTP API (`/api/v1/…`, bearer token) plus health, readiness and metrics. Handlers
-//! are thin: they parse the request, resolve the principal and call [`Admin`].
+//! are thin: they parse the request, resolve the principal and call
+//! [`Admin`](crate::admin::Admin).
 
 use axum::Json;
 use axum::extract::State;
@@ -737,24 +738,6 @@ async fn erase_customer(
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_document_is_generated_for_every_route() {
-        let doc = super::document();
-        let paths = &doc.paths.paths;
-        assert!(paths.len() >= 27, "only {} paths", paths.len());
-        for p in [
-            "/api/v1/workspaces",
-            "/api/v1/workspaces/{ws}/integrations",
-            "/api/v1/integrations/{id}",
-            "/api/v1/deliveries/{id}/replay",
-            "/api/webhooks/signals",
-            "/api/webhooks/slack/events",
-            "/api/webhooks/pylon",
-        ] {
-            assert!(paths.contains_key(p), "{p} missing from the document");
-        }
-    }
-
     /// docs/openapi.json is the repository's copy of the document for readers and client
     /// generators; it must be what the server serves.
     #[test]

@@ -1,6 +1,6 @@
 //! Source platforms. Each file is one platform: its thin HTTP receiver (verify → store → ack)
 //! and its worker step (stored delivery → [`Effect`]). Adding a platform means one new file
-//! here plus its two registrations: a route in [`routes`] and an arm in [`process`].
+//! here plus its two registrations: a route in [`routes()`] and an arm in [`process`].
 
 pub mod pylon;
 pub mod slack;

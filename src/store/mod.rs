@@ -1,9 +1,15 @@
-//! Storage: one module, two first-class backends (SQLite and PostgreSQL).
+//! Storage: one interface ([`Store`]), two first-class backends (SQLite and PostgreSQL).
 //!
-//! Both backends share one schema shape and, almost everywhere, one SQL text: timestamps are
-//! Unix-microsecond `BIGINT`s, JSON is `TEXT`, placeholders are `$N` (SQLite accepts them too).
-//! Each method is written once and compiled for both pools by the [`on_pool!`] macro; the few
-//! statements that differ (row locks, `SKIP LOCKED`, `BEGIN IMMEDIATE`) pick their text by backend.
+//! - `outcome.rs` decides, without the database, what applying an effect writes (for both).
+//! - Each backend's hot path — the inbox batch, the workers' claim, the fenced apply — is in one
+//!   place: `sqlite/` (a dedicated writer thread with its durability and its SQL) and
+//!   `postgres.rs` (batched `UNNEST` statements).
+//! - Everything else (admin CRUD, lists, retention, readiness) is here, written once and run
+//!   on either pool by the `on_pool!` macro where the SQL text is the same, with a text per
+//!   backend where it is not (row locks, `SKIP LOCKED`, `BEGIN IMMEDIATE`, placeholders).
+//! - `inspect.rs` holds the benchmark's verification and seeding queries.
+//!
+//! Both schemas have one shape: timestamps are Unix-microsecond `BIGINT`s, JSON is `TEXT`.
 //! Migrations live in `migrations/sqlite` and `migrations/postgres`.
 //!
 //! Invariants enforced here rather than by callers:

@@ -17,7 +17,6 @@ use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::both_backends;
 use crate::helpers::*;
-use crate::slack::{message, send_ok, slack_integration, url_for};
 
 both_backends!(
     a_blackholed_slack_api_delays_no_signal_and_is_used_again_once_it_answers,
@@ -90,28 +89,12 @@ impl Drop for Front {
 }
 
 async fn mount_names(slack: &MockServer) {
-    Mock::given(method("POST"))
-        .and(path("/users.info"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"ok": true, "user": {"id": "U0JANE", "name": "jane", "profile": {"display_name": "Jane Doe"}}}),
-        ))
-        .mount(slack)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/conversations.info"))
-        .respond_with(
-            ResponseTemplate::new(200)
-                .set_body_json(json!({"ok": true, "channel": {"id": CHANNEL, "name": "feedback"}})),
-        )
-        .mount(slack)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/chat.getPermalink"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"ok": true, "permalink": "https://blackhole.slack.com/archives/C0FEED/p1"}),
-        ))
-        .mount(slack)
-        .await;
+    mount_slack_names(
+        slack,
+        None,
+        "https://blackhole.slack.com/archives/C0FEED/p1",
+    )
+    .await;
 }
 
 fn event(i: usize, prefix: &str) -> (Value, String) {
@@ -144,11 +127,11 @@ async fn newest_signal(app: &TestApp, ws: &str, source_ref: &str) -> Option<Valu
         .cloned()
 }
 
-async fn app_with_slack_at(b: Backend, base: String) -> Option<(TestApp, String, String)> {
+async fn app_with_slack_at(b: Backend, base: String) -> (TestApp, String, String) {
     let app = spawn_app_with(b, move |c| {
         c.set("slack_api_base", &base);
     })
-    .await?;
+    .await;
     let ws = app.workspace("Acme").await;
     let integ = slack_integration(
         &app,
@@ -158,14 +141,12 @@ async fn app_with_slack_at(b: Backend, base: String) -> Option<(TestApp, String,
     )
     .await;
     let url = url_for(&integ);
-    Some((app, ws, url))
+    (app, ws, url)
 }
 
 async fn a_blackholed_slack_api_delays_no_signal_and_is_used_again_once_it_answers(b: Backend) {
     let front = Front::start().await;
-    let Some((app, ws, url)) = app_with_slack_at(b, format!("http://{}", front.addr)).await else {
-        return;
-    };
+    let (app, ws, url) = app_with_slack_at(b, format!("http://{}", front.addr)).await;
     let started = Instant::now();
     futures::stream::iter(0..EVENTS)
         .map(|i| {
@@ -266,9 +247,7 @@ async fn slack_5xx_backs_off_instead_of_calling_for_every_event(b: Backend) {
         .respond_with(ResponseTemplate::new(503))
         .mount(&slack)
         .await;
-    let Some((app, ws, url)) = app_with_slack_at(b, slack.uri()).await else {
-        return;
-    };
+    let (app, ws, url) = app_with_slack_at(b, slack.uri()).await;
     const N: usize = 30;
     for i in 0..N {
         send_ok(&app, &url, SECRET, &event(i, "Ev5X").0).await;
@@ -328,9 +307,7 @@ async fn a_slow_slack_api_holds_a_batch_once_not_once_per_delivery(b: Backend) {
         .with_priority(1)
         .mount(&slack)
         .await;
-    let Some((app, ws, url)) = app_with_slack_at(b, slack.uri()).await else {
-        return;
-    };
+    let (app, ws, url) = app_with_slack_at(b, slack.uri()).await;
     let started = Instant::now();
     futures::stream::iter(0..EVENTS)
         .map(|i| {

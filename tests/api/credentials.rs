@@ -13,7 +13,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use signalbox::app::Application;
 use signalbox::crypto::MasterKey;
-use signalbox::protocol::{pylon, slack, standard_webhooks};
+use signalbox::protocol::{pylon, standard_webhooks};
 use signalbox::store::Pool;
 
 use crate::both_backends;
@@ -46,63 +46,6 @@ fn key_spec(id: &str) -> String {
         .to_spec()
         .expose_secret()
         .to_string()
-}
-
-/// A unique suffix (dedupe keys hash the body, so bodies must differ).
-fn uniq() -> String {
-    signalbox::ids::new_id("t")
-}
-
-/// A Pylon body that is not "thin" (the worker makes no API call for it).
-fn pylon_body() -> Vec<u8> {
-    let n = uniq();
-    json!({
-        "event": "issue_new",
-        "data": {"id": format!("iss_{n}"), "title": format!("Ticket {n}"), "body_html": "<p>Export fails</p>"}
-    })
-    .to_string()
-    .into_bytes()
-}
-
-/// Sends a Pylon delivery signed (`X-Pylon-Signature`) with `secret`.
-async fn send_pylon(app: &TestApp, integration: &str, secret: &str) -> (StatusCode, Value) {
-    let body = pylon_body();
-    let sig = pylon::sign_x_pylon(secret.as_bytes(), &body);
-    app.post_raw(
-        &format!("/api/webhooks/pylon?integration_id={integration}"),
-        &[("x-pylon-signature", sig)],
-        body,
-    )
-    .await
-}
-
-/// Sends a Slack `message` event for `team` signed with `secret`.
-async fn send_slack(
-    app: &TestApp,
-    integration: &str,
-    team: &str,
-    secret: &str,
-) -> (StatusCode, Value) {
-    let n = uniq();
-    let body = json!({
-        "type": "event_callback", "team_id": team, "api_app_id": "A0APP",
-        "event_id": format!("Ev{n}"), "event_time": signalbox::clock::now_secs(),
-        "event": {"type": "message", "channel": "C0123ABCD", "user": "U0USER", "text": format!("hello {n}"),
-                  "ts": "1355517523.000005", "channel_type": "channel"}
-    })
-    .to_string()
-    .into_bytes();
-    let ts = signalbox::clock::now_secs();
-    let sig = slack::sign(secret.as_bytes(), ts, &body);
-    app.post_raw(
-        &format!("/api/webhooks/slack/events?integration_id={integration}"),
-        &[
-            ("x-slack-request-timestamp", ts.to_string()),
-            ("x-slack-signature", sig),
-        ],
-        body,
-    )
-    .await
 }
 
 /// Sends a generic delivery with a fresh message id.
@@ -274,9 +217,7 @@ impl<'a> Recorder<'a> {
 // ------------------------------------------------------------------------------------ tests
 
 async fn no_secret_is_stored_in_plaintext(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
+    let app = spawn_app(b).await;
     let rec = Recorder::new(&app);
     let ws = app.workspace("Acme-Workspace-MARKER").await;
     // One-time secret: the creation response is the only place it is shown.
@@ -311,7 +252,7 @@ async fn no_secret_is_stored_in_plaintext(b: Backend) {
     let slack_id = slack_int["id"].as_str().unwrap().to_string();
 
     // The secrets work (so they are stored, just not readable).
-    let body = pylon_body();
+    let body = pylon_ticket();
     let sig = pylon::sign_x_pylon(PYLON_SECRET.as_bytes(), &body);
     let (st, v) = app
         .post_raw(
@@ -324,7 +265,7 @@ async fn no_secret_is_stored_in_plaintext(b: Backend) {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let r = send_slack(&app, &slack_id, "T0PLAIN01", SLACK_SIGNING).await;
+    let r = send_slack_message(&app, &slack_id, "T0PLAIN01", SLACK_SIGNING).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
     let r = send_webhook(&app, &key, &whsec).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
@@ -454,31 +395,22 @@ async fn no_secret_is_stored_in_plaintext(b: Backend) {
 }
 
 async fn a_ciphertext_copied_into_another_row_does_not_verify_and_blocks_startup(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let one = app
-        .integration(
+        .integration_id(
             &ws,
             json!({"platform": "pylon", "name": "One", "webhook_secret": "first-secret-111"}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .await;
     let two = app
-        .integration(
+        .integration_id(
             &ws,
             json!({"platform": "pylon", "name": "Two", "webhook_secret": "second-secret-222"}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let r = send_pylon(&app, &one, "first-secret-111").await;
+        .await;
+    let r = send_pylon_ticket(&app, &one, "first-secret-111").await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
-    let r = send_pylon(&app, &two, "second-secret-222").await;
+    let r = send_pylon_ticket(&app, &two, "second-secret-222").await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
 
     // Copy one's ciphertext into two's row, behind the service's back.
@@ -488,28 +420,21 @@ async fn a_ciphertext_copied_into_another_row_does_not_verify_and_blocks_startup
     set_cell(&app, "integrations", "webhook_secret_enc", &two, &env).await;
     // Drop the cached entry (what a NOTIFY or the TTL would do) so the row is read again.
     app.state.creds.invalidate(&two);
-    let r = send_pylon(&app, &two, "first-secret-111").await;
+    let r = send_pylon_ticket(&app, &two, "first-secret-111").await;
     assert_refused(&r, "invalid_signature", "one's secret on two's row");
-    let r = send_pylon(&app, &two, "second-secret-222").await;
+    let r = send_pylon_ticket(&app, &two, "second-secret-222").await;
     assert_refused(
         &r,
         "invalid_signature",
         "two's own secret, now undecryptable",
     );
     // The untouched integration still works.
-    let r = send_pylon(&app, &one, "first-secret-111").await;
+    let r = send_pylon_ticket(&app, &one, "first-secret-111").await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
 
     // Another column of the same row: the API token's ciphertext as the webhook secret.
-    let three = app
-        .integration(
-            &ws,
-            json!({"platform": "pylon", "name": "Three", "webhook_secret": "third-secret-333", "api_token": "third-token-333"}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let three = app.integration_id(&ws,
+            json!({"platform": "pylon", "name": "Three", "webhook_secret": "third-secret-333", "api_token": "third-token-333"})).await;
     let token_env = cell(&app, "integrations", "access_token_enc", &three)
         .await
         .unwrap();
@@ -522,7 +447,7 @@ async fn a_ciphertext_copied_into_another_row_does_not_verify_and_blocks_startup
     )
     .await;
     app.state.creds.invalidate(&three);
-    let r = send_pylon(&app, &three, "third-token-333").await;
+    let r = send_pylon_ticket(&app, &three, "third-token-333").await;
     assert_refused(
         &r,
         "invalid_signature",
@@ -545,7 +470,7 @@ async fn a_ciphertext_copied_into_another_row_does_not_verify_and_blocks_startup
     )
     .await;
     app.state.creds.invalidate(&one);
-    let r = send_pylon(&app, &one, "first-secret-111").await;
+    let r = send_pylon_ticket(&app, &one, "first-secret-111").await;
     assert_refused(&r, "invalid_signature", "plaintext integration secret");
     app.drain().await;
 
@@ -565,35 +490,21 @@ async fn a_ciphertext_copied_into_another_row_does_not_verify_and_blocks_startup
 
 async fn master_keys_must_decrypt_the_data_and_rotate_while_serving(b: Backend) {
     // TTL 0: every request reads (and decrypts) the rows, so rotation is exercised for real.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("credential_cache_ttl_secs", "0");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let (key, whsec) = app.webhook_key(&ws).await;
-    let int = app
-        .integration(
-            &ws,
-            json!({"platform": "pylon", "name": "P", "webhook_secret": PYLON_SECRET, "api_token": PYLON_TOKEN}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let slack_int = app
-        .integration(
-            &ws,
-            json!({"platform": "slack", "name": "S", "slack_team_id": "T0ROT0001", "signing_secret": SLACK_SIGNING}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let int = app.integration_id(&ws,
+            json!({"platform": "pylon", "name": "P", "webhook_secret": PYLON_SECRET, "api_token": PYLON_TOKEN})).await;
+    let slack_int = app.integration_id(&ws,
+            json!({"platform": "slack", "name": "S", "slack_team_id": "T0ROT0001", "signing_secret": SLACK_SIGNING})).await;
     assert_eq!(send_webhook(&app, &key, &whsec).await.0, StatusCode::OK);
-    assert_eq!(send_pylon(&app, &int, PYLON_SECRET).await.0, StatusCode::OK);
+    assert_eq!(
+        send_pylon_ticket(&app, &int, PYLON_SECRET).await.0,
+        StatusCode::OK
+    );
     app.drain().await;
     let (url, old) = (app.db_url.clone(), app.master_keys.clone());
     let dir = app.stop_keep_dir().await;
@@ -614,8 +525,11 @@ async fn master_keys_must_decrypt_the_data_and_rotate_while_serving(b: Backend) 
     let both = format!("{new},{old}");
     let app = start(b, node_config(&url, &both, "0"), url.clone(), both, dir).await;
     assert_eq!(send_webhook(&app, &key, &whsec).await.0, StatusCode::OK);
-    assert_eq!(send_pylon(&app, &int, PYLON_SECRET).await.0, StatusCode::OK);
-    let r = send_slack(&app, &slack_int, "T0ROT0001", SLACK_SIGNING).await;
+    assert_eq!(
+        send_pylon_ticket(&app, &int, PYLON_SECRET).await.0,
+        StatusCode::OK
+    );
+    let r = send_slack_message(&app, &slack_int, "T0ROT0001", SLACK_SIGNING).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
     // New values are sealed under the active key.
     let (key2, whsec2) = app.webhook_key(&ws).await;
@@ -651,10 +565,10 @@ async fn master_keys_must_decrypt_the_data_and_rotate_while_serving(b: Backend) 
             let mut out = Vec::new();
             while !done.load(Ordering::SeqCst) || out.len() < 9 {
                 out.push(("webhook", send_webhook(&app, &key, &whsec).await));
-                out.push(("pylon", send_pylon(&app, &int, PYLON_SECRET).await));
+                out.push(("pylon", send_pylon_ticket(&app, &int, PYLON_SECRET).await));
                 out.push((
                     "slack",
-                    send_slack(&app, &slack_int, "T0ROT0001", SLACK_SIGNING).await,
+                    send_slack_message(&app, &slack_int, "T0ROT0001", SLACK_SIGNING).await,
                 ));
             }
             out
@@ -678,7 +592,10 @@ async fn master_keys_must_decrypt_the_data_and_rotate_while_serving(b: Backend) 
     assert_eq!(again, (0, after.len()));
     assert_eq!(send_webhook(&app, &key, &whsec).await.0, StatusCode::OK);
     assert_eq!(send_webhook(&app, &key2, &whsec2).await.0, StatusCode::OK);
-    assert_eq!(send_pylon(&app, &int, PYLON_SECRET).await.0, StatusCode::OK);
+    assert_eq!(
+        send_pylon_ticket(&app, &int, PYLON_SECRET).await.0,
+        StatusCode::OK
+    );
     app.drain().await;
     let dir = app.stop_keep_dir().await;
 
@@ -687,17 +604,18 @@ async fn master_keys_must_decrypt_the_data_and_rotate_while_serving(b: Backend) 
     assert!(e.contains("SIGNALBOX_MASTER_KEYS"), "{e}");
     let app = start(b, node_config(&url, &new, "0"), url.clone(), new, dir).await;
     assert_eq!(send_webhook(&app, &key, &whsec).await.0, StatusCode::OK);
-    assert_eq!(send_pylon(&app, &int, PYLON_SECRET).await.0, StatusCode::OK);
-    let r = send_slack(&app, &slack_int, "T0ROT0001", SLACK_SIGNING).await;
+    assert_eq!(
+        send_pylon_ticket(&app, &int, PYLON_SECRET).await.0,
+        StatusCode::OK
+    );
+    let r = send_slack_message(&app, &slack_int, "T0ROT0001", SLACK_SIGNING).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
     app.drain().await;
     app.stop().await;
 }
 
 async fn rotated_secrets_keep_verifying_for_the_grace_period_only(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
+    let app = spawn_app(b).await;
     let rec = Recorder::new(&app);
     let ws = app.workspace("Acme").await;
     let (_, int) = rec
@@ -709,7 +627,10 @@ async fn rotated_secrets_keep_verifying_for_the_grace_period_only(b: Backend) {
         .await;
     let int = int["id"].as_str().unwrap().to_string();
     let path = format!("/api/v1/integrations/{int}");
-    assert_eq!(send_pylon(&app, &int, PYLON_SECRET).await.0, StatusCode::OK);
+    assert_eq!(
+        send_pylon_ticket(&app, &int, PYLON_SECRET).await.0,
+        StatusCode::OK
+    );
 
     // New secret with an hour of grace: both verify.
     let (st, v) = rec
@@ -723,11 +644,11 @@ async fn rotated_secrets_keep_verifying_for_the_grace_period_only(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert!(v["previous_secret_valid_until"].is_string(), "{v}");
-    let r = send_pylon(&app, &int, PYLON_SECRET).await;
+    let r = send_pylon_ticket(&app, &int, PYLON_SECRET).await;
     assert_eq!(r.0, StatusCode::OK, "old secret during grace: {}", r.1);
-    let r = send_pylon(&app, &int, PYLON_SECRET_NEW).await;
+    let r = send_pylon_ticket(&app, &int, PYLON_SECRET_NEW).await;
     assert_eq!(r.0, StatusCode::OK, "new secret: {}", r.1);
-    let r = send_pylon(&app, &int, "some-other-secret").await;
+    let r = send_pylon_ticket(&app, &int, "some-other-secret").await;
     assert_refused(&r, "invalid_signature", "unrelated secret");
 
     // The same secret again with no grace ends the grace period now.
@@ -740,9 +661,9 @@ async fn rotated_secrets_keep_verifying_for_the_grace_period_only(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert!(v["previous_secret_valid_until"].is_null(), "{v}");
-    let r = send_pylon(&app, &int, PYLON_SECRET).await;
+    let r = send_pylon_ticket(&app, &int, PYLON_SECRET).await;
     assert_refused(&r, "invalid_signature", "old secret after grace 0");
-    let r = send_pylon(&app, &int, PYLON_SECRET_NEW).await;
+    let r = send_pylon_ticket(&app, &int, PYLON_SECRET_NEW).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
 
     // A short grace runs out by itself.
@@ -755,12 +676,12 @@ async fn rotated_secrets_keep_verifying_for_the_grace_period_only(b: Backend) {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let r = send_pylon(&app, &int, PYLON_SECRET_NEW).await;
+    let r = send_pylon_ticket(&app, &int, PYLON_SECRET_NEW).await;
     assert_eq!(r.0, StatusCode::OK, "previous secret within 2 s: {}", r.1);
     tokio::time::sleep(Duration::from_millis(2300)).await;
-    let r = send_pylon(&app, &int, PYLON_SECRET_NEW).await;
+    let r = send_pylon_ticket(&app, &int, PYLON_SECRET_NEW).await;
     assert_refused(&r, "invalid_signature", "previous secret after its grace");
-    assert_eq!(send_pylon(&app, &int, third).await.0, StatusCode::OK);
+    assert_eq!(send_pylon_ticket(&app, &int, third).await.0, StatusCode::OK);
 
     // Generic webhook keys: /rotate shows the new secret once.
     let (key, s1) = app.webhook_key(&ws).await;
@@ -834,37 +755,27 @@ async fn rotated_secrets_keep_verifying_for_the_grace_period_only(b: Backend) {
 
 async fn deactivation_is_immediate_on_the_same_node(b: Backend) {
     // A long TTL: only invalidation can make the change visible in time.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("credential_cache_ttl_secs", "300");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let int = app
-        .integration(
+        .integration_id(
             &ws,
             json!({"platform": "pylon", "name": "P", "webhook_secret": PYLON_SECRET}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let slack_int = app
-        .integration(
-            &ws,
-            json!({"platform": "slack", "name": "S", "slack_team_id": "T0CACHE01", "signing_secret": SLACK_SIGNING}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .await;
+    let slack_int = app.integration_id(&ws,
+            json!({"platform": "slack", "name": "S", "slack_team_id": "T0CACHE01", "signing_secret": SLACK_SIGNING})).await;
     let (key, whsec) = app.webhook_key(&ws).await;
     // Warm the cache.
-    assert_eq!(send_pylon(&app, &int, PYLON_SECRET).await.0, StatusCode::OK);
+    assert_eq!(
+        send_pylon_ticket(&app, &int, PYLON_SECRET).await.0,
+        StatusCode::OK
+    );
     assert_eq!(send_webhook(&app, &key, &whsec).await.0, StatusCode::OK);
-    let r = send_slack(&app, &slack_int, "T0CACHE01", SLACK_SIGNING).await;
+    let r = send_slack_message(&app, &slack_int, "T0CACHE01", SLACK_SIGNING).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
 
     let (st, v) = app
@@ -873,7 +784,7 @@ async fn deactivation_is_immediate_on_the_same_node(b: Backend) {
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["is_active"], false);
     assert_refused(
-        &send_pylon(&app, &int, PYLON_SECRET).await,
+        &send_pylon_ticket(&app, &int, PYLON_SECRET).await,
         "unknown_integration",
         "deactivated Pylon integration",
     );
@@ -896,7 +807,7 @@ async fn deactivation_is_immediate_on_the_same_node(b: Backend) {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let r = send_slack(&app, &slack_int, "T0CACHE01", SLACK_SIGNING).await;
+    let r = send_slack_message(&app, &slack_int, "T0CACHE01", SLACK_SIGNING).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
     app.drain().await;
     let (_, d) = app
@@ -920,7 +831,10 @@ async fn deactivation_is_immediate_on_the_same_node(b: Backend) {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(send_pylon(&app, &int, PYLON_SECRET).await.0, StatusCode::OK);
+    assert_eq!(
+        send_pylon_ticket(&app, &int, PYLON_SECRET).await.0,
+        StatusCode::OK
+    );
     app.drain().await;
     app.stop().await;
 }
@@ -954,13 +868,10 @@ async fn a_second_node_stops_accepting_a_deactivated_integration(b: Backend) {
         Backend::Postgres => "300",
         Backend::Sqlite => "1",
     };
-    let Some(a) = spawn_app_with(b, |c| {
+    let a = spawn_app_with(b, |c| {
         c.set("credential_cache_ttl_secs", ttl);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let node_b = start(
         b,
         node_config(&a.db_url, &a.master_keys, ttl),
@@ -971,17 +882,14 @@ async fn a_second_node_stops_accepting_a_deactivated_integration(b: Backend) {
     .await;
     let ws = a.workspace("Acme").await;
     let int = a
-        .integration(
+        .integration_id(
             &ws,
             json!({"platform": "pylon", "name": "P", "webhook_secret": PYLON_SECRET}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .await;
     let (key, whsec) = a.webhook_key(&ws).await;
     // Warm node B's cache.
-    let r = send_pylon(&node_b, &int, PYLON_SECRET).await;
+    let r = send_pylon_ticket(&node_b, &int, PYLON_SECRET).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
     let r = send_webhook(&node_b, &key, &whsec).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
@@ -996,11 +904,11 @@ async fn a_second_node_stops_accepting_a_deactivated_integration(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let took = until_refused("node B, deactivated integration", max, || {
-        send_pylon(&node_b, &int, PYLON_SECRET)
+        send_pylon_ticket(&node_b, &int, PYLON_SECRET)
     })
     .await;
     assert_refused(
-        &send_pylon(&node_b, &int, PYLON_SECRET).await,
+        &send_pylon_ticket(&node_b, &int, PYLON_SECRET).await,
         "unknown_integration",
         "node B",
     );
@@ -1030,7 +938,7 @@ async fn a_second_node_stops_accepting_a_deactivated_integration(b: Backend) {
     assert_eq!(st, StatusCode::OK, "{v}");
     let started = Instant::now();
     loop {
-        let r = send_pylon(&node_b, &int, PYLON_SECRET).await;
+        let r = send_pylon_ticket(&node_b, &int, PYLON_SECRET).await;
         if r.0 == StatusCode::OK {
             break;
         }
@@ -1050,11 +958,11 @@ async fn a_second_node_stops_accepting_a_deactivated_integration(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     until_refused("node B, replaced secret", max, || {
-        send_pylon(&node_b, &int, PYLON_SECRET)
+        send_pylon_ticket(&node_b, &int, PYLON_SECRET)
     })
     .await;
     assert_eq!(
-        send_pylon(&node_b, &int, PYLON_SECRET_NEW).await.0,
+        send_pylon_ticket(&node_b, &int, PYLON_SECRET_NEW).await.0,
         StatusCode::OK
     );
     a.drain().await;
@@ -1063,32 +971,24 @@ async fn a_second_node_stops_accepting_a_deactivated_integration(b: Backend) {
 }
 
 async fn scoped_tokens_see_only_their_workspace(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
+    let app = spawn_app(b).await;
     let rec = Recorder::new(&app);
     let wa = app.workspace("Alpha").await;
     let wb = app.workspace("Beta").await;
     let (key_a, sec_a) = app.webhook_key(&wa).await;
     let (key_b, sec_b) = app.webhook_key(&wb).await;
     let int_a = app
-        .integration(
+        .integration_id(
             &wa,
             json!({"platform": "pylon", "name": "PA", "webhook_secret": "alpha-pylon-secret"}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .await;
     let int_b = app
-        .integration(
+        .integration_id(
             &wb,
             json!({"platform": "pylon", "name": "PB", "webhook_secret": "beta-pylon-secret"}),
         )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .await;
     assert_eq!(send_webhook(&app, &key_a, &sec_a).await.0, StatusCode::OK);
     assert_eq!(send_webhook(&app, &key_b, &sec_b).await.0, StatusCode::OK);
     app.drain().await;
@@ -1121,25 +1021,8 @@ async fn scoped_tokens_see_only_their_workspace(b: Backend) {
         .as_str()
         .unwrap()
         .to_string();
-    let mint = |ws: String| {
-        let app = &app;
-        async move {
-            let (st, v) = app
-                .api(
-                    "POST",
-                    &format!("/api/v1/workspaces/{ws}/tokens"),
-                    Some(json!({"name": "ci"})),
-                )
-                .await;
-            assert_eq!(st, StatusCode::CREATED, "{v}");
-            (
-                v["id"].as_str().unwrap().to_string(),
-                v["token"].as_str().unwrap().to_string(),
-            )
-        }
-    };
-    let (tok_a_id, tok_a) = mint(wa.clone()).await;
-    let (tok_b_id, tok_b) = mint(wb.clone()).await;
+    let (tok_a_id, tok_a) = app.token(&wa).await;
+    let (tok_b_id, tok_b) = app.token(&wb).await;
     assert!(tok_a.starts_with("sbx_"));
     let (_, before_b) = app
         .api("GET", &format!("/api/v1/deliveries/{dlv_b}"), None)
@@ -1308,7 +1191,7 @@ async fn scoped_tokens_see_only_their_workspace(b: Backend) {
     assert_eq!(ib["name"], "PB", "{ib}");
     assert_eq!(ib["is_active"], true, "{ib}");
     assert!(ib["previous_secret_valid_until"].is_null(), "{ib}");
-    let r = send_pylon(&app, &int_b, "beta-pylon-secret").await;
+    let r = send_pylon_ticket(&app, &int_b, "beta-pylon-secret").await;
     assert_eq!(
         r.0,
         StatusCode::OK,
@@ -1369,32 +1252,19 @@ async fn scoped_tokens_see_only_their_workspace(b: Backend) {
 /// receivers and Slack's OAuth redirect are authenticated by the sender, not a bearer token,
 /// and are left out.
 fn routes() -> Vec<(String, String, bool)> {
-    let doc = signalbox::http::api::document();
     let mut out = Vec::new();
-    for (path, item) in &doc.paths.paths {
-        let ops = [
-            ("GET", &item.get),
-            ("POST", &item.post),
-            ("PATCH", &item.patch),
-            ("PUT", &item.put),
-            ("DELETE", &item.delete),
-        ];
-        for (m, op) in ops {
-            let Some(op) = op else { continue };
-            let tags = op.tags.clone().unwrap_or_default();
-            let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
-            if secured || tags.iter().any(|t| t == "probes") {
-                out.push((m.to_string(), path.clone(), secured));
-            }
+    for (m, path, op) in documented_operations() {
+        let tags = op.tags.clone().unwrap_or_default();
+        let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+        if secured || tags.iter().any(|t| t == "probes") {
+            out.push((m.to_string(), path, secured));
         }
     }
     out
 }
 
 async fn every_admin_route_requires_a_token(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
+    let app = spawn_app(b).await;
     let routes = routes();
     assert!(
         routes.len() >= 30,
@@ -1412,29 +1282,8 @@ async fn every_admin_route_requires_a_token(b: Backend) {
         "only the probes and the document are public"
     );
     // Real ids, so a 401 cannot be a 404 in disguise.
-    let ws = app.workspace("Acme").await;
-    let (key, secret) = app.webhook_key(&ws).await;
-    assert_eq!(send_webhook(&app, &key, &secret).await.0, StatusCode::OK);
-    app.drain().await;
-    let (_, d) = app.api("GET", "/api/v1/deliveries", None).await;
-    let dlv = d["items"][0]["id"].as_str().unwrap().to_string();
-    let sig = app.signals(&ws).await[0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let int = app
-        .integration(
-            &ws,
-            json!({"platform": "pylon", "name": "P", "webhook_secret": PYLON_SECRET}),
-        )
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (_, tok) = app
-        .api("POST", &format!("/api/v1/workspaces/{ws}/tokens"), None)
-        .await;
-    let tok_id = tok["id"].as_str().unwrap().to_string();
+    let f = Fixture::create(&app).await;
+    let (ws, key, secret, int) = (&f.ws, &f.key, &f.secret, &f.integration);
     let (_, revoked) = app
         .api("POST", &format!("/api/v1/workspaces/{ws}/tokens"), None)
         .await;
@@ -1460,14 +1309,7 @@ async fn every_admin_route_requires_a_token(b: Backend) {
     ];
     for (method, template, secured) in &routes {
         let method = method.as_str();
-        let path = template
-            .replace("/workspaces/{ws}", &format!("/workspaces/{ws}"))
-            .replace("/webhook-keys/{id}", &format!("/webhook-keys/{key}"))
-            .replace("/integrations/{id}", &format!("/integrations/{int}"))
-            .replace("/tokens/{id}", &format!("/tokens/{tok_id}"))
-            .replace("/signals/{id}", &format!("/signals/{sig}"))
-            .replace("/deliveries/{id}", &format!("/deliveries/{dlv}"));
-        assert!(!path.contains('{'), "{path}");
+        let path = f.fill(template);
         let public = !secured;
         for auth in &bad_auth {
             let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
@@ -1501,7 +1343,7 @@ async fn every_admin_route_requires_a_token(b: Backend) {
         .await;
     assert_eq!(i["is_active"], true);
     assert_eq!(i["name"], "P");
-    assert_eq!(send_webhook(&app, &key, &secret).await.0, StatusCode::OK);
+    assert_eq!(send_webhook(&app, key, secret).await.0, StatusCode::OK);
     app.drain().await;
     app.stop().await;
 }

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use signalbox::config::RawConfig;
 use signalbox::crypto::MasterKey;
-use signalbox::protocol::standard_webhooks;
+use signalbox::protocol::{pylon, slack, standard_webhooks};
 use signalbox::{app::Application, state::AppState};
 use tokio::sync::oneshot;
 
@@ -23,7 +23,9 @@ pub enum Backend {
     Postgres,
 }
 
-/// Runs each named `async fn name(backend: Backend)` once per backend.
+/// Runs each named `async fn name(backend: Backend)` once per backend. The PostgreSQL run
+/// returns early (loudly) when PostgreSQL is unreachable outside CI, so the test body can
+/// spawn its app unconditionally.
 #[macro_export]
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
@@ -35,7 +37,26 @@ macro_rules! both_backends {
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
-                    super::$name($crate::helpers::Backend::Postgres).await
+                    if $crate::helpers::postgres_available().await {
+                        super::$name($crate::helpers::Backend::Postgres).await
+                    }
+                }
+            }
+        )*
+    };
+}
+
+/// Runs each named `async fn name(backend: Backend)` on SQLite only: for behaviour decided
+/// before the store is reached (request parsing, signature checks, HTTP limits and timeouts,
+/// the OpenAPI document, routing errors), which cannot differ between the backends.
+#[macro_export]
+macro_rules! sqlite_only {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
                 }
             }
         )*
@@ -48,17 +69,17 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
 }
 
-/// Creates a fresh PostgreSQL database and returns its URL; `None` (with a loud message) when
-/// PostgreSQL is unreachable outside CI. In CI (`CI=true`) an unreachable server fails the test.
-pub async fn fresh_postgres_url() -> Option<String> {
+/// A one-connection pool on the test PostgreSQL server; `None` (with a loud message) when it is
+/// unreachable outside CI. In CI (`CI=true`) an unreachable server fails the test.
+async fn admin_pool() -> Option<sqlx::PgPool> {
     let admin = postgres_admin_url();
     let conn = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(3))
         .connect(&admin)
         .await;
-    let pool = match conn {
-        Ok(p) => p,
+    match conn {
+        Ok(p) => Some(p),
         Err(e) => {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("PostgreSQL at {admin} is unreachable in CI: {e}");
@@ -66,9 +87,27 @@ pub async fn fresh_postgres_url() -> Option<String> {
             eprintln!(
                 "\n*** SKIPPED: PostgreSQL at {admin} is unreachable ({e}); set SIGNALBOX_TEST_POSTGRES_URL ***\n"
             );
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Whether the test PostgreSQL server answers (see [`admin_pool`]).
+pub async fn postgres_available() -> bool {
+    match admin_pool().await {
+        Some(pool) => {
+            pool.close().await;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Creates a fresh PostgreSQL database and returns its URL; `None` when PostgreSQL is
+/// unreachable outside CI (see [`admin_pool`]).
+pub async fn fresh_postgres_url() -> Option<String> {
+    let admin = postgres_admin_url();
+    let pool = admin_pool().await?;
     let name = format!(
         "sbx_test_{}",
         signalbox::ids::new_id("db").trim_start_matches("db_")
@@ -109,14 +148,17 @@ pub async fn drop_postgres_database(url: &str) {
     pool.close().await;
 }
 
-/// A fresh database URL for `backend` (and the temp dir holding it, for SQLite).
-pub async fn fresh_database(backend: Backend) -> Option<(String, tempfile::TempDir)> {
+/// A fresh database URL for `backend` (and the temp dir holding it, for SQLite). For
+/// PostgreSQL the caller has checked [`postgres_available`] (as [`both_backends!`] does).
+pub async fn fresh_database(backend: Backend) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let url = match backend {
         Backend::Sqlite => format!("sqlite://{}", dir.path().join("signalbox.db").display()),
-        Backend::Postgres => fresh_postgres_url().await?,
+        Backend::Postgres => fresh_postgres_url()
+            .await
+            .expect("PostgreSQL became unreachable during the test"),
     };
-    Some((url, dir))
+    (url, dir)
 }
 
 /// Runs one statement on `store`'s database (to write rows as an older release did).
@@ -167,21 +209,32 @@ pub fn new_master_keys() -> String {
         .to_string()
 }
 
-/// Starts an app on a fresh database; `None` when the backend is unavailable (outside CI).
-pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+/// Starts an app on a fresh database.
+pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(backend, |_| {}).await
 }
 
 /// Like [`spawn_app`], with extra configuration.
-pub async fn spawn_app_with(
-    backend: Backend,
-    tweak: impl FnOnce(&mut RawConfig),
-) -> Option<TestApp> {
-    let (url, dir) = fresh_database(backend).await?;
+pub async fn spawn_app_with(backend: Backend, tweak: impl FnOnce(&mut RawConfig)) -> TestApp {
+    let (url, dir) = fresh_database(backend).await;
     let spec = new_master_keys();
     let mut raw = test_config(&url, &spec);
     tweak(&mut raw);
-    Some(start(backend, raw, url, spec, dir).await)
+    start(backend, raw, url, spec, dir).await
+}
+
+/// An app with one workspace, "Acme": (app, workspace id).
+pub async fn app_with_workspace(backend: Backend) -> (TestApp, String) {
+    let app = spawn_app(backend).await;
+    let ws = app.workspace("Acme").await;
+    (app, ws)
+}
+
+/// An app with workspace "Acme" and one webhook key: (app, workspace id, key id, secret).
+pub async fn app_with_key(backend: Backend) -> (TestApp, String, String, String) {
+    let (app, ws) = app_with_workspace(backend).await;
+    let (key, secret) = app.webhook_key(&ws).await;
+    (app, ws, key, secret)
 }
 
 /// Starts an app from a complete raw config.
@@ -302,6 +355,14 @@ impl TestApp {
         v
     }
 
+    /// Creates an integration; returns its id.
+    pub async fn integration_id(&self, ws: &str, body: Value) -> String {
+        self.integration(ws, body).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     /// Posts raw bytes with headers to `path`.
     pub async fn post_raw(
         &self,
@@ -374,16 +435,18 @@ impl TestApp {
         .await;
     }
 
-    /// The `/metrics` text.
-    pub async fn metrics(&self) -> String {
+    /// A GET of `path` without a token.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
         self.client
-            .get(format!("{}/metrics", self.base))
+            .get(format!("{}{path}", self.base))
             .send()
             .await
             .unwrap()
-            .text()
-            .await
-            .unwrap()
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.text().await.unwrap()
     }
 
     /// Signals of a workspace via the API.
@@ -399,6 +462,398 @@ impl TestApp {
         v["items"].as_array().unwrap().clone()
     }
 }
+
+/// Every operation of the OpenAPI document the router is built from: (method, path template,
+/// operation).
+pub fn documented_operations() -> Vec<(&'static str, String, utoipa::openapi::path::Operation)> {
+    let doc = signalbox::http::api::document();
+    let mut out = Vec::new();
+    for (path, item) in &doc.paths.paths {
+        let ops = [
+            ("GET", &item.get),
+            ("POST", &item.post),
+            ("PUT", &item.put),
+            ("PATCH", &item.patch),
+            ("DELETE", &item.delete),
+            ("HEAD", &item.head),
+            ("OPTIONS", &item.options),
+            ("TRACE", &item.trace),
+        ];
+        for (method, op) in ops {
+            if let Some(op) = op {
+                out.push((method, path.clone(), op.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// One of each thing an admin route can name, all in workspace "Acme": a webhook key, a
+/// delivery sent with it (processed) and its signal, a Pylon integration and a token.
+pub struct Fixture {
+    pub ws: String,
+    pub key: String,
+    pub secret: String,
+    pub delivery: String,
+    pub signal: String,
+    pub integration: String,
+    pub token: String,
+}
+
+impl Fixture {
+    /// Creates them on `app`.
+    pub async fn create(app: &TestApp) -> Fixture {
+        let (ws, key, secret) = {
+            let ws = app.workspace("Acme").await;
+            let (key, secret) = app.webhook_key(&ws).await;
+            (ws, key, secret)
+        };
+        let body = json!({"verbatim": format!("fixture {}", uniq())});
+        let (st, v) = app.send_generic(&key, &secret, &uniq(), &body).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        app.drain().await;
+        let delivery = deliveries(app, "").await[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let signal = app.signals(&ws).await[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let integration = app
+            .integration_id(
+                &ws,
+                json!({"platform": "pylon", "name": "P", "webhook_secret": "fixture-pylon-secret"}),
+            )
+            .await;
+        let (token, _) = app.token(&ws).await;
+        Fixture {
+            ws,
+            key,
+            secret,
+            delivery,
+            signal,
+            integration,
+            token,
+        }
+    }
+
+    /// The id `kind` (a path segment: `workspaces`, `webhook-keys`, …) names.
+    pub fn id(&self, kind: &str) -> &str {
+        match kind {
+            "workspaces" => &self.ws,
+            "webhook-keys" => &self.key,
+            "integrations" => &self.integration,
+            "tokens" => &self.token,
+            "signals" => &self.signal,
+            "deliveries" => &self.delivery,
+            other => panic!("the fixture has no {other}"),
+        }
+    }
+
+    /// A path template of the OpenAPI document with its parameters filled: `{ws}` with the
+    /// workspace, `{integration_id}` with the integration, `{id}` with the id of what the
+    /// segment before it names.
+    pub fn fill(&self, template: &str) -> String {
+        let segments: Vec<&str> = template.split('/').collect();
+        let mut out = Vec::new();
+        for (i, seg) in segments.iter().enumerate() {
+            out.push(match *seg {
+                "{ws}" => self.ws.clone(),
+                "{integration_id}" => self.integration.clone(),
+                "{id}" => self.id(segments[i - 1]).to_string(),
+                s => {
+                    assert!(!s.contains('{'), "unknown parameter {s} in {template}");
+                    s.to_string()
+                }
+            });
+        }
+        out.join("/")
+    }
+}
+
+// ------------------------------------------------------------------------------------- Slack
+
+pub const SLACK_EVENTS: &str = "/api/webhooks/slack/events";
+pub const SLACK_APP_ID: &str = "A0SIGNALBOX";
+
+pub fn now() -> i64 {
+    signalbox::clock::now_secs()
+}
+
+/// The per-customer URL of an integration.
+pub fn url_for(integration: &Value) -> String {
+    format!(
+        "{SLACK_EVENTS}?integration_id={}",
+        integration["id"].as_str().unwrap()
+    )
+}
+
+/// Sets (or, for `null`, removes) each key of `extra` in the object `target`.
+pub fn merge(target: &mut Value, extra: Value) {
+    let (Some(t), Value::Object(extra)) = (target.as_object_mut(), extra) else {
+        return;
+    };
+    for (k, v) in extra {
+        if v.is_null() {
+            t.remove(&k);
+        } else {
+            t.insert(k, v);
+        }
+    }
+}
+
+/// An `event_callback` envelope around `event`, shaped like Slack's documented example.
+pub fn envelope(team: &str, event_id: &str, event: Value) -> Value {
+    json!({
+        "token": "XXYYZZ",
+        "team_id": team,
+        "api_app_id": SLACK_APP_ID,
+        "event": event,
+        "type": "event_callback",
+        "event_id": event_id,
+        "event_time": 1_700_000_000,
+        "authorizations": [{
+            "enterprise_id": null,
+            "team_id": team,
+            "user_id": "U0SBXBOT",
+            "is_bot": true,
+            "is_enterprise_install": false
+        }],
+        "is_ext_shared_channel": false,
+        "event_context": "4-eyJldCI6Im1lc3NhZ2UiLCJ0aWQiOiJUMSJ9"
+    })
+}
+
+/// A channel `message` event inside an envelope; `extra` is merged into the event (a `null`
+/// value removes the field).
+pub fn message(
+    team: &str,
+    channel: &str,
+    user: &str,
+    text: &str,
+    ts: &str,
+    event_id: &str,
+    extra: Value,
+) -> Value {
+    let mut event = json!({
+        "type": "message",
+        "channel": channel,
+        "user": user,
+        "text": text,
+        "ts": ts,
+        "event_ts": ts,
+        "channel_type": "channel",
+        "client_msg_id": format!("cm-{event_id}")
+    });
+    merge(&mut event, extra);
+    envelope(team, event_id, event)
+}
+
+/// Slack's two signing headers for `body` at `ts`.
+pub fn slack_headers(secret: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+    vec![
+        ("x-slack-request-timestamp", ts.to_string()),
+        (
+            "x-slack-signature",
+            slack::sign(secret.as_bytes(), ts, body),
+        ),
+    ]
+}
+
+/// Posts raw `body` to `path`, signed with `secret` at `ts`, plus `extra` headers.
+pub async fn send_bytes(
+    app: &TestApp,
+    path: &str,
+    secret: &str,
+    ts: i64,
+    body: Vec<u8>,
+    extra: &[(&'static str, String)],
+) -> (StatusCode, Value) {
+    let mut headers = slack_headers(secret, ts, &body);
+    headers.extend_from_slice(extra);
+    app.post_raw(path, &headers, body).await
+}
+
+/// Posts `body` to `path` signed (now) with `secret`, plus `extra` headers.
+pub async fn send_slack(
+    app: &TestApp,
+    path: &str,
+    secret: &str,
+    body: &Value,
+    extra: &[(&'static str, String)],
+) -> (StatusCode, Value) {
+    send_bytes(
+        app,
+        path,
+        secret,
+        now(),
+        body.to_string().into_bytes(),
+        extra,
+    )
+    .await
+}
+
+/// Sends and expects a fresh `200 {"ok": true}`.
+pub async fn send_ok(app: &TestApp, path: &str, secret: &str, body: &Value) {
+    let (st, v) = send_slack(app, path, secret, body, &[]).await;
+    assert_eq!((st, &v), (StatusCode::OK, &json!({"ok": true})), "{body}");
+}
+
+/// Mounts the Slack Web API calls that enrich a message on `slack`: users.info (user
+/// U0JANE, "Jane Doe"; only for bearer `token` when one is given), conversations.info
+/// (C0FEED, "feedback") and chat.getPermalink (answering `permalink`).
+pub async fn mount_slack_names(slack: &wiremock::MockServer, token: Option<&str>, permalink: &str) {
+    use wiremock::matchers::{header, method, path};
+    use wiremock::{Mock, ResponseTemplate};
+    let mut users = Mock::given(method("POST")).and(path("/users.info"));
+    if let Some(token) = token {
+        users = users.and(header("authorization", format!("Bearer {token}").as_str()));
+    }
+    users
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"ok": true, "user": {"id": "U0JANE", "name": "jane", "profile": {"display_name": "Jane Doe"}}}),
+        ))
+        .mount(slack)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/conversations.info"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(
+                json!({"ok": true, "channel": {"id": "C0FEED", "name": "feedback"}}),
+            ),
+        )
+        .mount(slack)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/chat.getPermalink"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"ok": true, "permalink": permalink})),
+        )
+        .mount(slack)
+        .await;
+}
+
+/// Creates a Slack integration for `team` in `ws`; `extra` is merged into the request.
+pub async fn slack_integration(app: &TestApp, ws: &str, team: &str, extra: Value) -> Value {
+    let mut body =
+        json!({"platform": "slack", "name": format!("Slack {team}"), "slack_team_id": team});
+    merge(&mut body, extra);
+    app.integration(ws, body).await
+}
+
+/// `GET /api/v1/deliveries?{query}`.
+pub async fn deliveries(app: &TestApp, query: &str) -> Vec<Value> {
+    let (st, v) = app
+        .api(
+            "GET",
+            &format!("/api/v1/deliveries?limit=500&{query}"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["items"].as_array().unwrap().clone()
+}
+
+/// The delivery with dedupe key `key` among `list`.
+pub fn delivery<'a>(list: &'a [Value], key: &str) -> &'a Value {
+    list.iter()
+        .find(|d| d["dedupe_key"] == key)
+        .unwrap_or_else(|| panic!("no delivery {key} in {list:#?}"))
+}
+
+/// Activity entries of `ws`, newest first.
+pub async fn activity_all(app: &TestApp, ws: &str) -> Vec<Value> {
+    let (st, v) = app
+        .api(
+            "GET",
+            &format!("/api/v1/workspaces/{ws}/activity?limit=500"),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["items"].as_array().unwrap().clone()
+}
+
+/// Activity entries of `ws` with `action`.
+pub async fn activity(app: &TestApp, ws: &str, action: &str) -> Vec<Value> {
+    let mut all = activity_all(app, ws).await;
+    all.retain(|e| e["action"] == action);
+    all
+}
+
+/// Asserts a refusal: `status` and error `code`.
+pub fn assert_rejected(res: (StatusCode, Value), status: StatusCode, code: &str, what: &str) {
+    let (st, v) = res;
+    assert_eq!(st, status, "{what}: {v}");
+    assert_eq!(v["error"]["code"], code, "{what}: {v}");
+}
+
+/// A unique suffix (dedupe keys hash the body, so bodies must differ).
+pub fn uniq() -> String {
+    signalbox::ids::new_id("t")
+}
+
+/// A Slack channel `message` from `team` with a fresh event id and text, signed (now) with
+/// `secret`, to the per-customer URL of `integration`.
+pub async fn send_slack_message(
+    app: &TestApp,
+    integration: &str,
+    team: &str,
+    secret: &str,
+) -> (StatusCode, Value) {
+    let n = uniq();
+    let body = message(
+        team,
+        "C0123ABCD",
+        "U0USER",
+        &format!("hello {n}"),
+        "1355517523.000005",
+        &format!("Ev{n}"),
+        json!({}),
+    );
+    let path = format!("{SLACK_EVENTS}?integration_id={integration}");
+    send_slack(app, &path, secret, &body, &[]).await
+}
+
+// ------------------------------------------------------------------------------------- Pylon
+
+/// The Pylon receiver's URL for `integration`.
+pub fn pylon_url(integration: &str) -> String {
+    format!("/api/webhooks/pylon?integration_id={integration}")
+}
+
+/// The `X-Pylon-Signature` header for `body`.
+pub fn x_pylon_signature(secret: &str, body: &[u8]) -> (&'static str, String) {
+    (
+        "x-pylon-signature",
+        pylon::sign_x_pylon(secret.as_bytes(), body),
+    )
+}
+
+/// A unique `issue_new` body that is not "thin" (the worker makes no API call for it).
+pub fn pylon_ticket() -> Vec<u8> {
+    let n = uniq();
+    json!({
+        "event": "issue_new",
+        "data": {"id": format!("iss_{n}"), "title": format!("Ticket {n}"), "body_html": "<p>Export fails</p>"}
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Sends a fresh [`pylon_ticket`] signed (`X-Pylon-Signature`) with `secret`.
+pub async fn send_pylon_ticket(
+    app: &TestApp,
+    integration: &str,
+    secret: &str,
+) -> (StatusCode, Value) {
+    let body = pylon_ticket();
+    let sig = x_pylon_signature(secret, &body);
+    app.post_raw(&pylon_url(integration), &[sig], body).await
+}
+
+// ----------------------------------------------------------------------------------- generic
 
 /// Standard Webhooks headers for a body.
 pub fn generic_headers(

@@ -9,6 +9,7 @@ mod errors;
 mod generic;
 mod hostile;
 mod lists;
+mod openapi;
 mod outage;
 mod pipeline;
 mod pylon;

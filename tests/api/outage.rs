@@ -185,13 +185,10 @@ async fn postgres_outage_answers_503_and_recovers_without_restart() {
 async fn locked_sqlite_database_answers_503_not_200() {
     // A worker blocked by the lock gives up on its batch; the batch is retried once the lease
     // expires, so keep the lease short here.
-    let Some(app) = spawn_app_with(Backend::Sqlite, |c| {
+    let app = spawn_app_with(Backend::Sqlite, |c| {
         c.set("lease_secs", "2");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Locked").await;
     let (key, secret) = app.webhook_key(&ws).await;
     let (st, _) = app

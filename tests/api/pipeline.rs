@@ -28,13 +28,10 @@ both_backends!(
 
 async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(b: Backend) {
     // No workers in the app: the test plays them.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("worker_concurrency", "0");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let (key, secret) = app.webhook_key(&ws).await;
     let (st, _) = app
@@ -94,11 +91,7 @@ async fn a_worker_dying_between_claim_and_commit_leaves_it_to_be_processed_once(
 }
 
 async fn graceful_shutdown_with_work_in_flight_loses_nothing(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
-    let (key, secret) = app.webhook_key(&ws).await;
+    let (app, ws, key, secret) = app_with_key(b).await;
     let base = app.base.clone();
     let client = app.client.clone();
     // Fire 200 deliveries and stop the server while they are in flight.
@@ -185,11 +178,7 @@ async fn graceful_shutdown_with_work_in_flight_loses_nothing(b: Backend) {
 }
 
 async fn replay_reprocesses_without_duplicating(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
-    let (key, secret) = app.webhook_key(&ws).await;
+    let (app, _, key, secret) = app_with_key(b).await;
     app.send_generic(&key, &secret, "r1", &json!({"verbatim": "replay me"}))
         .await;
     app.drain().await;
@@ -220,11 +209,7 @@ async fn replay_reprocesses_without_duplicating(b: Backend) {
 }
 
 async fn listing_paginates_with_a_cursor(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
-    let (key, secret) = app.webhook_key(&ws).await;
+    let (app, ws, key, secret) = app_with_key(b).await;
     for i in 0..7 {
         app.send_generic(
             &key,
@@ -276,10 +261,7 @@ async fn listing_paginates_with_a_cursor(b: Backend) {
 }
 
 async fn admin_api_requires_a_token(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     for (m, p) in [
         ("GET", "/api/v1/workspaces".to_string()),
         ("POST", "/api/v1/workspaces".to_string()),
@@ -307,25 +289,17 @@ async fn admin_api_requires_a_token(b: Backend) {
         );
     }
     for p in ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"] {
-        let resp = app
-            .client
-            .get(format!("{}{p}", app.base))
-            .send()
-            .await
-            .unwrap();
+        let resp = app.get(p).await;
         assert_eq!(resp.status(), StatusCode::OK, "{p}");
     }
     app.stop().await;
 }
 
 async fn failing_deliveries_back_off_and_die(b: Backend) {
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("worker_concurrency", "0").set("max_attempts", "3");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let (key, secret) = app.webhook_key(&ws).await;
     app.send_generic(&key, &secret, "f1", &json!({"verbatim": "x"}))
@@ -387,13 +361,10 @@ async fn failing_deliveries_back_off_and_die(b: Backend) {
 /// another: an edit after the create of the same message, a delete of a message the batch has
 /// not created yet, a delivery whose lease another worker holds.
 async fn one_batch_applies_its_items_in_order(b: Backend) {
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("worker_concurrency", "0");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let (key, secret) = app.webhook_key(&ws).await;
     for i in 1..=5 {
@@ -506,11 +477,7 @@ async fn one_batch_applies_its_items_in_order(b: Backend) {
 /// commits it moments later. Either way: one signal, the delivery processed on its first
 /// attempt, counted once, and a re-send is a duplicate that changes nothing.
 async fn an_outcome_decided_at_the_edge_commits_with_its_delivery(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
-    let (key, secret) = app.webhook_key(&ws).await;
+    let (app, ws, key, secret) = app_with_key(b).await;
     let body = json!({"verbatim": "Export is slow", "source_ref": "t-1"});
     let (st, v) = app.send_generic(&key, &secret, "edge-1", &body).await;
     assert_eq!(st, StatusCode::OK, "{v}");
@@ -545,13 +512,10 @@ async fn an_outcome_decided_at_the_edge_commits_with_its_delivery(b: Backend) {
 /// same moment still becomes its signal, and the refused one waits, stored, for a worker to
 /// retry it with the error on record.
 async fn an_outcome_that_cannot_commit_still_stores_its_delivery(b: Backend) {
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("max_attempts", "2");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let (key, secret) = app.webhook_key(&ws).await;
     refuse_boom_signals(&app).await;
@@ -587,15 +551,7 @@ async fn an_outcome_that_cannot_commit_still_stores_its_delivery(b: Backend) {
 
 /// The delivery with this dedupe key, as the API lists it.
 async fn delivery_by_key(app: &TestApp, key: &str) -> serde_json::Value {
-    let (st, v) = app.api("GET", "/api/v1/deliveries?limit=500", None).await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["dedupe_key"] == key)
-        .cloned()
-        .unwrap_or_else(|| panic!("no delivery {key} in {v}"))
+    delivery(&deliveries(app, "").await, key).clone()
 }
 
 /// `insert_and_finish` on both backends: a batch's outcomes act in batch order with the
@@ -604,13 +560,10 @@ async fn delivery_by_key(app: &TestApp, key: &str) -> serde_json::Value {
 /// without an outcome stays pending, and nothing stays leased.
 async fn an_inbox_batch_finishes_its_outcomes_in_order(b: Backend) {
     use signalbox::store::{InsertLease, NewDelivery, Parsed, Stored};
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("worker_concurrency", "0");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let store = &app.state.store;
     let row = |key: &str, outcome: Option<Effect>| NewDelivery {
@@ -805,13 +758,10 @@ async fn refuse_boom_signals(app: &TestApp) {
 /// outcome, the others of its batch still commit and only that one is retried.
 async fn a_refused_outcome_does_not_fail_its_batch_mates(b: Backend) {
     // No local workers: nothing is decided at the edge and the test drives the worker itself.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("worker_concurrency", "0");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let (key, secret) = app.webhook_key(&ws).await;
     refuse_boom_signals(&app).await;

@@ -30,14 +30,14 @@ both_backends!(
 );
 
 /// An app whose Pylon API is `mock`, a workspace, and a Pylon integration with an API token.
-async fn app_with_pylon_api(b: Backend, mock: &MockServer) -> Option<(TestApp, String, String)> {
+async fn app_with_pylon_api(b: Backend, mock: &MockServer) -> (TestApp, String, String) {
     let app = spawn_app_with(b, |c| {
         c.set("pylon_api_base", mock.uri());
     })
-    .await?;
+    .await;
     let ws = app.workspace("Acme").await;
     let int = pylon_integration(&app, &ws, json!({"api_token": API_TOKEN})).await;
-    Some((app, ws, int))
+    (app, ws, int)
 }
 
 /// Request headers as `post_raw` takes them.
@@ -57,10 +57,6 @@ async fn pylon_integration(app: &TestApp, ws: &str, extra: Value) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
-fn x_sig(secret: &str, body: &[u8]) -> (&'static str, String) {
-    ("x-pylon-signature", sign_x_pylon(secret.as_bytes(), body))
-}
-
 fn timestamped(secret: &str, ts: i64, body: &[u8]) -> Headers {
     vec![
         (
@@ -71,15 +67,11 @@ fn timestamped(secret: &str, ts: i64, body: &[u8]) -> Headers {
     ]
 }
 
-fn url(int_id: &str) -> String {
-    format!("/api/webhooks/pylon?integration_id={int_id}")
-}
-
 /// Posts `body` signed with `X-Pylon-Signature`.
 async fn send(app: &TestApp, int_id: &str, body: &Value) -> (StatusCode, Value) {
     let bytes = serde_json::to_vec(body).unwrap();
-    let headers = vec![x_sig(SECRET, &bytes)];
-    app.post_raw(&url(int_id), &headers, bytes).await
+    let headers = vec![x_pylon_signature(SECRET, &bytes)];
+    app.post_raw(&pylon_url(int_id), &headers, bytes).await
 }
 
 /// Posts `body` signed and asserts the plain `{"ok":true}` ack.
@@ -88,26 +80,10 @@ async fn send_ok(app: &TestApp, int_id: &str, body: &Value) {
     assert_eq!((st, &v), (StatusCode::OK, &json!({"ok": true})), "{body}");
 }
 
-async fn deliveries(app: &TestApp, ws: &str) -> Vec<Value> {
-    let (st, v) = app
-        .api(
-            "GET",
-            &format!("/api/v1/deliveries?workspace_id={ws}&limit=500"),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    v["items"].as_array().unwrap().clone()
-}
-
 /// The delivery whose body was `body` (the dedupe key hashes the body).
 async fn delivery_of(app: &TestApp, ws: &str, body: &Value) -> Value {
     let key = dedupe_key(&serde_json::to_vec(body).unwrap());
-    let all = deliveries(app, ws).await;
-    all.iter()
-        .find(|d| d["dedupe_key"] == key.as_str())
-        .cloned()
-        .unwrap_or_else(|| panic!("no delivery for {body} among {all:?}"))
+    delivery(&deliveries(app, &format!("workspace_id={ws}")).await, &key).clone()
 }
 
 async fn signal_by_ref(app: &TestApp, ws: &str, source_ref: &str) -> Option<Value> {
@@ -115,24 +91,6 @@ async fn signal_by_ref(app: &TestApp, ws: &str, source_ref: &str) -> Option<Valu
         .await
         .into_iter()
         .find(|s| s["source_ref"] == source_ref)
-}
-
-async fn activity(app: &TestApp, ws: &str, action: &str) -> Vec<Value> {
-    let (st, a) = app
-        .api(
-            "GET",
-            &format!("/api/v1/workspaces/{ws}/activity?limit=500"),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{a}");
-    a["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == action)
-        .cloned()
-        .collect()
 }
 
 const HTML: &str = "<p>Tom &amp; Jerry<br>line2</p><script>x()</script>";
@@ -157,10 +115,7 @@ fn assert_converted(verbatim: &Value, what: &str) {
 // ---------------------------------------------------------------------------------------------
 
 async fn signatures_are_verified_over_http(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let auto = pylon_integration(&app, &ws, json!({})).await;
     let x_only = pylon_integration(
         &app,
@@ -179,7 +134,7 @@ async fn signatures_are_verified_over_http(b: Backend) {
     )
     .unwrap();
     let now = signalbox::clock::now_secs();
-    let good_x = x_sig(SECRET, &body);
+    let good_x = x_pylon_signature(SECRET, &body);
     let good_ts = timestamped(SECRET, now, &body);
     let other = "another-secret-999";
     let unknown = signalbox::ids::new_id("int");
@@ -193,14 +148,14 @@ async fn signatures_are_verified_over_http(b: Backend) {
     let cases: Vec<Case> = vec![
         (
             "no signature",
-            url(&auto),
+            pylon_url(&auto),
             vec![],
             body.clone(),
             "missing_signature",
         ),
         (
             "blank signatures",
-            url(&auto),
+            pylon_url(&auto),
             vec![
                 ("x-pylon-signature", " ".into()),
                 ("pylon-webhook-signature", String::new()),
@@ -210,56 +165,56 @@ async fn signatures_are_verified_over_http(b: Backend) {
         ),
         (
             "x-pylon: wrong secret",
-            url(&auto),
-            vec![x_sig(other, &body)],
+            pylon_url(&auto),
+            vec![x_pylon_signature(other, &body)],
             body.clone(),
             "invalid_signature",
         ),
         (
             "x-pylon: tampered body",
-            url(&auto),
+            pylon_url(&auto),
             vec![good_x.clone()],
             br#"{"event":"issue_new","issue_id":"iss_evil","issue_title":"t"}"#.to_vec(),
             "invalid_signature",
         ),
         (
             "x-pylon: not hex",
-            url(&auto),
+            pylon_url(&auto),
             vec![("x-pylon-signature", "zz".repeat(32))],
             body.clone(),
             "invalid_signature",
         ),
         (
             "x-pylon: sha256= prefix",
-            url(&auto),
+            pylon_url(&auto),
             vec![("x-pylon-signature", format!("sha256={}", good_x.1))],
             body.clone(),
             "invalid_signature",
         ),
         (
             "x-pylon: truncated",
-            url(&auto),
+            pylon_url(&auto),
             vec![("x-pylon-signature", good_x.1[..63].to_string())],
             body.clone(),
             "invalid_signature",
         ),
         (
             "timestamped: wrong secret",
-            url(&auto),
+            pylon_url(&auto),
             timestamped(other, now, &body),
             body.clone(),
             "invalid_signature",
         ),
         (
             "timestamped: tampered body",
-            url(&auto),
+            pylon_url(&auto),
             good_ts.clone(),
             br#"{"event":"issue_new","issue_id":"iss_evil","issue_title":"t"}"#.to_vec(),
             "invalid_signature",
         ),
         (
             "timestamped: header says another ts",
-            url(&auto),
+            pylon_url(&auto),
             vec![
                 good_ts[0].clone(),
                 ("pylon-webhook-timestamp", (now - 1).to_string()),
@@ -269,28 +224,28 @@ async fn signatures_are_verified_over_http(b: Backend) {
         ),
         (
             "timestamped: stale",
-            url(&auto),
+            pylon_url(&auto),
             timestamped(SECRET, now - 301, &body),
             body.clone(),
             "stale_timestamp",
         ),
         (
             "timestamped: future",
-            url(&auto),
+            pylon_url(&auto),
             timestamped(SECRET, now + 600, &body),
             body.clone(),
             "stale_timestamp",
         ),
         (
             "timestamped: no timestamp",
-            url(&auto),
+            pylon_url(&auto),
             vec![good_ts[0].clone()],
             body.clone(),
             "missing_signature",
         ),
         (
             "timestamped: empty hs256=",
-            url(&auto),
+            pylon_url(&auto),
             vec![
                 ("pylon-webhook-signature", "hs256=".into()),
                 good_ts[1].clone(),
@@ -300,28 +255,28 @@ async fn signatures_are_verified_over_http(b: Backend) {
         ),
         (
             "auto: bad timestamped wins over a good x-pylon",
-            url(&auto),
+            pylon_url(&auto),
             with(timestamped(other, now, &body), good_x.clone()),
             body.clone(),
             "invalid_signature",
         ),
         (
             "x-pylon-signature scheme ignores a timestamped signature",
-            url(&x_only),
+            pylon_url(&x_only),
             good_ts.clone(),
             body.clone(),
             "missing_signature",
         ),
         (
             "timestamped scheme ignores x-pylon",
-            url(&ts_only),
+            pylon_url(&ts_only),
             vec![good_x.clone()],
             body.clone(),
             "missing_signature",
         ),
         (
             "unknown integration",
-            url(&unknown),
+            pylon_url(&unknown),
             vec![good_x.clone()],
             body.clone(),
             "unknown_integration",
@@ -364,7 +319,7 @@ async fn signatures_are_verified_over_http(b: Backend) {
         .await;
     let (st, v) = app
         .post_raw(
-            &url(slack["id"].as_str().unwrap()),
+            &pylon_url(slack["id"].as_str().unwrap()),
             std::slice::from_ref(&good_x),
             body.clone(),
         )
@@ -373,7 +328,9 @@ async fn signatures_are_verified_over_http(b: Backend) {
     assert_eq!(v["error"]["code"], "unknown_integration");
     // A valid signature over something that is not a JSON object is a 400.
     for bad in [b"{\"issue_id\": ".to_vec(), b"[1]".to_vec()] {
-        let (st, v) = app.post_raw(&url(&auto), &[x_sig(SECRET, &bad)], bad).await;
+        let (st, v) = app
+            .post_raw(&pylon_url(&auto), &[x_pylon_signature(SECRET, &bad)], bad)
+            .await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
         assert_eq!(v["error"]["code"], "invalid_json", "{v}");
     }
@@ -391,13 +348,13 @@ async fn signatures_are_verified_over_http(b: Backend) {
     let accepted: Vec<(&str, String, Headers, Vec<u8>)> = vec![
         (
             "x-pylon",
-            url(&auto),
-            vec![x_sig(SECRET, &body_of(1))],
+            pylon_url(&auto),
+            vec![x_pylon_signature(SECRET, &body_of(1))],
             body_of(1),
         ),
         (
             "x-pylon, uppercase hex",
-            url(&auto),
+            pylon_url(&auto),
             vec![(
                 "x-pylon-signature",
                 sign_x_pylon(SECRET.as_bytes(), &body_of(2)).to_uppercase(),
@@ -406,13 +363,13 @@ async fn signatures_are_verified_over_http(b: Backend) {
         ),
         (
             "timestamped",
-            url(&auto),
+            pylon_url(&auto),
             timestamped(SECRET, now, &body_of(3)),
             body_of(3),
         ),
         (
             "timestamped, several entries",
-            url(&auto),
+            pylon_url(&auto),
             vec![
                 (
                     "pylon-webhook-signature",
@@ -428,29 +385,29 @@ async fn signatures_are_verified_over_http(b: Backend) {
         ),
         (
             "auto: a good timestamped wins over a bad x-pylon",
-            url(&auto),
+            pylon_url(&auto),
             with(
                 timestamped(SECRET, now, &body_of(5)),
-                x_sig(other, &body_of(5)),
+                x_pylon_signature(other, &body_of(5)),
             ),
             body_of(5),
         ),
         (
             "x-pylon-signature scheme",
-            url(&x_only),
-            vec![x_sig(SECRET, &body_of(6))],
+            pylon_url(&x_only),
+            vec![x_pylon_signature(SECRET, &body_of(6))],
             body_of(6),
         ),
         (
             "timestamped scheme",
-            url(&ts_only),
+            pylon_url(&ts_only),
             timestamped(SECRET, now, &body_of(7)),
             body_of(7),
         ),
         (
             "path form",
             format!("/api/webhooks/pylon/{auto}"),
-            vec![x_sig(SECRET, &body_of(8))],
+            vec![x_pylon_signature(SECRET, &body_of(8))],
             body_of(8),
         ),
     ];
@@ -479,9 +436,9 @@ async fn signatures_are_verified_over_http(b: Backend) {
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let fresh = body_of(9);
-    for path in [url(&auto), format!("/api/webhooks/pylon/{auto}")] {
+    for path in [pylon_url(&auto), format!("/api/webhooks/pylon/{auto}")] {
         let (st, v) = app
-            .post_raw(&path, &[x_sig(SECRET, &fresh)], fresh.clone())
+            .post_raw(&path, &[x_pylon_signature(SECRET, &fresh)], fresh.clone())
             .await;
         assert_eq!(st, StatusCode::UNAUTHORIZED, "{path}: {v}");
         assert_eq!(v["error"]["code"], "unknown_integration", "{path}: {v}");
@@ -492,10 +449,7 @@ async fn signatures_are_verified_over_http(b: Backend) {
 }
 
 async fn identical_replays_are_duplicates(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let int = pylon_integration(&app, &ws, json!({})).await;
     let body = json!({"event": "issue_new", "issue_id": "iss_r", "issue_title": "Replay me",
                       "issue_body": "<p>Once</p>"});
@@ -508,7 +462,7 @@ async fn identical_replays_are_duplicates(b: Backend) {
     // The same bytes under the timestamped scheme (a fresh timestamp) are still a replay.
     let bytes = serde_json::to_vec(&body).unwrap();
     let headers = timestamped(SECRET, signalbox::clock::now_secs(), &bytes);
-    let (st, v) = app.post_raw(&url(&int), &headers, bytes).await;
+    let (st, v) = app.post_raw(&pylon_url(&int), &headers, bytes).await;
     assert_eq!(
         (st, v),
         (StatusCode::OK, json!({"ok": true, "duplicate": true}))
@@ -533,10 +487,7 @@ async fn identical_replays_are_duplicates(b: Backend) {
 }
 
 async fn every_payload_shape_becomes_a_signal(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let int = pylon_integration(&app, &ws, json!({})).await;
     let api_issue = |id: &str| {
         json!({
@@ -647,10 +598,7 @@ async fn every_payload_shape_becomes_a_signal(b: Backend) {
 }
 
 async fn update_events_patch_the_ticket_signal(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let int = pylon_integration(&app, &ws, json!({})).await;
     let first = json!({
         "event": "issue_new", "issue_id": "iss_u", "issue_title": "Login broken",
@@ -715,10 +663,7 @@ async fn update_events_patch_the_ticket_signal(b: Backend) {
 }
 
 async fn customer_messages_become_their_own_signals(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let int = pylon_integration(&app, &ws, json!({})).await;
     let ticket = json!({"event": "issue_new", "issue_id": "iss_m", "issue_title": "Slow",
                         "issue_body": "<p>Dashboard is slow</p>"});
@@ -788,13 +733,10 @@ async fn event_filter_records_why(b: Backend) {
         .named("no Pylon API call")
         .mount(&mock)
         .await;
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("pylon_api_base", mock.uri());
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let int = pylon_integration(
         &app,
@@ -857,9 +799,7 @@ async fn thin_payloads_are_enriched_from_the_api(b: Backend) {
         .expect(1)
         .mount(&mock)
         .await;
-    let Some((app, ws, int)) = app_with_pylon_api(b, &mock).await else {
-        return;
-    };
+    let (app, ws, int) = app_with_pylon_api(b, &mock).await;
     let thin = json!({"event": "issue_new", "issue_id": "iss_1"});
     send_ok(&app, &int, &thin).await;
     app.drain().await;
@@ -948,9 +888,7 @@ async fn a_retry_after_date_is_honoured(b: Backend) {
         .expect(1)
         .mount(&mock)
         .await;
-    let Some((app, ws, int)) = app_with_pylon_api(b, &mock).await else {
-        return;
-    };
+    let (app, ws, int) = app_with_pylon_api(b, &mock).await;
     let thin = json!({"event": "issue_new", "issue_id": "iss_9"});
     send_ok(&app, &int, &thin).await;
     wait_for("the dated retry", || async {
@@ -1005,14 +943,11 @@ async fn rate_limited_lookups_are_retried_without_blocking(b: Backend) {
         .mount(&mock)
         .await;
     // One worker: if it slept on Retry-After, nothing else could be processed meanwhile.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("pylon_api_base", mock.uri())
             .set("worker_concurrency", "1");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let int = pylon_integration(&app, &ws, json!({"api_token": API_TOKEN})).await;
     let thin = json!({"event": "issue_new", "issue_id": "iss_1"});
@@ -1075,10 +1010,7 @@ async fn rate_limited_lookups_are_retried_without_blocking(b: Backend) {
 }
 
 async fn required_shared_header_is_checked(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let int = pylon_integration(
         &app,
         &ws,
@@ -1098,7 +1030,7 @@ async fn required_shared_header_is_checked(b: Backend) {
     let body = serde_json::to_vec(&json!({"event": "issue_new", "issue_id": "iss_h",
                                           "issue_title": "Header"}))
     .unwrap();
-    let sig = x_sig(SECRET, &body);
+    let sig = x_pylon_signature(SECRET, &body);
     let auth = |v: &str| ("authorization", v.to_string());
     let cases: Vec<(&str, Headers, &str)> = vec![
         ("header missing", vec![sig.clone()], "missing_signature"),
@@ -1115,7 +1047,7 @@ async fn required_shared_header_is_checked(b: Backend) {
         (
             "right header, bad signature",
             vec![
-                x_sig("another-secret-999", &body),
+                x_pylon_signature("another-secret-999", &body),
                 auth("Bearer s3cret-token"),
             ],
             "invalid_signature",
@@ -1127,14 +1059,14 @@ async fn required_shared_header_is_checked(b: Backend) {
         ),
     ];
     for (name, headers, code) in cases {
-        let (st, v) = app.post_raw(&url(&int), &headers, body.clone()).await;
+        let (st, v) = app.post_raw(&pylon_url(&int), &headers, body.clone()).await;
         assert_eq!(st, StatusCode::UNAUTHORIZED, "{name}: {v}");
         assert_eq!(v["error"]["code"], code, "{name}: {v}");
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 0);
     let (st, v) = app
         .post_raw(
-            &url(&int),
+            &pylon_url(&int),
             &[sig.clone(), auth("Bearer s3cret-token")],
             body.clone(),
         )
@@ -1152,10 +1084,7 @@ async fn required_shared_header_is_checked(b: Backend) {
 }
 
 async fn html_bodies_become_tidy_text(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let int = pylon_integration(&app, &ws, json!({})).await;
     let cases = [
         (

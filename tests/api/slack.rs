@@ -27,186 +27,14 @@ both_backends!(
     stale_timestamps_and_invalid_json_are_rejected,
 );
 
-pub(crate) const EVENTS: &str = "/api/webhooks/slack/events";
 pub(crate) const APP_SECRET: &str = "app-level-secret-123";
-const APP_ID: &str = "A0SIGNALBOX";
 
 // ---------------------------------------------------------------------------------------------
-// Helpers
+// Helpers (the Slack senders shared with other files are in helpers.rs)
 // ---------------------------------------------------------------------------------------------
-
-pub(crate) fn now() -> i64 {
-    signalbox::clock::now_secs()
-}
-
-/// The per-customer URL of an integration.
-pub(crate) fn url_for(integration: &Value) -> String {
-    format!(
-        "{EVENTS}?integration_id={}",
-        integration["id"].as_str().unwrap()
-    )
-}
-
-/// Sets (or, for `null`, removes) each key of `extra` in the object `target`.
-pub(crate) fn merge(target: &mut Value, extra: Value) {
-    let (Some(t), Value::Object(extra)) = (target.as_object_mut(), extra) else {
-        return;
-    };
-    for (k, v) in extra {
-        if v.is_null() {
-            t.remove(&k);
-        } else {
-            t.insert(k, v);
-        }
-    }
-}
-
-/// An `event_callback` envelope around `event`, shaped like Slack's documented example.
-pub(crate) fn envelope(team: &str, event_id: &str, event: Value) -> Value {
-    json!({
-        "token": "XXYYZZ",
-        "team_id": team,
-        "api_app_id": APP_ID,
-        "event": event,
-        "type": "event_callback",
-        "event_id": event_id,
-        "event_time": 1_700_000_000,
-        "authorizations": [{
-            "enterprise_id": null,
-            "team_id": team,
-            "user_id": "U0SBXBOT",
-            "is_bot": true,
-            "is_enterprise_install": false
-        }],
-        "is_ext_shared_channel": false,
-        "event_context": "4-eyJldCI6Im1lc3NhZ2UiLCJ0aWQiOiJUMSJ9"
-    })
-}
-
-/// A channel `message` event inside an envelope; `extra` is merged into the event (a `null`
-/// value removes the field).
-pub(crate) fn message(
-    team: &str,
-    channel: &str,
-    user: &str,
-    text: &str,
-    ts: &str,
-    event_id: &str,
-    extra: Value,
-) -> Value {
-    let mut event = json!({
-        "type": "message",
-        "channel": channel,
-        "user": user,
-        "text": text,
-        "ts": ts,
-        "event_ts": ts,
-        "channel_type": "channel",
-        "client_msg_id": format!("cm-{event_id}")
-    });
-    merge(&mut event, extra);
-    envelope(team, event_id, event)
-}
 
 fn url_verification(challenge: &str) -> Value {
     json!({"token": "XXYYZZ", "challenge": challenge, "type": "url_verification"})
-}
-
-/// Slack's two signing headers for `body` at `ts`.
-fn slack_headers(secret: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
-    vec![
-        ("x-slack-request-timestamp", ts.to_string()),
-        (
-            "x-slack-signature",
-            slack::sign(secret.as_bytes(), ts, body),
-        ),
-    ]
-}
-
-/// Posts raw `body` to `path`, signed with `secret` at `ts`, plus `extra` headers.
-pub(crate) async fn send_bytes(
-    app: &TestApp,
-    path: &str,
-    secret: &str,
-    ts: i64,
-    body: Vec<u8>,
-    extra: &[(&'static str, String)],
-) -> (StatusCode, Value) {
-    let mut headers = slack_headers(secret, ts, &body);
-    headers.extend_from_slice(extra);
-    app.post_raw(path, &headers, body).await
-}
-
-/// Posts `body` to `path` signed (now) with `secret`, plus `extra` headers.
-pub(crate) async fn send_slack(
-    app: &TestApp,
-    path: &str,
-    secret: &str,
-    body: &Value,
-    extra: &[(&'static str, String)],
-) -> (StatusCode, Value) {
-    send_bytes(
-        app,
-        path,
-        secret,
-        now(),
-        body.to_string().into_bytes(),
-        extra,
-    )
-    .await
-}
-
-/// Sends and expects a fresh `200 {"ok": true}`.
-pub(crate) async fn send_ok(app: &TestApp, path: &str, secret: &str, body: &Value) {
-    let (st, v) = send_slack(app, path, secret, body, &[]).await;
-    assert_eq!((st, &v), (StatusCode::OK, &json!({"ok": true})), "{body}");
-}
-
-/// Creates a Slack integration for `team` in `ws`; `extra` is merged into the request.
-pub(crate) async fn slack_integration(app: &TestApp, ws: &str, team: &str, extra: Value) -> Value {
-    let mut body =
-        json!({"platform": "slack", "name": format!("Slack {team}"), "slack_team_id": team});
-    merge(&mut body, extra);
-    app.integration(ws, body).await
-}
-
-/// `GET /api/v1/deliveries?{query}`.
-pub(crate) async fn deliveries(app: &TestApp, query: &str) -> Vec<Value> {
-    let (st, v) = app
-        .api(
-            "GET",
-            &format!("/api/v1/deliveries?limit=500&{query}"),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    v["items"].as_array().unwrap().clone()
-}
-
-/// The delivery with dedupe key `key` among `list`.
-pub(crate) fn delivery<'a>(list: &'a [Value], key: &str) -> &'a Value {
-    list.iter()
-        .find(|d| d["dedupe_key"] == key)
-        .unwrap_or_else(|| panic!("no delivery {key} in {list:#?}"))
-}
-
-/// Activity entries of `ws` with `action`.
-pub(crate) async fn activity(app: &TestApp, ws: &str, action: &str) -> Vec<Value> {
-    let (st, v) = app
-        .api(
-            "GET",
-            &format!("/api/v1/workspaces/{ws}/activity?limit=500"),
-            None,
-        )
-        .await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["action"] == action)
-        .cloned()
-        .collect()
 }
 
 async fn get_integration(app: &TestApp, id: &Value) -> Value {
@@ -221,33 +49,19 @@ async fn get_integration(app: &TestApp, id: &Value) -> Value {
     v
 }
 
-pub(crate) fn assert_rejected(
-    res: (StatusCode, Value),
-    status: StatusCode,
-    code: &str,
-    what: &str,
-) {
-    let (st, v) = res;
-    assert_eq!(st, status, "{what}: {v}");
-    assert_eq!(v["error"]["code"], code, "{what}: {v}");
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
 
 async fn url_verification_is_verified_in_every_mode(b: Backend) {
     // Per-customer app and team lookup (no app-level secret).
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "per-customer-secret-1";
     let integ = slack_integration(&app, &ws, "T0URLVER", json!({"signing_secret": secret})).await;
     let challenge = url_verification("3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P");
     for (mode, path) in [
         ("per-integration", url_for(&integ)),
-        ("team lookup", EVENTS.into()),
+        ("team lookup", SLACK_EVENTS.into()),
     ] {
         let (st, v) = send_slack(&app, &path, secret, &challenge, &[]).await;
         assert_eq!(st, StatusCode::OK, "{mode}: {v}");
@@ -270,7 +84,7 @@ async fn url_verification_is_verified_in_every_mode(b: Backend) {
     }
     let unknown = send_slack(
         &app,
-        &format!("{EVENTS}?integration_id=int_01m8m7bfnrfyhvmry5qcb9n2qs"),
+        &format!("{SLACK_EVENTS}?integration_id=int_01m8m7bfnrfyhvmry5qcb9n2qs"),
         secret,
         &challenge,
         &[],
@@ -287,20 +101,17 @@ async fn url_verification_is_verified_in_every_mode(b: Backend) {
     app.stop().await;
 
     // One distributed app: the app-level secret verifies.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("slack_signing_secret", APP_SECRET);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     slack_integration(&app, &ws, "T0URLVER", json!({})).await;
-    let (st, v) = send_slack(&app, EVENTS, APP_SECRET, &challenge, &[]).await;
+    let (st, v) = send_slack(&app, SLACK_EVENTS, APP_SECRET, &challenge, &[]).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["challenge"], challenge["challenge"]);
     let unsigned = app
-        .post_raw(EVENTS, &[], challenge.to_string().into_bytes())
+        .post_raw(SLACK_EVENTS, &[], challenge.to_string().into_bytes())
         .await;
     assert_rejected(
         unsigned,
@@ -308,7 +119,7 @@ async fn url_verification_is_verified_in_every_mode(b: Backend) {
         "missing_signature",
         "app-level",
     );
-    let wrong = send_slack(&app, EVENTS, "per-customer-secret-1", &challenge, &[]).await;
+    let wrong = send_slack(&app, SLACK_EVENTS, "per-customer-secret-1", &challenge, &[]).await;
     assert_rejected(
         wrong,
         StatusCode::UNAUTHORIZED,
@@ -317,7 +128,7 @@ async fn url_verification_is_verified_in_every_mode(b: Backend) {
     );
     let stale = send_bytes(
         &app,
-        EVENTS,
+        SLACK_EVENTS,
         APP_SECRET,
         now() - 301,
         challenge.to_string().into_bytes(),
@@ -335,10 +146,7 @@ async fn url_verification_is_verified_in_every_mode(b: Backend) {
 }
 
 async fn per_integration_message_becomes_a_readable_signal(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "acme-signing-secret";
     let integ = slack_integration(
         &app,
@@ -447,13 +255,10 @@ async fn per_integration_message_becomes_a_readable_signal(b: Backend) {
 /// must come to the same effect.
 async fn a_claimed_delivery_is_processed_like_a_handed_over_one(b: Backend) {
     // No workers: the delivery stays in the inbox for the test to claim.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("worker_concurrency", "0");
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws = app.workspace("Acme").await;
     let secret = "acme-signing-secret";
     let integ = slack_integration(&app, &ws, "T0ACME", json!({"signing_secret": secret})).await;
@@ -511,13 +316,10 @@ async fn a_claimed_delivery_is_processed_like_a_handed_over_one(b: Backend) {
 }
 
 async fn app_level_secret_routes_by_team(b: Backend) {
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("slack_signing_secret", APP_SECRET);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let ws_a = app.workspace("Alpha").await;
     let ws_b = app.workspace("Bravo").await;
     // Created without their own signing secret: the app-level one covers them.
@@ -535,7 +337,7 @@ async fn app_level_secret_routes_by_team(b: Backend) {
         "Ev03TEAM",
         json!({}),
     );
-    send_ok(&app, EVENTS, APP_SECRET, &by_team).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &by_team).await;
 
     // team_id is someone else's (a shared channel): routed by authorizations[0].team_id.
     let mut shared = message(
@@ -549,7 +351,7 @@ async fn app_level_secret_routes_by_team(b: Backend) {
     );
     shared["authorizations"][0]["team_id"] = json!("T0BRAVO");
     shared["is_ext_shared_channel"] = json!(true);
-    send_ok(&app, EVENTS, APP_SECRET, &shared).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &shared).await;
 
     // A validly signed event for a team we do not know: acknowledged, recorded as filtered.
     let unknown = message(
@@ -561,7 +363,7 @@ async fn app_level_secret_routes_by_team(b: Backend) {
         "Ev03UNKNOWN",
         json!({}),
     );
-    send_ok(&app, EVENTS, APP_SECRET, &unknown).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &unknown).await;
 
     // The app-level secret is the only one accepted here.
     let forged = message(
@@ -573,7 +375,7 @@ async fn app_level_secret_routes_by_team(b: Backend) {
         "Ev03FORGED",
         json!({}),
     );
-    let res = send_slack(&app, EVENTS, "not-the-app-secret", &forged, &[]).await;
+    let res = send_slack(&app, SLACK_EVENTS, "not-the-app-secret", &forged, &[]).await;
     assert_rejected(res, StatusCode::UNAUTHORIZED, "invalid_signature", "forged");
 
     app.drain().await;
@@ -603,10 +405,7 @@ async fn app_level_secret_routes_by_team(b: Backend) {
 }
 
 async fn team_lookup_verifies_with_the_teams_own_secret(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let other_ws = app.workspace("Other").await;
     slack_integration(
         &app,
@@ -632,7 +431,7 @@ async fn team_lookup_verifies_with_the_teams_own_secret(b: Backend) {
         "Ev04GOOD",
         json!({}),
     );
-    send_ok(&app, EVENTS, "lookup-secret-1", &good).await;
+    send_ok(&app, SLACK_EVENTS, "lookup-secret-1", &good).await;
 
     // Another secret (including another tenant's) does not verify this team's events.
     for secret in ["someone-elses-secret", "other-team-secret"] {
@@ -645,12 +444,12 @@ async fn team_lookup_verifies_with_the_teams_own_secret(b: Backend) {
             "Ev04FORGED",
             json!({}),
         );
-        let res = send_slack(&app, EVENTS, secret, &body, &[]).await;
+        let res = send_slack(&app, SLACK_EVENTS, secret, &body, &[]).await;
         assert_rejected(res, StatusCode::UNAUTHORIZED, "invalid_signature", secret);
     }
     // Unsigned.
     let res = app
-        .post_raw(EVENTS, &[], good.to_string().into_bytes())
+        .post_raw(SLACK_EVENTS, &[], good.to_string().into_bytes())
         .await;
     assert_rejected(
         res,
@@ -668,7 +467,7 @@ async fn team_lookup_verifies_with_the_teams_own_secret(b: Backend) {
         "Ev04UNKNOWN",
         json!({}),
     );
-    let res = send_slack(&app, EVENTS, "lookup-secret-1", &unknown, &[]).await;
+    let res = send_slack(&app, SLACK_EVENTS, "lookup-secret-1", &unknown, &[]).await;
     assert_rejected(
         res,
         StatusCode::UNAUTHORIZED,
@@ -686,10 +485,7 @@ async fn team_lookup_verifies_with_the_teams_own_secret(b: Backend) {
 }
 
 async fn retry_storm_makes_one_delivery_and_one_signal(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "storm-signing-secret";
     let integ = slack_integration(&app, &ws, "T0STORM", json!({"signing_secret": secret})).await;
     let path = url_for(&integ);
@@ -782,10 +578,7 @@ async fn retry_storm_makes_one_delivery_and_one_signal(b: Backend) {
 }
 
 async fn channel_allow_list_filters_other_channels(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "allow-list-secret";
     let integ = slack_integration(
         &app,
@@ -832,10 +625,7 @@ async fn channel_allow_list_filters_other_channels(b: Backend) {
 }
 
 async fn bot_messages_and_joins_are_filtered(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "bot-filter-secret";
     let integ = slack_integration(
         &app,
@@ -906,10 +696,7 @@ async fn bot_messages_and_joins_are_filtered(b: Backend) {
 }
 
 async fn edits_and_deletes_update_the_same_signal(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "edit-delete-secret";
     let integ = slack_integration(&app, &ws, "T0EDIT", json!({"signing_secret": secret})).await;
     let path = url_for(&integ);
@@ -1107,10 +894,7 @@ async fn edits_and_deletes_update_the_same_signal(b: Backend) {
 }
 
 async fn uninstall_and_revoked_tokens_deactivate_and_later_events_are_filtered(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "uninstall-secret";
     let integ = slack_integration(
         &app,
@@ -1162,7 +946,7 @@ async fn uninstall_and_revoked_tokens_deactivate_and_later_events_are_filtered(b
         "Ev09LATER2",
         json!({}),
     );
-    send_ok(&app, EVENTS, secret, &later_lookup).await;
+    send_ok(&app, SLACK_EVENTS, secret, &later_lookup).await;
 
     // tokens_revoked: user tokens alone change nothing; a bot token deactivates.
     let secret2 = "revoke-secret-2";
@@ -1226,7 +1010,7 @@ async fn uninstall_and_revoked_tokens_deactivate_and_later_events_are_filtered(b
         "Ev09LATER3",
         json!({}),
     );
-    send_ok(&app, EVENTS, secret2, &later2).await;
+    send_ok(&app, SLACK_EVENTS, secret2, &later2).await;
     app.drain().await;
 
     let deact = activity(&app, &ws, "integration.deactivated").await;
@@ -1252,10 +1036,7 @@ async fn uninstall_and_revoked_tokens_deactivate_and_later_events_are_filtered(b
 }
 
 async fn app_uninstalled_wipes_the_token_of_an_already_inactive_integration(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "paused-secret-1";
     let integ = slack_integration(
         &app,
@@ -1298,10 +1079,7 @@ async fn app_uninstalled_wipes_the_token_of_an_already_inactive_integration(b: B
 }
 
 async fn unknown_event_and_envelope_types_are_acknowledged_and_filtered(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "unknown-types-secret";
     let integ = slack_integration(&app, &ws, "T0ODD", json!({"signing_secret": secret})).await;
     let path = url_for(&integ);
@@ -1322,10 +1100,10 @@ async fn unknown_event_and_envelope_types_are_acknowledged_and_filtered(b: Backe
         json!({"subtype": "huddle_thread"}),
     );
     let odd_envelope = json!({"token": "XXYYZZ", "type": "brand_new_envelope", "team_id": "T0ODD",
-                              "api_app_id": APP_ID, "payload": {"x": [1, 2, 3]}});
-    let no_type = json!({"team_id": "T0ODD", "api_app_id": APP_ID});
+                              "api_app_id": SLACK_APP_ID, "payload": {"x": [1, 2, 3]}});
+    let no_type = json!({"team_id": "T0ODD", "api_app_id": SLACK_APP_ID});
     let rate_limited = json!({"token": "XXYYZZ", "type": "app_rate_limited", "team_id": "T0ODD",
-                              "minute_rate_limited": 1_518_467_820, "api_app_id": APP_ID});
+                              "minute_rate_limited": 1_518_467_820, "api_app_id": SLACK_APP_ID});
     for body in [
         &reaction,
         &new_subtype,
@@ -1368,10 +1146,7 @@ async fn unknown_event_and_envelope_types_are_acknowledged_and_filtered(b: Backe
 }
 
 async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
-    let ws = app.workspace("Acme").await;
+    let (app, ws) = app_with_workspace(b).await;
     let secret = "timing-secret-1";
     let integ = slack_integration(&app, &ws, "T0TIME", json!({"signing_secret": secret})).await;
     let body = message(
@@ -1387,7 +1162,7 @@ async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
     .into_bytes();
     for (mode, path) in [
         ("per-integration", url_for(&integ)),
-        ("team lookup", EVENTS.into()),
+        ("team lookup", SLACK_EVENTS.into()),
     ] {
         for offset in [-600, 600] {
             let res = send_bytes(&app, &path, secret, now() + offset, body.clone(), &[]).await;
@@ -1425,13 +1200,10 @@ async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
     app.stop().await;
 
     // The same with the app-level secret.
-    let Some(app) = spawn_app_with(b, |c| {
+    let app = spawn_app_with(b, |c| {
         c.set("slack_signing_secret", APP_SECRET);
     })
-    .await
-    else {
-        return;
-    };
+    .await;
     let body = message(
         "T0TIME",
         "C0ONE",
@@ -1444,7 +1216,15 @@ async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
     .to_string()
     .into_bytes();
     for offset in [-600, 600] {
-        let res = send_bytes(&app, EVENTS, APP_SECRET, now() + offset, body.clone(), &[]).await;
+        let res = send_bytes(
+            &app,
+            SLACK_EVENTS,
+            APP_SECRET,
+            now() + offset,
+            body.clone(),
+            &[],
+        )
+        .await;
         assert_rejected(
             res,
             StatusCode::UNAUTHORIZED,
@@ -1453,7 +1233,7 @@ async fn stale_timestamps_and_invalid_json_are_rejected(b: Backend) {
         );
     }
     for bad in [&b"{\"type\": "[..], &b"\"just a string\""[..]] {
-        let res = send_bytes(&app, EVENTS, APP_SECRET, now(), bad.to_vec(), &[]).await;
+        let res = send_bytes(&app, SLACK_EVENTS, APP_SECRET, now(), bad.to_vec(), &[]).await;
         assert_rejected(res, StatusCode::BAD_REQUEST, "invalid_json", "app-level");
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM deliveries").await, 0);

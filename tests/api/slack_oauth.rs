@@ -26,7 +26,7 @@ static NEXT_TS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 pub(crate) const APP_SECRET: &str = "app-level-signing-secret";
 const CLIENT_SECRET: &str = "client-secret-xyz";
 
-pub(crate) async fn app_with_fake_slack(b: Backend) -> Option<(TestApp, MockServer)> {
+pub(crate) async fn app_with_fake_slack(b: Backend) -> (TestApp, MockServer) {
     let slack = MockServer::start().await;
     let uri = slack.uri();
     let app = spawn_app_with(b, move |c| {
@@ -36,8 +36,8 @@ pub(crate) async fn app_with_fake_slack(b: Backend) -> Option<(TestApp, MockServ
             .set("slack_signing_secret", APP_SECRET)
             .set("public_url", "https://signals.example.test");
     })
-    .await?;
-    Some((app, slack))
+    .await;
+    (app, slack)
 }
 
 pub(crate) fn oauth_answer(access: &str, refresh: Option<&str>, expires_in: Option<i64>) -> Value {
@@ -84,12 +84,7 @@ pub(crate) async fn install(app: &TestApp, ws: &str, code: &str) -> (StatusCode,
 }
 
 pub(crate) async fn callback(app: &TestApp, query: &str) -> (StatusCode, String) {
-    let resp = app
-        .client
-        .get(format!("{}/api/webhooks/slack/oauth?{query}", app.base))
-        .send()
-        .await
-        .unwrap();
+    let resp = app.get(&format!("/api/webhooks/slack/oauth?{query}")).await;
     (resp.status(), resp.text().await.unwrap())
 }
 
@@ -139,36 +134,16 @@ pub(crate) async fn mount_oauth(slack: &MockServer, answer: Value) {
 }
 
 async fn mount_names(slack: &MockServer, token: &str) {
-    Mock::given(method("POST"))
-        .and(path("/users.info"))
-        .and(header("authorization", format!("Bearer {token}").as_str()))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"ok": true, "user": {"id": "U0JANE", "name": "jane", "profile": {"display_name": "Jane Doe"}}}),
-        ))
-        .mount(slack)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/conversations.info"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(
-                json!({"ok": true, "channel": {"id": "C0FEED", "name": "feedback"}}),
-            ),
-        )
-        .mount(slack)
-        .await;
-    Mock::given(method("POST"))
-        .and(path("/chat.getPermalink"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(
-            json!({"ok": true, "permalink": "https://softball.slack.com/archives/C0FEED/p1"}),
-        ))
-        .mount(slack)
-        .await;
+    mount_slack_names(
+        slack,
+        Some(token),
+        "https://softball.slack.com/archives/C0FEED/p1",
+    )
+    .await;
 }
 
 async fn install_flow_creates_an_encrypted_integration_once(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws = app.workspace("Acme").await;
     // The authorize redirect carries everything Slack needs.
     let client = reqwest::Client::builder()
@@ -269,9 +244,7 @@ async fn install_flow_creates_an_encrypted_integration_once(b: Backend) {
 }
 
 async fn bad_reused_expired_or_denied_states_store_nothing(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws = app.workspace("Acme").await;
     mount_oauth(&slack, oauth_answer("xoxb-x", None, None)).await;
     let (st, page) = callback(&app, "code=c&state=never-issued").await;
@@ -319,9 +292,7 @@ async fn bad_reused_expired_or_denied_states_store_nothing(b: Backend) {
 }
 
 async fn tokens_near_expiry_are_refreshed_once_even_concurrently(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws = app.workspace("Acme").await;
     // Expires in one hour: inside the two-hour refresh margin.
     mount_oauth(
@@ -397,9 +368,7 @@ async fn tokens_near_expiry_are_refreshed_once_even_concurrently(b: Backend) {
 }
 
 async fn token_expired_triggers_a_refresh_and_a_retry(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws = app.workspace("Acme").await;
     mount_oauth(
         &slack,
@@ -441,9 +410,7 @@ async fn token_expired_triggers_a_refresh_and_a_retry(b: Backend) {
 }
 
 async fn failed_refresh_marks_needs_reauth_but_signals_still_flow(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws = app.workspace("Acme").await;
     mount_oauth(
         &slack,
@@ -504,9 +471,7 @@ async fn failed_refresh_marks_needs_reauth_but_signals_still_flow(b: Backend) {
 }
 
 async fn enrichment_adds_names_and_permalink(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws = app.workspace("Acme").await;
     mount_oauth(&slack, oauth_answer("xoxb-token", None, None)).await;
     assert_eq!(install(&app, &ws, "c").await.0, StatusCode::OK);
@@ -531,9 +496,7 @@ async fn enrichment_adds_names_and_permalink(b: Backend) {
 }
 
 async fn rate_limited_enrichment_still_yields_the_signal_promptly(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws = app.workspace("Acme").await;
     mount_oauth(&slack, oauth_answer("xoxb-token", None, None)).await;
     assert_eq!(install(&app, &ws, "c").await.0, StatusCode::OK);

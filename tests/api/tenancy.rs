@@ -11,10 +11,7 @@ use wiremock::{Mock, ResponseTemplate};
 
 use crate::both_backends;
 use crate::helpers::*;
-use crate::slack::{
-    APP_SECRET, EVENTS, assert_rejected, deliveries, delivery, message, send_ok, send_slack,
-    slack_integration,
-};
+use crate::slack::APP_SECRET;
 use crate::slack_oauth::{app_with_fake_slack, install, mount_oauth, oauth_answer};
 
 both_backends!(
@@ -31,7 +28,7 @@ both_backends!(
     an_unproven_claim_gives_way_to_the_oauth_install,
 );
 
-async fn app_with_shared_secret(b: Backend) -> Option<TestApp> {
+async fn app_with_shared_secret(b: Backend) -> TestApp {
     spawn_app_with(b, |c| {
         c.set("slack_signing_secret", APP_SECRET);
     })
@@ -72,9 +69,7 @@ async fn signals_as(app: &TestApp, token: &str, ws: &str) -> (StatusCode, Value)
 }
 
 async fn a_workspace_token_cannot_bind_a_team_to_the_shared_app(b: Backend) {
-    let Some(app) = app_with_shared_secret(b).await else {
-        return;
-    };
+    let app = app_with_shared_secret(b).await;
     let ws_a = app.workspace("Attacker").await;
     let ws_v = app.workspace("Victim").await;
     let token = app.token(&ws_a).await.1;
@@ -129,9 +124,12 @@ async fn a_workspace_token_cannot_bind_a_team_to_the_shared_app(b: Backend) {
         "Ev0VICTIM1",
         json!({}),
     );
-    send_ok(&app, EVENTS, APP_SECRET, &event).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &event).await;
     // Posting them to the attacker's own URL does not work either: only its secret verifies.
-    let url = format!("{EVENTS}?integration_id={}", own.1["id"].as_str().unwrap());
+    let url = format!(
+        "{SLACK_EVENTS}?integration_id={}",
+        own.1["id"].as_str().unwrap()
+    );
     let (st, v) = send_slack(&app, &url, APP_SECRET, &event, &[]).await;
     assert_rejected(
         (st, v),
@@ -159,9 +157,7 @@ async fn a_workspace_token_cannot_bind_a_team_to_the_shared_app(b: Backend) {
 }
 
 async fn reactivation_cannot_make_a_second_owner(b: Backend) {
-    let Some(app) = app_with_shared_secret(b).await else {
-        return;
-    };
+    let app = app_with_shared_secret(b).await;
     let ws_a = app.workspace("Former").await;
     let ws_b = app.workspace("Current").await;
     let old = slack_integration(&app, &ws_a, "T0MOVED", json!({})).await;
@@ -227,7 +223,7 @@ async fn reactivation_cannot_make_a_second_owner(b: Backend) {
     assert_eq!(count, 1);
     send_ok(
         &app,
-        EVENTS,
+        SLACK_EVENTS,
         APP_SECRET,
         &message(
             "T0MOVED",
@@ -247,9 +243,7 @@ async fn reactivation_cannot_make_a_second_owner(b: Backend) {
 }
 
 async fn oauth_install_of_a_team_owned_elsewhere_is_refused_and_revoked(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws_owner = app.workspace("Owner").await;
     let ws_other = app.workspace("Other").await;
     // B owns the whole enterprise through an org-wide install.
@@ -291,9 +285,7 @@ async fn oauth_install_of_a_team_owned_elsewhere_is_refused_and_revoked(b: Backe
 }
 
 async fn slack_connect_lands_in_the_installing_workspace(b: Backend) {
-    let Some(app) = app_with_shared_secret(b).await else {
-        return;
-    };
+    let app = app_with_shared_secret(b).await;
     let ws_a = app.workspace("Installer").await;
     let ws_s = app.workspace("Sender").await;
     slack_integration(&app, &ws_a, "T0INSTALL", json!({})).await;
@@ -306,7 +298,7 @@ async fn slack_connect_lands_in_the_installing_workspace(b: Backend) {
         "1700000300.000100",
         "Ev0CONNECT",
     );
-    send_ok(&app, EVENTS, APP_SECRET, &event).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &event).await;
     app.drain().await;
     let got = app.signals(&ws_a).await;
     assert_eq!(got.len(), 1, "{got:#?}");
@@ -324,9 +316,7 @@ async fn slack_connect_lands_in_the_installing_workspace(b: Backend) {
 }
 
 async fn an_inactive_row_does_not_hide_an_active_install(b: Backend) {
-    let Some(app) = app_with_shared_secret(b).await else {
-        return;
-    };
+    let app = app_with_shared_secret(b).await;
     let ws = app.workspace("Grid").await;
     // An old workspace install, deactivated, next to the active org-wide install.
     let old = slack_integration(&app, &ws, "T0GRIDWS", json!({})).await;
@@ -352,7 +342,7 @@ async fn an_inactive_row_does_not_hide_an_active_install(b: Backend) {
     event["context_team_id"] = json!("T0GRIDWS");
     event["context_enterprise_id"] = json!("E0ORG");
     event["authorizations"] = json!([{"enterprise_id": "E0ORG", "team_id": "T0GRIDWS", "user_id": "U0BOT", "is_bot": true, "is_enterprise_install": true}]);
-    send_ok(&app, EVENTS, APP_SECRET, &event).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &event).await;
     // Slack Connect: the first candidate (the context team) has only an inactive row; the
     // authorization names the active one.
     let mut event = shared_message(
@@ -366,7 +356,7 @@ async fn an_inactive_row_does_not_hide_an_active_install(b: Backend) {
     event["authorizations"][0]["team_id"] = Value::Null;
     event["authorizations"][0]["is_enterprise_install"] = json!(true);
     event["context_team_id"] = json!("T0GRIDWS");
-    send_ok(&app, EVENTS, APP_SECRET, &event).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &event).await;
     app.drain().await;
     let d = deliveries(&app, &format!("workspace_id={ws}")).await;
     for key in ["Ev0GRID", "Ev0GRID2"] {
@@ -385,9 +375,7 @@ async fn an_inactive_row_does_not_hide_an_active_install(b: Backend) {
 }
 
 async fn two_installs_in_one_shared_channel_each_get_their_own_signal(b: Backend) {
-    let Some(app) = app_with_shared_secret(b).await else {
-        return;
-    };
+    let app = app_with_shared_secret(b).await;
     let ws_a = app.workspace("Alpha").await;
     let ws_b = app.workspace("Bravo").await;
     slack_integration(&app, &ws_a, "T0ALPHA", json!({})).await;
@@ -399,9 +387,9 @@ async fn two_installs_in_one_shared_channel_each_get_their_own_signal(b: Backend
         "1700000500.000100",
         "Ev0BOTH",
     );
-    send_ok(&app, EVENTS, APP_SECRET, &event).await;
+    send_ok(&app, SLACK_EVENTS, APP_SECRET, &event).await;
     // Slack's retry is a duplicate for both.
-    let (st, v) = send_slack(&app, EVENTS, APP_SECRET, &event, &[]).await;
+    let (st, v) = send_slack(&app, SLACK_EVENTS, APP_SECRET, &event, &[]).await;
     assert_eq!(
         (st, v),
         (StatusCode::OK, json!({"ok": true, "duplicate": true}))
@@ -422,16 +410,14 @@ async fn two_installs_in_one_shared_channel_each_get_their_own_signal(b: Backend
 }
 
 async fn one_workspace_sees_a_shared_channel_message_once(b: Backend) {
-    let Some(app) = app_with_shared_secret(b).await else {
-        return;
-    };
+    let app = app_with_shared_secret(b).await;
     let ws = app.workspace("Two teams").await;
     slack_integration(&app, &ws, "T0ONE", json!({})).await;
     slack_integration(&app, &ws, "T0TWO", json!({})).await;
     // One event naming both installations, and the same message delivered for each one.
     send_ok(
         &app,
-        EVENTS,
+        SLACK_EVENTS,
         APP_SECRET,
         &shared_message(
             "T0ONE",
@@ -444,7 +430,7 @@ async fn one_workspace_sees_a_shared_channel_message_once(b: Backend) {
     .await;
     send_ok(
         &app,
-        EVENTS,
+        SLACK_EVENTS,
         APP_SECRET,
         &shared_message("T0ONE", &["T0TWO"], "once", "1700000600.000100", "Ev0ONCE2"),
     )
@@ -462,9 +448,7 @@ async fn one_workspace_sees_a_shared_channel_message_once(b: Backend) {
 }
 
 async fn dedupe_scope_comes_from_the_verifier_not_the_body(b: Backend) {
-    let Some(app) = spawn_app(b).await else {
-        return;
-    };
+    let app = spawn_app(b).await;
     let ws_a = app.workspace("A").await;
     let ws_b = app.workspace("B").await;
     let a = slack_integration(
@@ -492,8 +476,14 @@ async fn dedupe_scope_comes_from_the_verifier_not_the_body(b: Backend) {
         "Ev0SAME",
         json!({}),
     );
-    let url_a = format!("{EVENTS}?integration_id={}", a["id"].as_str().unwrap());
-    let url_b = format!("{EVENTS}?integration_id={}", bb["id"].as_str().unwrap());
+    let url_a = format!(
+        "{SLACK_EVENTS}?integration_id={}",
+        a["id"].as_str().unwrap()
+    );
+    let url_b = format!(
+        "{SLACK_EVENTS}?integration_id={}",
+        bb["id"].as_str().unwrap()
+    );
     send_ok(&app, &url_a, "secret-of-a-1", &forged).await;
     let real = message(
         "T0BBB",
@@ -524,8 +514,8 @@ async fn dedupe_scope_comes_from_the_verifier_not_the_body(b: Backend) {
         "Ev0SAME2",
         json!({}),
     );
-    send_ok(&app, EVENTS, "secret-of-a-1", &forged2).await;
-    send_ok(&app, EVENTS, "secret-of-b-1", &real2).await;
+    send_ok(&app, SLACK_EVENTS, "secret-of-a-1", &forged2).await;
+    send_ok(&app, SLACK_EVENTS, "secret-of-b-1", &real2).await;
     app.drain().await;
     let got = app.signals(&ws_b).await;
     assert_eq!(got.len(), 2, "{got:#?}");
@@ -533,15 +523,16 @@ async fn dedupe_scope_comes_from_the_verifier_not_the_body(b: Backend) {
 }
 
 async fn a_named_integration_of_the_shared_app_takes_only_its_own_team(b: Backend) {
-    let Some(app) = app_with_shared_secret(b).await else {
-        return;
-    };
+    let app = app_with_shared_secret(b).await;
     let ws_a = app.workspace("A").await;
     let ws_v = app.workspace("V").await;
     let a = slack_integration(&app, &ws_a, "T0AAA", json!({})).await;
     slack_integration(&app, &ws_v, "T0VICTIM", json!({})).await;
     // An event for another team, signed by the shared app, sent to A's integration URL.
-    let url_a = format!("{EVENTS}?integration_id={}", a["id"].as_str().unwrap());
+    let url_a = format!(
+        "{SLACK_EVENTS}?integration_id={}",
+        a["id"].as_str().unwrap()
+    );
     let event = message(
         "T0VICTIM",
         "C1",
@@ -574,9 +565,7 @@ async fn a_named_integration_of_the_shared_app_takes_only_its_own_team(b: Backen
 /// rest: duplicate owners are reduced to one and Slack signals are re-keyed without a clash.
 async fn migration_keeps_one_owner_and_rekeys_slack_signals(b: Backend) {
     use signalbox::store::{Pool, Store};
-    let Some((url, _dir)) = fresh_database(b).await else {
-        return;
-    };
+    let (url, _dir) = fresh_database(b).await;
     let cfg = test_config(&url, &new_master_keys()).build().unwrap();
     let store = Store::connect_without_migrating(&cfg).await.unwrap();
     let (dir, before) = match b {
@@ -643,9 +632,7 @@ async fn migration_keeps_one_owner_and_rekeys_slack_signals(b: Backend) {
 }
 
 async fn an_unproven_claim_gives_way_to_the_oauth_install(b: Backend) {
-    let Some((app, slack)) = app_with_fake_slack(b).await else {
-        return;
-    };
+    let (app, slack) = app_with_fake_slack(b).await;
     let ws_a = app.workspace("Claimed before proof was needed").await;
     let ws_v = app.workspace("Real owner").await;
     // A claim an older release let a workspace token make: no secret, created by a token.
@@ -673,7 +660,7 @@ async fn an_unproven_claim_gives_way_to_the_oauth_install(b: Backend) {
     assert_eq!(old["is_active"], false, "{old}");
     send_ok(
         &app,
-        EVENTS,
+        SLACK_EVENTS,
         crate::slack_oauth::APP_SECRET,
         &message(
             "T0TEAM",
