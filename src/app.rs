@@ -1,5 +1,5 @@
 //! The application: one builder used by `main` and by the tests (`Application::build` →
-//! `run_until_stopped`), wiring storage, credentials, the inbox writer, workers and the router.
+//! `run_until_stopped`), wiring storage, credentials, the inbox task, workers and the router.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ pub struct Application {
 
 impl Application {
     /// Connects storage (applying migrations), loads keys, checks they decrypt what is stored,
-    /// starts the inbox writer and binds the listener (`cfg.bind`; port 0 picks one).
+    /// starts the inbox task and binds the listener (`cfg.bind`; port 0 picks one).
     pub async fn build(cfg: Config) -> anyhow::Result<Application> {
         let cfg = Arc::new(cfg);
         let store = Store::connect(&cfg).await?;
@@ -154,7 +154,7 @@ impl Application {
                 tracing::warn!("in-flight requests did not finish within the shutdown timeout")
             }
         }
-        // Every request is answered: the inbox writer commits what is queued and stops.
+        // Every request is answered: the inbox task commits what is queued and stops.
         inbox_stop.cancel();
         let _ = tokio::time::timeout(timeout, inbox_task).await;
         cancel.cancel();

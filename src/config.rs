@@ -73,7 +73,7 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// Polling backstop when no wake-up arrives.
     pub poll_interval: Duration,
-    /// Capacity of the inbox writer queue; beyond it webhooks get 503.
+    /// Capacity of the inbox task queue; beyond it webhooks get 503.
     pub inbox_capacity: usize,
     /// Deliveries written per inbox transaction at most (group commit).
     pub inbox_batch_max: usize,

@@ -1,12 +1,12 @@
-//! The inbox writer: group commit of verified deliveries.
+//! The inbox task: group commit of verified deliveries.
 //!
-//! Handlers hand a [`NewDelivery`] to [`Inbox::store`] and wait; one writer task takes every
+//! Handlers hand a [`NewDelivery`] to [`Inbox::store`] and wait; one inbox task takes every
 //! delivery queued at that moment (up to `inbox_batch_max`), writes them in one transaction and
 //! answers each waiter once that transaction has committed. The HTTP 200 is sent only after
 //! that answer, so an acknowledged delivery is durable. The queue is bounded: when it is full the
 //! handler answers 503 at once (the sender retries) instead of growing memory.
 //!
-//! Hand-off: the writer already holds every new delivery in memory, so instead of making a
+//! Hand-off: the inbox task already holds every new delivery in memory, so instead of making a
 //! worker claim it back from the database (a second write of the row and a read of its body),
 //! it inserts up to a bounded number of pending deliveries *already leased* to this process's
 //! workers and passes them over a channel after the commit. The lease keeps the usual
@@ -29,10 +29,10 @@ use crate::store::{
 /// Why a delivery could not be stored.
 #[derive(Debug, thiserror::Error)]
 pub enum InboxError {
-    /// The writer queue is full (backpressure).
+    /// The inbox queue is full (backpressure).
     #[error("the inbox is saturated, retry later")]
     Saturated,
-    /// The writer has stopped (shutdown).
+    /// The inbox task has stopped (shutdown).
     #[error("the inbox is shutting down")]
     Closed,
     /// The transaction failed.
@@ -69,7 +69,7 @@ impl Drop for BudgetGuard {
 /// The receiving end of the hand-off, shared by the worker tasks.
 pub type HandoffReceiver = Arc<Mutex<mpsc::UnboundedReceiver<HandedOff>>>;
 
-/// Hand-off settings for the writer.
+/// Hand-off settings for the inbox task.
 pub struct Handoff {
     tx: mpsc::UnboundedSender<HandedOff>,
     owner: Arc<str>,
@@ -101,7 +101,7 @@ impl Handoff {
     }
 }
 
-/// Handle to the inbox writer. Cheap to clone.
+/// Handle to the inbox task. Cheap to clone.
 #[derive(Clone)]
 pub struct Inbox {
     tx: mpsc::Sender<(NewDelivery, Reply)>,
@@ -113,8 +113,8 @@ pub struct Inbox {
 }
 
 impl Inbox {
-    /// Starts the writer task. `wake` is notified after each commit that stored pending work.
-    /// When `stop` fires, the writer commits what is queued, then refuses new work.
+    /// Starts the inbox task. `wake` is notified after each commit that stored pending work.
+    /// When `stop` fires, the inbox task commits what is queued, then refuses new work.
     /// With `handoff`, new pending deliveries are passed to local workers directly.
     pub fn start(
         store: Store,
@@ -127,14 +127,14 @@ impl Inbox {
     ) -> (Inbox, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
         let takes_outcomes = handoff.is_some();
-        let w = Writer {
+        let w = InboxTask {
             store: store.clone(),
             batch_max,
             wake,
             metrics,
             handoff,
         };
-        let handle = tokio::spawn(writer(w, rx, stop));
+        let handle = tokio::spawn(run_inbox(w, rx, stop));
         (
             Inbox {
                 tx,
@@ -184,7 +184,7 @@ impl Inbox {
     }
 }
 
-struct Writer {
+struct InboxTask {
     store: Store,
     batch_max: usize,
     wake: Arc<Notify>,
@@ -192,7 +192,11 @@ struct Writer {
     handoff: Option<Handoff>,
 }
 
-async fn writer(w: Writer, mut rx: mpsc::Receiver<(NewDelivery, Reply)>, stop: CancellationToken) {
+async fn run_inbox(
+    w: InboxTask,
+    mut rx: mpsc::Receiver<(NewDelivery, Reply)>,
+    stop: CancellationToken,
+) {
     use futures::StreamExt;
     let batch_max = w.batch_max;
     // Batches committing at once (see `Store::inbox_concurrency`): while one waits for its
@@ -226,7 +230,7 @@ async fn writer(w: Writer, mut rx: mpsc::Receiver<(NewDelivery, Reply)>, stop: C
     while inflight.next().await.is_some() {}
 }
 
-async fn commit_batch(w: &Writer, mut batch: Vec<(NewDelivery, Reply)>) {
+async fn commit_batch(w: &InboxTask, mut batch: Vec<(NewDelivery, Reply)>) {
     let started = Instant::now();
     let n = batch.len();
     // Outcomes the receivers decided are committed with their rows, leased to the hand-off

@@ -3,18 +3,18 @@
 //! Flow: socket → verify (pure [`protocol`]) → durable inbox row ([`ingest`], [`store`]) → ack →
 //! [`worker`] → signal + activity log. See ARCHITECTURE.md.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod crypto;
-pub mod error;
+pub(crate) mod error;
 pub mod http;
 pub mod ids;
-pub mod ingest;
-pub mod metrics;
+pub(crate) mod ingest;
+pub(crate) mod metrics;
 pub mod protocol;
 pub mod sources;
 pub mod state;

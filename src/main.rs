@@ -2,9 +2,9 @@
 
 use clap::Parser;
 
-/// mimalloc instead of glibc's allocator: under load a third of the request threads' time went
-/// to glibc `malloc`/`free` (many small, short-lived allocations freed on another thread than
-/// the one that made them; docs/PERFORMANCE.md).
+/// mimalloc instead of glibc's allocator: the request path makes many small, short-lived
+/// allocations freed on another thread than the one that made them, which glibc handles slowly
+/// (docs/PERFORMANCE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

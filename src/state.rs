@@ -27,19 +27,19 @@ pub struct AppInner {
     /// Credentials and their cache.
     pub creds: Credentials,
     /// Admin operations.
-    pub admin: Admin,
-    /// The inbox writer.
-    pub inbox: Inbox,
+    pub(crate) admin: Admin,
+    /// The inbox.
+    pub(crate) inbox: Inbox,
     /// Metrics.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// Wakes workers when new work is stored.
-    pub wake: Arc<Notify>,
+    pub(crate) wake: Arc<Notify>,
     /// Deliveries the inbox hands straight to local workers (already leased to them).
-    pub handoff: HandoffReceiver,
+    pub(crate) handoff: HandoffReceiver,
     /// Outbound HTTP client (Slack and Pylon APIs).
-    pub http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
     /// Slack Web API client.
-    pub slack: SlackApi,
+    pub(crate) slack: SlackApi,
 }
 
 /// Builds the outbound HTTP client (rustls on ring).

@@ -3,8 +3,8 @@
 //! platform in [`crate::sources`]; this module only mounts them.
 
 pub mod api;
-pub mod extract;
-pub mod server;
+pub(crate) mod extract;
+pub(crate) mod server;
 
 use axum::Router;
 use axum::extract::MatchedPath;

@@ -2,9 +2,9 @@
 //! and its worker step (stored delivery → [`Effect`]). Adding a platform means one new file
 //! here plus its two registrations: a route in [`routes()`] and an arm in [`process`].
 
-pub mod pylon;
+pub(crate) mod pylon;
 pub mod slack;
-pub mod webhook;
+pub(crate) mod webhook;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -366,7 +366,7 @@ mod tests {
         let text = kept_headers(&h, &["x-long", "user-agent", "x-missing"]);
         let v: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["user-agent"], json!("Slackbot 1.0 \"quoted\""));
-        // Header values that are not visible ASCII are not kept (as before: `to_str` refuses them).
+        // Header values that are not visible ASCII are not kept (`to_str` refuses them).
         assert!(v.get("x-long").is_none());
         assert!(v.get("x-missing").is_none());
         assert!(

@@ -242,15 +242,14 @@ pub async fn process(state: &AppState, d: &ClaimedDelivery) -> Result<Effect, Pr
     Ok(effect)
 }
 
-/// Conversions running at once: one per core. It is pure CPU work, so more would only queue
-/// in the kernel instead, and every extra blocking-pool thread keeps its own allocator heap
-/// (under load the pool grew to 80 threads and the server to 300 MiB).
+/// Conversions running at once: four per core. It is pure CPU work, so more would only queue
+/// in the kernel instead, and every extra blocking-pool thread keeps its own allocator heap.
 static CONVERSIONS: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
     tokio::sync::Semaphore::new(4 * std::thread::available_parallelism().map_or(2, |n| n.get()))
 });
 
-/// Runs [`proto::normalize`] on the blocking pool: converting a ticket's HTML to text takes
-/// ~35 µs per 3 KB but up to ~10 ms for a body at the 256 KiB cap, which would otherwise hold a
+/// Runs [`proto::normalize`] on the blocking pool: converting a ticket's HTML to text is usually
+/// quick but takes milliseconds for a body at the 256 KiB cap, which would otherwise hold a
 /// runtime thread that answers webhooks.
 async fn normalize_off_runtime(
     parsed: proto::Parsed,

@@ -1075,8 +1075,8 @@ impl Store {
             })
             .collect();
         if finishes.iter().all(Option::is_none) {
-            // No BEGIN/COMMIT: one statement is atomic on its own, and the two extra round trips
-            // were a third of the inbox commit's time (the ack waits for it). What follows only
+            // No BEGIN/COMMIT: one statement is atomic on its own, and two extra round trips
+            // would lengthen the inbox commit, which the ack waits for. What follows only
             // reads committed rows or sends a wake-up.
             let mut conn = p.acquire().await?;
             return insert_deliveries_pg(&mut conn, batch, &leased, &finishes, now).await;

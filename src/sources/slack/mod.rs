@@ -7,8 +7,8 @@
 //! `url_verification`. A validly signed event we cannot route is acknowledged (200) and recorded
 //! as `filtered`: Slack disables the whole app when too many deliveries fail.
 
-pub mod api;
-pub mod oauth;
+pub(crate) mod api;
+pub(crate) mod oauth;
 
 use std::sync::Arc;
 use std::time::Instant;

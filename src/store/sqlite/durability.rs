@@ -26,8 +26,8 @@ pub(super) const TRUNCATE_EVERY: Duration = Duration::from_secs(1);
 /// into the database file (`PRAGMA wal_checkpoint(PASSIVE)`) after the writer commits.
 ///
 /// SQLite's automatic checkpoint runs inside the committing connection, so the writer thread —
-/// the one serial resource of the SQLite backend — spent a tenth of its time copying pages and
-/// waiting for the database file's fsync, and every thousandth commit stalled. A passive
+/// the one serial resource of the SQLite backend — would spend its time copying pages and
+/// waiting for the database file's fsync, and stall some commits. A passive
 /// checkpoint never blocks the writer (nor waits for it), so it can run on the other core. The
 /// returned sender is the writer's "I committed" signal; the thread ends when it is dropped.
 pub(super) fn start_checkpointer(
@@ -191,9 +191,8 @@ pub(super) fn note_full(e: &rusqlite::Error, full: &AtomicBool) {
 /// The group-sync thread (`synchronous = full`, the default).
 ///
 /// With SQLite's own `FULL`, COMMIT fsyncs the WAL on the writer thread — the backend's one
-/// serial resource — which then sat idle for the fsync (a median 1.7 ms, p90 2.3 ms on the
-/// development machine: a third of a cycle under load) while the next requests queued behind
-/// it. Instead the writer connection commits with `NORMAL` (its frames are written to the WAL
+/// serial resource — which would sit idle for each fsync, a large part of a cycle under load,
+/// while the next requests queue behind it. Instead the writer connection commits with `NORMAL` (its frames are written to the WAL
 /// file but not synced) and hands the cycle's jobs to this thread, which fsyncs the WAL once for
 /// every cycle committed since its last pass and only then answers them; the writer commits the
 /// next cycle meanwhile. An fsync that starts after a commit's frames were written makes that

@@ -115,9 +115,9 @@ enum Priority {
 
 /// How long a cycle of background jobs alone waits for an inbox batch to share its commit.
 ///
-/// Under load the inbox and the workers' outcomes used to take turns: an outcome batch arrived
-/// while an inbox batch was committing and was then committed alone, so 1.3 jobs shared a
-/// commit and every delivery paid for two commits (two fsyncs, two sets of index tail pages).
+/// Without this wait the inbox and the workers' outcomes would take turns: an outcome batch
+/// arriving while an inbox batch commits would commit alone, and every delivery would pay for
+/// two commits (two fsyncs, two sets of index tail pages).
 /// An inbox batch arrives within a millisecond or two under load; when none comes (no
 /// traffic) the background jobs commit after this wait.
 const BACKGROUND_WAIT: Duration = Duration::from_millis(2);
@@ -302,9 +302,7 @@ impl SqliteWriter {
         match wait.await {
             // The job's data (rows, outcomes) was allocated on this side; it is freed here too,
             // not on the writer's threads: memory freed by another thread comes back to the
-            // allocating thread's heap late and cold. (In a Slack run mimalloc's share of the
-            // request threads' samples fell from 9.5 % to 8.1 % of the machine's; throughput
-            // moved less than the noise.)
+            // allocating thread's heap late and cold.
             Ok((r, f)) => {
                 drop(f);
                 r.map_err(StoreError::from_rusqlite)
@@ -533,8 +531,8 @@ fn serve(
 
 /// Runs `jobs` in one transaction and commits. On any error the whole transaction is rolled
 /// back. (No savepoint per job: SQLite copies every page a savepoint touches to its
-/// sub-journal, which cost a tenth of this thread's time; a failed job is instead rare enough
-/// to re-run the others alone.)
+/// sub-journal, which is costly on this thread; a failed job is rare enough to re-run the
+/// others alone.)
 fn run_cycle(conn: &Connection, jobs: &mut [Box<dyn Job>]) -> Result<(), Failed> {
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(Failed::Transaction)?;

@@ -21,7 +21,7 @@ pub(crate) struct ApplyItem {
     pub(crate) effect: Effect,
     /// For an upsert: the signal's metadata and the `signal.created` entry's metadata, as JSON
     /// text. Serialising them is the caller's work, not the writer thread's: that thread is the
-    /// backend's one serial resource (for a Pylon ticket, JSON output was a tenth of its time).
+    /// backend's one serial resource.
     pub(crate) upsert_json: Option<(String, String)>,
 }
 
