@@ -58,6 +58,7 @@ impl Application {
             creds: creds.clone(),
             cfg: cfg.clone(),
             sources: crate::sources::SOURCES,
+            platforms: crate::sources::PLATFORMS,
         };
         let http = http_client()?;
         let slack = crate::sources::slack::api::SlackApi::new(

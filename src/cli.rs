@@ -594,6 +594,7 @@ async fn admin(cfg: &Config) -> anyhow::Result<Admin> {
         creds,
         cfg: Arc::new(cfg.clone()),
         sources: crate::sources::SOURCES,
+        platforms: crate::sources::PLATFORMS,
     })
 }
 

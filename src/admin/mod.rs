@@ -2,6 +2,7 @@
 //! of secrets, activity logging, cache invalidation, and the JSON views of the contract (which
 //! never contain a secret or token).
 
+pub mod platform;
 pub mod views;
 
 use std::sync::Arc;
@@ -23,6 +24,7 @@ use crate::protocol::{sha256_hex, standard_webhooks};
 use crate::store::{
     ApiToken, Delivery, DeliveryFilter, Integration, SignalFilter, Store, WebhookKey, Workspace,
 };
+use platform::{Platform, validate_config};
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,8 @@ pub struct Admin {
     /// Every source's name (a signal's and a delivery's `source`), from the registration in
     /// [`crate::sources`]: list filters accept only these.
     pub sources: &'static [&'static str],
+    /// The platforms integrations can be made for, from the same registration.
+    pub platforms: &'static [&'static Platform],
 }
 
 /// Input of integration creation (API body and CLI flags). The API documents it per platform
@@ -536,118 +540,6 @@ pub fn duration_secs(d: Option<std::time::Duration>) -> i64 {
     d.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-const SLACK_CONFIG_KEYS: &[&str] = &["slack_channels", "channel_types"];
-const PYLON_CONFIG_KEYS: &[&str] = &["pylon_events", "signature_scheme", "required_header"];
-const CHANNEL_TYPES: &[&str] = &["channel", "group", "im", "mpim", "app_home"];
-
-fn string_list(cfg: &Map<String, Value>, key: &str) -> ApiResult<Vec<String>> {
-    match cfg.get(key) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(a)) => a
-            .iter()
-            .enumerate()
-            .map(|(i, v)| match v {
-                Value::String(s) if !s.is_empty() => Ok(s.clone()),
-                _ => Err(ApiError::invalid(format!(
-                    "config.{key}[{i}] must be a non-empty string"
-                ))),
-            })
-            .collect(),
-        Some(_) => Err(ApiError::invalid(format!(
-            "config.{key} must be an array of strings"
-        ))),
-    }
-}
-
-/// Validates and normalises a platform config object. Errors name the field.
-pub fn validate_config(platform: &str, config: Option<&Value>) -> ApiResult<Value> {
-    let obj = match config {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err(ApiError::invalid("config must be an object")),
-    };
-    let allowed = match platform {
-        "slack" => SLACK_CONFIG_KEYS,
-        "pylon" => PYLON_CONFIG_KEYS,
-        _ => return Err(ApiError::invalid("platform must be slack or pylon")),
-    };
-    if let Some((k, _)) = obj.iter().find(|(_, v)| v.is_null()) {
-        return Err(ApiError::invalid(format!(
-            "config.{k} cannot be null: leave it out instead"
-        )));
-    }
-    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(ApiError::invalid(format!(
-            "config.{k} is not a {platform} setting (allowed: {})",
-            allowed.join(", ")
-        )));
-    }
-    let mut out = Map::new();
-    match platform {
-        "slack" => {
-            let channels = string_list(&obj, "slack_channels")?;
-            for (i, c) in channels.iter().enumerate() {
-                let ok = c.len() >= 3
-                    && matches!(c.as_bytes().first(), Some(b'C' | b'G' | b'D'))
-                    && c.bytes()
-                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
-                if !ok {
-                    return Err(ApiError::invalid(format!(
-                        "config.slack_channels[{i}] must be a Slack channel id like C0123ABCD or G0123ABCD, got {c:?}"
-                    )));
-                }
-            }
-            let types = string_list(&obj, "channel_types")?;
-            for (i, t) in types.iter().enumerate() {
-                if !CHANNEL_TYPES.contains(&t.as_str()) {
-                    return Err(ApiError::invalid(format!(
-                        "config.channel_types[{i}] must be one of {}, got {t:?}",
-                        CHANNEL_TYPES.join(", ")
-                    )));
-                }
-            }
-            out.insert("slack_channels".into(), json!(channels));
-            if !types.is_empty() {
-                out.insert("channel_types".into(), json!(types));
-            }
-        }
-        _ => {
-            out.insert(
-                "pylon_events".into(),
-                json!(string_list(&obj, "pylon_events")?),
-            );
-            match obj.get("signature_scheme") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(s)) if crate::protocol::pylon::Scheme::parse(s).is_some() => {
-                    out.insert("signature_scheme".into(), json!(s));
-                }
-                Some(_) => {
-                    return Err(ApiError::invalid(
-                        "config.signature_scheme must be auto, x-pylon-signature or timestamped",
-                    ));
-                }
-            }
-            match obj.get("required_header") {
-                None | Some(Value::Null) => {}
-                Some(Value::String(h))
-                    if !h.is_empty()
-                        && h.len() <= 64
-                        && h.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
-                {
-                    out.insert("required_header".into(), json!(h.to_lowercase()));
-                }
-                Some(_) => {
-                    return Err(ApiError::invalid(
-                        "config.required_header must be an HTTP header name",
-                    ));
-                }
-            }
-        }
-    }
-    Ok(Value::Object(out))
-}
-
 /// Why Slack installation `team` cannot be bound to workspace `ws`: `other` owns it. Names the
 /// other integration only when it is in the same workspace (another tenant's ids stay hidden).
 pub fn slack_owner_message(team: &str, other: &Integration, ws: &str) -> String {
@@ -774,11 +666,22 @@ impl Admin {
     /// Public URL of a webhook endpoint.
     pub fn webhook_url(&self, platform: &str, id: &str) -> String {
         let base = &self.cfg.public_url;
-        match platform {
-            "pylon" => format!("{base}/api/webhooks/pylon?integration_id={id}"),
-            "slack" => format!("{base}/api/webhooks/slack/events?integration_id={id}"),
-            _ => format!("{base}/api/webhooks/signals?key_id={id}"),
+        match self.platforms.iter().find(|p| p.name == platform) {
+            Some(p) => format!("{base}{}{id}", p.webhook_path),
+            None => format!("{base}/api/webhooks/signals?key_id={id}"),
         }
+    }
+
+    /// The registered platform called `name`.
+    fn platform(&self, name: &str) -> ApiResult<&'static Platform> {
+        self.platforms
+            .iter()
+            .copied()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.platforms.iter().map(|p| p.name).collect();
+                ApiError::invalid(format!("platform must be {}", names.join(" or ")))
+            })
     }
 
     async fn workspace_visible(&self, who: &Principal, ws: &str) -> ApiResult<Workspace> {
@@ -1088,7 +991,7 @@ impl Admin {
                  /api/v1/openapi.json)"
             )));
         }
-        let config = validate_config(&platform, input.config.as_ref())?;
+        let config = validate_config(self.platform(&platform)?, input.config.as_ref())?;
         let name = check_name(&input.name)?;
         let now = now_micros();
         let id = new_id(prefix::INTEGRATION);
@@ -1259,7 +1162,7 @@ impl Admin {
             changed.push("name");
         }
         if let Some(c) = &up.config {
-            row.config = validate_config(&row.platform, Some(c))?.to_string();
+            row.config = validate_config(self.platform(&row.platform)?, Some(c))?.to_string();
             changed.push("config");
         }
         if let Some(a) = up.is_active {
@@ -1746,52 +1649,5 @@ fn check_limit(limit: usize) -> ApiResult<()> {
         Err(ApiError::InvalidRequest(format!(
             "limit must be between 1 and {MAX_LIMIT} (got {limit})"
         )))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slack_config_is_validated_by_field() {
-        assert!(
-            validate_config(
-                "slack",
-                Some(&json!({"slack_channels": ["C0123ABC", "G99"]}))
-            )
-            .is_ok()
-        );
-        let e = validate_config("slack", Some(&json!({"slack_channels": ["general"]})))
-            .expect_err("bad id");
-        assert!(e.to_string().contains("config.slack_channels[0]"), "{e}");
-        let e = validate_config("slack", Some(&json!({"slack_channels": "C1"})))
-            .expect_err("not a list");
-        assert!(e.to_string().contains("config.slack_channels"), "{e}");
-        let e = validate_config("slack", Some(&json!({"channel_types": ["dm"]})))
-            .expect_err("bad type");
-        assert!(e.to_string().contains("config.channel_types[0]"), "{e}");
-        let e = validate_config("slack", Some(&json!({"pylon_events": []})))
-            .expect_err("wrong platform");
-        assert!(e.to_string().contains("config.pylon_events"), "{e}");
-    }
-
-    #[test]
-    fn pylon_config_is_validated_by_field() {
-        let ok = validate_config(
-            "pylon",
-            Some(&json!({"pylon_events": ["issue_new"], "signature_scheme": "auto"})),
-        )
-        .expect("valid");
-        assert_eq!(ok["pylon_events"], json!(["issue_new"]));
-        let e =
-            validate_config("pylon", Some(&json!({"pylon_events": [""]}))).expect_err("empty name");
-        assert!(e.to_string().contains("config.pylon_events[0]"), "{e}");
-        let e = validate_config("pylon", Some(&json!({"signature_scheme": "md5"})))
-            .expect_err("scheme");
-        assert!(e.to_string().contains("config.signature_scheme"), "{e}");
-        let e = validate_config("pylon", Some(&json!({"required_header": "bad header"})))
-            .expect_err("header");
-        assert!(e.to_string().contains("config.required_header"), "{e}");
     }
 }

@@ -29,6 +29,10 @@ use crate::store::{ClaimedDelivery, NewDelivery, Stored};
 /// Every source's name (a signal's and a delivery's `source`).
 pub const SOURCES: &[&str] = &[webhook::SOURCE, slack::SOURCE, pylon::SOURCE];
 
+/// The platforms integrations can be made for (their config rules and webhook URLs).
+pub(crate) const PLATFORMS: &[&crate::admin::platform::Platform] =
+    &[&slack::PLATFORM, &pylon::PLATFORM];
+
 /// Webhook routes of every source, each with its OpenAPI operation.
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()

@@ -11,11 +11,12 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 
+use crate::admin::platform::{Platform, string_list};
 use crate::http::extract::{Path, Query};
 use axum::http::HeaderMap;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
 use super::{
     IntegrationRef, ProcessError, header, kept_headers, parse_json_object, read_body, reject,
@@ -345,4 +346,75 @@ async fn fetch_issue(
         .await
         .map(Some)
         .map_err(|e| ProcessError::retry(format!("Pylon API response: {}", e.without_url())))
+}
+
+/// Pylon's part of the integration API: config keys and their rules, the webhook URL.
+pub(crate) const PLATFORM: Platform = Platform {
+    name: SOURCE,
+    webhook_path: "/api/webhooks/pylon?integration_id=",
+    config_keys: &["pylon_events", "signature_scheme", "required_header"],
+    validate: validate_config,
+};
+
+/// Checks `config.pylon_events`, `config.signature_scheme` and `config.required_header`.
+fn validate_config(obj: &Map<String, Value>) -> ApiResult<Map<String, Value>> {
+    let mut out = Map::new();
+    out.insert(
+        "pylon_events".into(),
+        json!(string_list(obj, "pylon_events")?),
+    );
+    match obj.get("signature_scheme") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if crate::protocol::pylon::Scheme::parse(s).is_some() => {
+            out.insert("signature_scheme".into(), json!(s));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "config.signature_scheme must be auto, x-pylon-signature or timestamped",
+            ));
+        }
+    }
+    match obj.get("required_header") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(h))
+            if !h.is_empty()
+                && h.len() <= 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+        {
+            out.insert("required_header".into(), json!(h.to_lowercase()));
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "config.required_header must be an HTTP header name",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod platform_tests {
+    use super::PLATFORM;
+    use crate::admin::platform::validate_config;
+    use serde_json::json;
+
+    #[test]
+    fn pylon_config_is_validated_by_field() {
+        let ok = validate_config(
+            &PLATFORM,
+            Some(&json!({"pylon_events": ["issue_new"], "signature_scheme": "auto"})),
+        )
+        .expect("valid");
+        assert_eq!(ok["pylon_events"], json!(["issue_new"]));
+        let e = validate_config(&PLATFORM, Some(&json!({"pylon_events": [""]})))
+            .expect_err("empty name");
+        assert!(e.to_string().contains("config.pylon_events[0]"), "{e}");
+        let e = validate_config(&PLATFORM, Some(&json!({"signature_scheme": "md5"})))
+            .expect_err("scheme");
+        assert!(e.to_string().contains("config.signature_scheme"), "{e}");
+        let e = validate_config(&PLATFORM, Some(&json!({"required_header": "bad header"})))
+            .expect_err("header");
+        assert!(e.to_string().contains("config.required_header"), "{e}");
+    }
 }

@@ -17,11 +17,12 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
 
+use crate::admin::platform::{Platform, string_list};
 use crate::http::extract::Query;
 use axum::http::HeaderMap;
 use secrecy::ExposeSecret;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::{IntegrationRef, header, kept_headers, read_body, reject, store_all_and_ack};
 use crate::clock::{now_micros, now_secs};
@@ -718,5 +719,77 @@ async fn enrich(
         .collect();
     while let Some((l, r)) = again.next().await {
         keep(names, extra, l, r);
+    }
+}
+
+/// Slack's part of the integration API: config keys and their rules, the webhook URL.
+pub(crate) const PLATFORM: Platform = Platform {
+    name: SOURCE,
+    webhook_path: "/api/webhooks/slack/events?integration_id=",
+    config_keys: &["slack_channels", "channel_types"],
+    validate: validate_config,
+};
+
+/// Conversation types `config.channel_types` may list.
+const CHANNEL_TYPES: &[&str] = &["channel", "group", "im", "mpim", "app_home"];
+
+/// Checks `config.slack_channels` (channel ids) and `config.channel_types`.
+fn validate_config(obj: &Map<String, Value>) -> ApiResult<Map<String, Value>> {
+    let mut out = Map::new();
+    let channels = string_list(obj, "slack_channels")?;
+    for (i, c) in channels.iter().enumerate() {
+        let ok = c.len() >= 3
+            && matches!(c.as_bytes().first(), Some(b'C' | b'G' | b'D'))
+            && c.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+        if !ok {
+            return Err(ApiError::invalid(format!(
+                "config.slack_channels[{i}] must be a Slack channel id like C0123ABCD or G0123ABCD, got {c:?}"
+            )));
+        }
+    }
+    let types = string_list(obj, "channel_types")?;
+    for (i, t) in types.iter().enumerate() {
+        if !CHANNEL_TYPES.contains(&t.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "config.channel_types[{i}] must be one of {}, got {t:?}",
+                CHANNEL_TYPES.join(", ")
+            )));
+        }
+    }
+    out.insert("slack_channels".into(), json!(channels));
+    if !types.is_empty() {
+        out.insert("channel_types".into(), json!(types));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod platform_tests {
+    use super::PLATFORM;
+    use crate::admin::platform::validate_config;
+    use serde_json::json;
+
+    #[test]
+    fn slack_config_is_validated_by_field() {
+        assert!(
+            validate_config(
+                &PLATFORM,
+                Some(&json!({"slack_channels": ["C0123ABC", "G99"]}))
+            )
+            .is_ok()
+        );
+        let e = validate_config(&PLATFORM, Some(&json!({"slack_channels": ["general"]})))
+            .expect_err("bad id");
+        assert!(e.to_string().contains("config.slack_channels[0]"), "{e}");
+        let e = validate_config(&PLATFORM, Some(&json!({"slack_channels": "C1"})))
+            .expect_err("not a list");
+        assert!(e.to_string().contains("config.slack_channels"), "{e}");
+        let e = validate_config(&PLATFORM, Some(&json!({"channel_types": ["dm"]})))
+            .expect_err("bad type");
+        assert!(e.to_string().contains("config.channel_types[0]"), "{e}");
+        let e = validate_config(&PLATFORM, Some(&json!({"pylon_events": []})))
+            .expect_err("wrong platform");
+        assert!(e.to_string().contains("config.pylon_events"), "{e}");
     }
 }
