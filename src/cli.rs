@@ -398,26 +398,16 @@ pub struct SendSecret {
     pub secret_file: Option<PathBuf>,
 }
 
-/// `send …`
+/// `send …`: each platform's sample is built by its source (`sources::*::SendArgs`).
 #[derive(Debug, Subcommand)]
 pub enum SendCmd {
     /// A Standard Webhooks signed generic delivery.
     Webhook {
-        /// Key id (whk_…).
-        #[arg(long)]
-        key_id: String,
+        #[command(flatten)]
+        args: crate::sources::webhook::SendArgs,
         /// The key's secret (whsec_…).
         #[command(flatten)]
         secret: SendSecret,
-        /// Signal text.
-        #[arg(long)]
-        verbatim: String,
-        /// Dedupe key of the signal.
-        #[arg(long)]
-        source_ref: Option<String>,
-        /// Message id (default: random).
-        #[arg(long)]
-        webhook_id: Option<String>,
         /// Server base URL (default: SIGNALBOX_PUBLIC_URL, else http://{SIGNALBOX_BIND}, i.e.
         /// http://127.0.0.1:8080).
         #[arg(long)]
@@ -425,27 +415,11 @@ pub enum SendCmd {
     },
     /// A Slack Events API message.
     Slack {
+        #[command(flatten)]
+        args: crate::sources::slack::SendArgs,
         /// The signing secret.
         #[command(flatten)]
         secret: SendSecret,
-        /// Send to ?integration_id= (per-customer app mode).
-        #[arg(long)]
-        integration_id: Option<String>,
-        /// Team id.
-        #[arg(long)]
-        team: String,
-        /// Channel id.
-        #[arg(long, default_value = "C0SIGNALBOX")]
-        channel: String,
-        /// User id.
-        #[arg(long, default_value = "U0SIGNALBOX")]
-        user: String,
-        /// Message text.
-        #[arg(long)]
-        text: String,
-        /// Event id (default: random).
-        #[arg(long)]
-        event_id: Option<String>,
         /// Server base URL (default: SIGNALBOX_PUBLIC_URL, else http://{SIGNALBOX_BIND}, i.e.
         /// http://127.0.0.1:8080).
         #[arg(long)]
@@ -453,28 +427,11 @@ pub enum SendCmd {
     },
     /// A Pylon "Send webhook" delivery.
     Pylon {
-        /// Integration id.
-        #[arg(long)]
-        integration_id: String,
+        #[command(flatten)]
+        args: crate::sources::pylon::SendArgs,
         /// The webhook secret.
         #[command(flatten)]
         secret: SendSecret,
-        /// Issue id.
-        #[arg(long)]
-        issue_id: String,
-        /// Title.
-        #[arg(long, default_value = "Sample ticket")]
-        title: String,
-        /// Body HTML (default: none, so the signal's text is the title, as for a ticket
-        /// with an empty body).
-        #[arg(long)]
-        body_html: Option<String>,
-        /// Event name.
-        #[arg(long, default_value = "issue_new")]
-        event: String,
-        /// x-pylon-signature (default) or timestamped.
-        #[arg(long, default_value = "x-pylon-signature")]
-        scheme: String,
         /// Server base URL (default: SIGNALBOX_PUBLIC_URL, else http://{SIGNALBOX_BIND}, i.e.
         /// http://127.0.0.1:8080).
         #[arg(long)]
@@ -1196,118 +1153,14 @@ impl SendSecret {
 async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
     let http = crate::state::http_client()?;
     let now = crate::clock::now_secs();
-    let (url, headers, body): (String, Vec<(String, String)>, Vec<u8>) = match c {
-        SendCmd::Webhook {
-            key_id,
-            secret,
-            verbatim,
-            source_ref,
-            webhook_id,
-            url,
-        } => {
-            let secret = secret.resolve()?;
-            let key = crate::protocol::standard_webhooks::decode_secret(&secret)
-                .ok_or_else(|| anyhow::anyhow!("--secret must be a whsec_… secret"))?;
-            let mut payload = json!({"verbatim": verbatim});
-            if let Some(r) = source_ref {
-                payload["source_ref"] = json!(r);
-            }
-            let body = payload.to_string().into_bytes();
-            let id = webhook_id.unwrap_or_else(|| crate::ids::new_id("msg"));
-            let sig = crate::protocol::standard_webhooks::sign(&key, &id, now, &body);
-            let base = url.unwrap_or_else(|| cfg.public_url.clone());
-            (
-                format!(
-                    "{}/api/webhooks/signals?key_id={key_id}",
-                    base.trim_end_matches('/')
-                ),
-                vec![
-                    ("webhook-id".into(), id),
-                    ("webhook-timestamp".into(), now.to_string()),
-                    ("webhook-signature".into(), sig),
-                ],
-                body,
-            )
-        }
-        SendCmd::Slack {
-            secret,
-            integration_id,
-            team,
-            channel,
-            user,
-            text,
-            event_id,
-            url,
-        } => {
-            let signing_secret = secret.resolve()?;
-            let ts = format!("{now}.000100");
-            let body = json!({
-                "token": "unused", "team_id": team, "api_app_id": "A0SIGNALBOX", "type": "event_callback",
-                "event_id": event_id.unwrap_or_else(|| format!("Ev{}", crate::ids::new_id("x").to_uppercase().replace('_', ""))),
-                "event_time": now,
-                "event": {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts,
-                          "event_ts": ts, "channel_type": "channel"},
-                "authorizations": [{"team_id": team, "is_bot": true}],
-            })
-            .to_string()
-            .into_bytes();
-            let sig = crate::protocol::slack::sign(signing_secret.as_bytes(), now, &body);
-            let base = url.unwrap_or_else(|| cfg.public_url.clone());
-            let q = integration_id
-                .map(|i| format!("?integration_id={i}"))
-                .unwrap_or_default();
-            (
-                format!(
-                    "{}/api/webhooks/slack/events{q}",
-                    base.trim_end_matches('/')
-                ),
-                vec![
-                    ("x-slack-request-timestamp".into(), now.to_string()),
-                    ("x-slack-signature".into(), sig),
-                ],
-                body,
-            )
-        }
-        SendCmd::Pylon {
-            integration_id,
-            secret,
-            issue_id,
-            title,
-            body_html,
-            event,
-            scheme,
-            url,
-        } => {
-            let secret = secret.resolve()?;
-            let mut payload = json!({"event": event, "issue_id": issue_id, "issue_title": title});
-            if let Some(b) = body_html {
-                payload["issue_body"] = json!(b);
-            }
-            let body = payload.to_string().into_bytes();
-            let headers = match scheme.as_str() {
-                "timestamped" => vec![
-                    ("pylon-webhook-timestamp".into(), now.to_string()),
-                    (
-                        "pylon-webhook-signature".into(),
-                        crate::protocol::pylon::sign_timestamped(secret.as_bytes(), now, &body),
-                    ),
-                ],
-                _ => vec![(
-                    "x-pylon-signature".into(),
-                    crate::protocol::pylon::sign_x_pylon(secret.as_bytes(), &body),
-                )],
-            };
-            let base = url.unwrap_or_else(|| cfg.public_url.clone());
-            (
-                format!(
-                    "{}/api/webhooks/pylon?integration_id={integration_id}",
-                    base.trim_end_matches('/')
-                ),
-                headers,
-                body,
-            )
-        }
+    let (sample, url) = match c {
+        SendCmd::Webhook { args, secret, url } => (args.sample(&secret.resolve()?, now)?, url),
+        SendCmd::Slack { args, secret, url } => (args.sample(&secret.resolve()?, now)?, url),
+        SendCmd::Pylon { args, secret, url } => (args.sample(&secret.resolve()?, now)?, url),
     };
+    let base = url.unwrap_or_else(|| cfg.public_url.clone());
+    let url = format!("{}{}", base.trim_end_matches('/'), sample.path);
+    let (headers, body) = (sample.headers, sample.body);
     let mut req = http
         .post(&url)
         .header("content-type", "application/json")

@@ -2,9 +2,9 @@
 //! and its worker step (stored delivery → [`Effect`]). Adding a platform means one new file
 //! here plus its two registrations: a route in [`routes()`] and an arm in [`process`].
 
-pub(crate) mod pylon;
+pub mod pylon;
 pub mod slack;
-pub(crate) mod webhook;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +40,17 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(slack::receive))
         .routes(routes!(pylon::receive))
         .routes(routes!(pylon::receive_path))
+}
+
+/// A signed request as the platform sends it (`signalbox send`): path and query of the
+/// webhook, headers, body.
+pub struct Sample {
+    /// Path and query, appended to the server's base URL.
+    pub path: String,
+    /// Signature and other headers (`content-type: application/json` is added by the sender).
+    pub headers: Vec<(String, String)>,
+    /// The JSON body.
+    pub body: Vec<u8>,
 }
 
 /// The answer to a stored delivery: the sender may stop retrying.

@@ -393,6 +393,60 @@ fn validate_config(obj: &Map<String, Value>) -> ApiResult<Map<String, Value>> {
     Ok(out)
 }
 
+/// `signalbox send pylon`: a "Send webhook" delivery signed as Pylon signs it.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Integration id.
+    #[arg(long)]
+    integration_id: String,
+    /// Issue id.
+    #[arg(long)]
+    issue_id: String,
+    /// Title.
+    #[arg(long, default_value = "Sample ticket")]
+    title: String,
+    /// Body HTML (default: none, so the signal's text is the title, as for a ticket
+    /// with an empty body).
+    #[arg(long)]
+    body_html: Option<String>,
+    /// Event name.
+    #[arg(long, default_value = "issue_new")]
+    event: String,
+    /// x-pylon-signature (default) or timestamped.
+    #[arg(long, default_value = "x-pylon-signature")]
+    scheme: String,
+}
+
+impl SendArgs {
+    /// The delivery signed with `secret` at `now`.
+    pub fn sample(self, secret: &str, now: i64) -> anyhow::Result<super::Sample> {
+        let mut payload =
+            json!({"event": self.event, "issue_id": self.issue_id, "issue_title": self.title});
+        if let Some(b) = self.body_html {
+            payload["issue_body"] = json!(b);
+        }
+        let body = payload.to_string().into_bytes();
+        let headers = match self.scheme.as_str() {
+            "timestamped" => vec![
+                ("pylon-webhook-timestamp".into(), now.to_string()),
+                (
+                    "pylon-webhook-signature".into(),
+                    proto::sign_timestamped(secret.as_bytes(), now, &body),
+                ),
+            ],
+            _ => vec![(
+                "x-pylon-signature".into(),
+                proto::sign_x_pylon(secret.as_bytes(), &body),
+            )],
+        };
+        Ok(super::Sample {
+            path: format!("/api/webhooks/pylon?integration_id={}", self.integration_id),
+            headers,
+            body,
+        })
+    }
+}
+
 #[cfg(test)]
 mod platform_tests {
     use super::PLATFORM;

@@ -270,6 +270,47 @@ fn effect_of(value: &Value, dedupe_key: &str, webhook_key_id: Option<&str>) -> E
     }
 }
 
+/// `signalbox send webhook`: a Standard Webhooks signed generic delivery.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Key id (whk_…).
+    #[arg(long)]
+    key_id: String,
+    /// Signal text.
+    #[arg(long)]
+    verbatim: String,
+    /// Dedupe key of the signal.
+    #[arg(long)]
+    source_ref: Option<String>,
+    /// Message id (default: random).
+    #[arg(long)]
+    webhook_id: Option<String>,
+}
+
+impl SendArgs {
+    /// The delivery signed with `secret` (whsec_…) at `now`.
+    pub fn sample(self, secret: &str, now: i64) -> anyhow::Result<super::Sample> {
+        let key = standard_webhooks::decode_secret(secret)
+            .ok_or_else(|| anyhow::anyhow!("--secret must be a whsec_… secret"))?;
+        let mut payload = json!({"verbatim": self.verbatim});
+        if let Some(r) = self.source_ref {
+            payload["source_ref"] = json!(r);
+        }
+        let body = payload.to_string().into_bytes();
+        let id = self.webhook_id.unwrap_or_else(|| new_id("msg"));
+        let sig = standard_webhooks::sign(&key, &id, now, &body);
+        Ok(super::Sample {
+            path: format!("/api/webhooks/signals?key_id={}", self.key_id),
+            headers: vec![
+                ("webhook-id".into(), id),
+                ("webhook-timestamp".into(), now.to_string()),
+                ("webhook-signature".into(), sig),
+            ],
+            body,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -764,6 +764,60 @@ fn validate_config(obj: &Map<String, Value>) -> ApiResult<Map<String, Value>> {
     Ok(out)
 }
 
+/// `signalbox send slack`: an Events API message signed as Slack signs it.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Send to ?integration_id= (per-customer app mode).
+    #[arg(long)]
+    integration_id: Option<String>,
+    /// Team id.
+    #[arg(long)]
+    team: String,
+    /// Channel id.
+    #[arg(long, default_value = "C0SIGNALBOX")]
+    channel: String,
+    /// User id.
+    #[arg(long, default_value = "U0SIGNALBOX")]
+    user: String,
+    /// Message text.
+    #[arg(long)]
+    text: String,
+    /// Event id (default: random).
+    #[arg(long)]
+    event_id: Option<String>,
+}
+
+impl SendArgs {
+    /// The event signed with `signing_secret` at `now`.
+    pub fn sample(self, signing_secret: &str, now: i64) -> anyhow::Result<super::Sample> {
+        let ts = format!("{now}.000100");
+        let team = &self.team;
+        let body = json!({
+            "token": "unused", "team_id": team, "api_app_id": "A0SIGNALBOX", "type": "event_callback",
+            "event_id": self.event_id.unwrap_or_else(|| format!("Ev{}", new_id("x").to_uppercase().replace('_', ""))),
+            "event_time": now,
+            "event": {"type": "message", "channel": self.channel, "user": self.user, "text": self.text, "ts": ts,
+                      "event_ts": ts, "channel_type": "channel"},
+            "authorizations": [{"team_id": team, "is_bot": true}],
+        })
+        .to_string()
+        .into_bytes();
+        let sig = proto::sign(signing_secret.as_bytes(), now, &body);
+        let q = self
+            .integration_id
+            .map(|i| format!("?integration_id={i}"))
+            .unwrap_or_default();
+        Ok(super::Sample {
+            path: format!("/api/webhooks/slack/events{q}"),
+            headers: vec![
+                ("x-slack-request-timestamp".into(), now.to_string()),
+                ("x-slack-signature".into(), sig),
+            ],
+            body,
+        })
+    }
+}
+
 #[cfg(test)]
 mod platform_tests {
     use super::PLATFORM;
