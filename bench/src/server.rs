@@ -20,7 +20,7 @@ use crate::{progress, random_secret};
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The signalbox executable to start: `--server`, else `signalbox` beside this executable
-/// (cargo puts both binaries of the workspace in the same target/<profile>/ directory).
+/// (cargo puts both binaries of the workspace in the same `target/<profile>/` directory).
 pub(crate) fn server_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
     let path = match &args.server {
         Some(p) => p.clone(),
