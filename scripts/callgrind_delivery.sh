@@ -65,8 +65,8 @@ printf '%s: %s deliveries, %.1f k instructions per delivery (user space)\n' \
 for f in 'hyper::proto::h1::dispatch::Dispatcher<D,Bs,I,T>::poll_catch' \
   'signalbox::sources::slack::receive::{{closure}}' 'signalbox::sources::pylon::receive' \
   'signalbox::sources::webhook::receive' 'signalbox::worker::handle_batch::{{closure}}' \
-  'signalbox::store::sqlite_writer::run_cycle' 'signalbox::store::sqlite_writer::insert_deliveries' \
-  'signalbox::store::sqlite_writer::apply' 'signalbox::store::sqlite_writer::ApplyItem::new' \
+  'signalbox::store::sqlite::run_cycle' 'signalbox::store::sqlite::rows::insert_deliveries' \
+  'signalbox::store::sqlite::rows::apply' 'signalbox::store::sqlite::rows::ApplyItem::new' \
   'signalbox::protocol::slack::parse_envelope' 'signalbox::protocol::slack::peek_envelope' \
   'signalbox::protocol::slack::normalize'; do
   # The largest of the function's entries (inlined copies are listed under other files).

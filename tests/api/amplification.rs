@@ -154,17 +154,28 @@ async fn team_lookup_url_verification_reads_no_table_per_request(b: Backend) {
     assert_eq!(after.store_reads, before.store_reads, "{after:?}");
     assert_eq!(after.slack_lists, 0, "{after:?}");
 
-    // The first signed request loads the list once.
-    let ts = now();
-    let (st, v) = post(
-        &app,
-        &headers(ts, slack::sign(secret(0).as_bytes(), ts, &body)),
-        "warm-up",
-    )
-    .await;
-    assert_eq!((st, v), (StatusCode::OK, json!({"challenge": CHALLENGE})));
-    let warm = creds.cache_entry_count();
-    assert_eq!(warm.store_reads, after.store_reads + 1, "{warm:?}");
+    // The first signed request loads the list once. On PostgreSQL the invalidations of the
+    // integrations just created arrive through LISTEN/NOTIFY and may still be on their way: one
+    // landing during a load keeps that load from being cached, so the warm-up is repeated until
+    // the list stays, and each attempt must have read the table exactly once.
+    let mut attempts = 0;
+    let warm = loop {
+        attempts += 1;
+        let ts = now();
+        let (st, v) = post(
+            &app,
+            &headers(ts, slack::sign(secret(0).as_bytes(), ts, &body)),
+            "warm-up",
+        )
+        .await;
+        assert_eq!((st, v), (StatusCode::OK, json!({"challenge": CHALLENGE})));
+        let warm = creds.cache_entry_count();
+        if warm.slack_lists == 1 || attempts == 20 {
+            break warm;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(warm.store_reads, after.store_reads + attempts, "{warm:?}");
     assert_eq!(warm.slack_lists, 1, "{warm:?}");
 
     // From now on no request may read the table. Behind the cache's back (no invalidation),
