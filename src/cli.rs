@@ -1186,6 +1186,21 @@ async fn send(cfg: &Config, j: bool, c: SendCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An error and its causes on one line, each cause once (wrappers often repeat their source's
+/// text), as the binaries print it.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

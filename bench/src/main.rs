@@ -23,17 +23,7 @@ async fn main() -> std::process::ExitCode {
     match signalbox_bench::run(cli.bench, cli.json).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // Each cause once: wrappers often repeat their source's text.
-            let mut text = String::new();
-            for cause in e.chain().map(ToString::to_string) {
-                if !text.contains(&cause) {
-                    if !text.is_empty() {
-                        text.push_str(": ");
-                    }
-                    text.push_str(&cause);
-                }
-            }
-            eprintln!("error: {text}");
+            eprintln!("error: {}", signalbox::cli::error_text(&e));
             std::process::ExitCode::FAILURE
         }
     }
